@@ -1,0 +1,313 @@
+"""The one data gate of the scikit-learn estimators: feature stacks in, batches of tensors out.
+
+Accepted ``X`` (see the data conventions in the package docs):
+
+- 4-D ``(n_samples, H, W, C)`` feature maps, channels last;
+- 3-D ``(n_samples, N, C)`` stacks (an N×1 grid unless ``grid_shape=(H, W)`` is given);
+- 2-D ``(n_samples, F)``: F locations with one channel, or, when ``grid_shape=(H, W)`` is
+  given, flattened ``(H, W, C)`` stacks with ``C = F / (H*W)``;
+- where allowed (GMP), a list of ``(N_i, C)`` arrays of different N_i.
+
+numpy arrays, memmaps, pandas frames (2-D), nested lists and torch tensors are accepted.
+float32 and float64 keep their dtype; integers and booleans become float64, other torch
+floats (float16, bfloat16) float32; complex and object data that is not numeric is refused.
+Data are only read batch by batch (memmaps stay on disk), and every batch is checked for NaN
+and infinity before it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils.validation import validate_data
+
+__all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_grid_shape"]
+
+_ALLOWED_NDIM = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class FeatureStacks:
+    """Validated estimator input, not yet read.
+
+    Attributes
+    ----------
+    data : ndarray, memmap, Tensor of shape (n_samples, N, C), or list of (N_i, C) arrays
+    layout : {"2d", "3d", "4d", "ragged"}
+        How the input was given (the output mirrors it).
+    n_samples, n_channels : int
+    grid_shape : (H, W) or None
+        The spatial grid of each sample; None for ragged input.
+    dtype : torch.dtype
+        float32 or float64: the dtype of the computation and of the output.
+    """
+
+    data: Any
+    layout: str
+    n_samples: int
+    n_channels: int
+    grid_shape: tuple[int, int] | None
+    dtype: torch.dtype
+
+    @property
+    def n_locations(self) -> int | None:
+        return None if self.grid_shape is None else self.grid_shape[0] * self.grid_shape[1]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
+
+    def iter_batches(
+        self, batch_size: int, device: torch.device
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(sample_indices, features (b, N, C), mask (b, N) or None)`` on ``device``.
+
+        Ragged samples are sorted by length and padded within a batch (so padding stays
+        small); the mask is True at real locations. Raises ValueError at the first batch
+        that holds NaN or infinity.
+        """
+        if self.layout == "ragged":
+            yield from self._iter_ragged(batch_size, device)
+            return
+        for start in range(0, self.n_samples, batch_size):
+            stop = min(start + batch_size, self.n_samples)
+            batch = _to_tensor(self.data[start:stop], self.dtype, device)
+            batch = batch.reshape(stop - start, -1, self.n_channels)
+            _check_finite(batch, start)
+            yield np.arange(start, stop), batch, None
+
+    def _iter_ragged(self, batch_size, device):
+        lengths = np.array([len(sample) for sample in self.data])
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, self.n_samples, batch_size):
+            index = order[start : start + batch_size]
+            longest = int(lengths[index].max())
+            batch = torch.zeros(
+                (len(index), longest, self.n_channels), dtype=self.dtype, device=device
+            )
+            for row, i in enumerate(index):  # copies only; the math is batched below
+                batch[row, : lengths[i]] = _to_tensor(self.data[i], self.dtype, device)
+            _check_finite(batch, int(index[0]))
+            lengths_t = torch.as_tensor(lengths[index], device=device)
+            mask = torch.arange(longest, device=device)[None, :] < lengths_t[:, None]
+            yield index, batch, mask
+
+
+def check_grid_shape(grid_shape) -> tuple[int, int] | None:
+    """Validate a ``grid_shape`` parameter: None or two positive integers."""
+    if grid_shape is None:
+        return None
+    try:
+        height, width = (int(v) for v in grid_shape)
+        valid = height >= 1 and width >= 1 and all(
+            float(v) == int(v) for v in grid_shape
+        )
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"grid_shape must be None or a pair of positive integers (H, W), got {grid_shape!r}."
+        )
+    return height, width
+
+
+def check_stacks(
+    estimator,
+    X,
+    *,
+    reset: bool,
+    grid_shape=None,
+    allow_ragged: bool = False,
+) -> FeatureStacks:
+    """Validate ``X`` for ``estimator`` and describe it as feature stacks.
+
+    With ``reset=True`` (in ``fit``) records ``n_features_in_`` (F for 2-D input, N*C for 3-D
+    and 4-D input, C for ragged input), ``n_channels_in_`` and, for frames,
+    ``feature_names_in_``. With ``reset=False`` checks them: a 2-D input must have the fitted
+    number of features (scikit-learn's rule), any input the fitted number of channels.
+    """
+    grid_shape = check_grid_shape(grid_shape)
+    if _is_ragged(X):
+        if not allow_ragged:
+            raise ValueError(
+                f"{type(estimator).__name__} needs samples of one shape; got a list of "
+                "stacks. Stack them into one (n_samples, N, C) or (n_samples, H, W, C) array."
+            )
+        stacks = _check_ragged(X)
+    elif isinstance(X, torch.Tensor):
+        stacks = _check_tensor(X, grid_shape)
+    else:
+        stacks = _check_arraylike(estimator, X, grid_shape, reset)
+
+    if reset:
+        if stacks.layout != "2d":  # validate_data recorded 2-D input itself
+            estimator.n_features_in_ = (
+                stacks.n_channels
+                if stacks.layout == "ragged"
+                else stacks.n_locations * stacks.n_channels
+            )
+            if hasattr(estimator, "feature_names_in_"):
+                del estimator.feature_names_in_
+        estimator.n_channels_in_ = stacks.n_channels
+    else:
+        expected = getattr(estimator, "n_channels_in_", None)
+        if expected is not None and stacks.n_channels != expected:
+            raise ValueError(
+                f"X has {stacks.n_channels} channels per location, but "
+                f"{type(estimator).__name__} was fitted with {expected} channels."
+            )
+    return stacks
+
+
+def atomic_fit(fit):
+    """Decorate ``fit`` so that an exception leaves the estimator as it was before the call."""
+
+    @functools.wraps(fit)
+    def wrapper(self, *args, **kwargs):
+        saved = dict(self.__dict__)
+        try:
+            return fit(self, *args, **kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+def _is_ragged(X) -> bool:
+    if not isinstance(X, (list, tuple)) or len(X) == 0:
+        return False
+    first = X[0]
+    return isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 2
+
+
+def _layout_from_shape(shape, grid_shape, ndim) -> tuple[str, tuple[int, int], int]:
+    """Layout, grid (H, W) and channel count from an array's shape."""
+    if ndim == 4:
+        _, height, width, channels = shape
+        if grid_shape is not None and grid_shape != (height, width):
+            raise ValueError(
+                f"X has a {height}x{width} grid but grid_shape={grid_shape} was given."
+            )
+        return "4d", (height, width), channels
+    if ndim == 3:
+        _, n_locations, channels = shape
+        grid = grid_shape or (n_locations, 1)
+        if grid[0] * grid[1] != n_locations:
+            raise ValueError(
+                f"X has {n_locations} locations per sample, which does not match "
+                f"grid_shape={grid_shape} ({grid[0] * grid[1]} locations)."
+            )
+        return "3d", grid, channels
+    n_features = shape[1]
+    if grid_shape is None:
+        return "2d", (n_features, 1), 1
+    cells = grid_shape[0] * grid_shape[1]
+    if n_features % cells:
+        raise ValueError(
+            f"X has {n_features} features per sample, which is not a multiple of the "
+            f"{cells} locations of grid_shape={grid_shape}."
+        )
+    return "2d", grid_shape, n_features // cells
+
+
+def _check_ndim(ndim) -> None:
+    if ndim not in _ALLOWED_NDIM:
+        raise ValueError(
+            f"X must be 2-D (n_samples, F), 3-D (n_samples, N, C) or 4-D "
+            f"(n_samples, H, W, C); got a {ndim}-D array."
+        )
+
+
+def _check_arraylike(estimator, X, grid_shape, reset) -> FeatureStacks:
+    ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+    if ndim > 2:
+        _check_ndim(ndim)
+        X = validate_data(
+            estimator,
+            X,
+            reset=reset,
+            allow_nd=True,
+            ensure_2d=False,
+            dtype=[np.float64, np.float32],
+            ensure_all_finite=False,
+            copy=False,
+        )
+    else:
+        # scikit-learn's own checks for 1-D, empty, sparse, NaN/inf and feature-count errors.
+        X = validate_data(estimator, X, reset=reset, dtype=[np.float64, np.float32])
+    layout, grid, channels = _layout_from_shape(X.shape, grid_shape, X.ndim)
+    if channels < 1 or grid[0] * grid[1] < 1:
+        raise ValueError(f"X has an empty sample shape {X.shape[1:]}.")
+    dtype = torch.float32 if X.dtype == np.float32 else torch.float64
+    return FeatureStacks(X, layout, X.shape[0], channels, grid, dtype)
+
+
+def _check_tensor(X: torch.Tensor, grid_shape) -> FeatureStacks:
+    _check_ndim(X.ndim)
+    dtype = _torch_compute_dtype(X.dtype)
+    if X.shape[0] < 1:
+        raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}).")
+    layout, grid, channels = _layout_from_shape(tuple(X.shape), grid_shape, X.ndim)
+    if channels < 1 or grid[0] * grid[1] < 1:
+        raise ValueError(f"X has an empty sample shape {tuple(X.shape[1:])}.")
+    return FeatureStacks(X.detach(), layout, X.shape[0], channels, grid, dtype)
+
+
+def _check_ragged(X) -> FeatureStacks:
+    channels = {sample.shape[1] for sample in X}
+    if len(channels) > 1:
+        raise ValueError(
+            f"All stacks in the list must have the same number of channels; got {sorted(channels)}."
+        )
+    dtypes = set()
+    for i, sample in enumerate(X):
+        if sample.ndim != 2:
+            raise ValueError(f"Stack {i} must be 2-D (N_i, C), got shape {tuple(sample.shape)}.")
+        if isinstance(sample, torch.Tensor):
+            dtypes.add(_torch_compute_dtype(sample.dtype))
+        else:
+            if sample.dtype.kind == "c":
+                raise ValueError("Complex data not supported.")
+            if sample.dtype.kind not in "fiub":
+                raise ValueError(f"Stack {i} has unsupported dtype {sample.dtype}.")
+            dtypes.add(torch.float32 if sample.dtype == np.float32 else torch.float64)
+    (n_channels,) = channels
+    if n_channels < 1:
+        raise ValueError("The stacks have 0 channels.")
+    dtype = torch.float32 if dtypes == {torch.float32} else torch.float64
+    return FeatureStacks(list(X), "ragged", len(X), n_channels, None, dtype)
+
+
+def _torch_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:
+        raise ValueError("Complex data not supported.")
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype.is_floating_point:
+        return torch.float32
+    return torch.float64  # integers and booleans, as scikit-learn does
+
+
+def _to_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype)
+    array = np.ascontiguousarray(values, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    if not array.flags.writeable:  # torch.from_numpy warns on read-only memory (memmaps)
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
+
+
+def _check_finite(batch: torch.Tensor, first_sample: int) -> None:
+    if not bool(torch.isfinite(batch).all()):
+        raise ValueError(
+            "Input X contains NaN or infinity (in the batch starting at sample "
+            f"{first_sample}); skpool needs finite features."
+        )

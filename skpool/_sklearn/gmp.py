@@ -1,0 +1,167 @@
+"""GeneralizedMaxPooling: scikit-learn transformer over feature stacks."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.utils._param_validation import Interval
+
+from .._core.gmp import generalized_max_pool
+from .._device import resolve_device
+from ._validation import atomic_fit, check_stacks
+
+__all__ = ["GeneralizedMaxPooling"]
+
+
+class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    r"""Generalized max pooling of local descriptors (Murray & Perronnin, CVPR 2014).
+
+    Each sample is a stack :math:`\Phi` of N local descriptors with C channels (a feature
+    map's locations). Its pooled vector is the ridge-regression solution
+
+    .. math::
+
+        \xi = \arg\min_\xi \|\Phi\xi - 1_N\|^2 + \lambda\|\xi\|^2
+            = (\Phi^\top\Phi + \lambda I_C)^{-1}\Phi^\top 1_N ,
+
+    which gives every descriptor the same similarity to :math:`\xi`: frequent ("bursty")
+    descriptors do not dominate the result as they do with sum or average pooling, and rare
+    but distinctive ones count as much as any other. The smaller of the C×C (primal) and N×N
+    (dual) systems is solved by batched Cholesky in torch, on CPU or GPU.
+
+    Nothing is learned: ``fit`` only validates its input and records its shape (the tag
+    ``requires_fit`` is False, so ``transform`` works on an unfitted instance, and a fitted
+    one checks that the channel count has not changed).
+
+    Parameters
+    ----------
+    lam : float, default=1.0
+        The ridge :math:`\lambda > 0`, in units of a squared descriptor norm. Compare it with
+        the mean squared norm :math:`\overline{\|\phi\|^2}` of your descriptors (1 for
+        l2-normalised ones): ``lam`` well below it (1e-3 to 1e-1 of it) equalises the
+        similarities closely (the "max-pooling-like" regime of the paper), ``lam`` well above
+        it (1e2 and beyond) makes the result point like sum pooling. Murray & Perronnin tune it
+        by cross-validation over powers of ten.
+    normalize : bool, default=True
+        l2-normalise each pooled vector (a zero vector, e.g. from all-zero ReLU maps, stays
+        zero).
+    device : str or torch.device, default="auto"
+        Where to compute: "auto" (CUDA when available), "cpu", "cuda" or "cuda:<index>".
+        Requesting CUDA where there is none raises ValueError.
+    batch_size : int, default=256
+        Samples per batch on the device: bounds memory to about ``batch_size * N * C`` values
+        plus ``batch_size * min(N, C)**2`` for the Gram matrices.
+    grid_shape : tuple of (int, int), default=None
+        The (H, W) grid of 3-D ``(n, N, C)`` input, or, for 2-D ``(n, F)`` input, the grid of
+        flattened ``(H, W, C)`` stacks (then ``C = F / (H*W)``). Without it a 2-D input is F
+        locations with one channel.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+        Features per sample seen in ``fit``: F for 2-D input, N*C for 3-D/4-D input, C for a
+        list of stacks.
+    n_channels_in_ : int
+        Channels C per location seen in ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of the columns of a 2-D DataFrame seen in ``fit``.
+
+    Notes
+    -----
+    Float32 input is solved in float32 and, when the error bound
+    ``eps32 * (trace(G) + lam) / lam`` of a plain float32 Cholesky solve exceeds 1e-5 (small
+    ``lam``, many locations), refined with float64 residuals to float64-reference accuracy
+    (about 1e-6). Output dtype follows the input: float32 for float32, float64 otherwise.
+
+    References
+    ----------
+    N. Murray and F. Perronnin, "Generalized Max Pooling", CVPR 2014.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpool import GeneralizedMaxPooling
+    >>> maps = np.random.default_rng(0).random((5, 7, 7, 16))  # (n, H, W, C)
+    >>> GeneralizedMaxPooling(lam=0.1, device="cpu").fit_transform(maps).shape
+    (5, 16)
+    """
+
+    _parameter_constraints: dict = {
+        "lam": [Interval(Real, 0, np.inf, closed="neither")],
+        "normalize": ["boolean"],
+        "device": [str, torch.device],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "grid_shape": [tuple, list, None],
+    }
+
+    def __init__(
+        self, lam=1.0, *, normalize=True, device="auto", batch_size=256, grid_shape=None
+    ):
+        self.lam = lam
+        self.normalize = normalize
+        self.device = device
+        self.batch_size = batch_size
+        self.grid_shape = grid_shape
+
+    @atomic_fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Validate ``X`` and record its shape; GMP itself learns nothing.
+
+        Parameters
+        ----------
+        X : array-like or Tensor of shape (n, H, W, C), (n, N, C) or (n, F), or a list of
+            (N_i, C) arrays
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        resolve_device(self.device)
+        stacks = check_stacks(self, X, reset=True, grid_shape=self.grid_shape, allow_ragged=True)
+        for _ in stacks.iter_batches(self.batch_size, torch.device("cpu")):
+            pass  # NaN/inf check, batch by batch (memmaps are not loaded whole)
+        self._n_features_out = stacks.n_channels
+        return self
+
+    def transform(self, X):
+        """Pool each sample's descriptors into one vector.
+
+        Parameters
+        ----------
+        X : array-like or Tensor of shape (n, H, W, C), (n, N, C) or (n, F), or a list of
+            (N_i, C) arrays
+            Samples may have another number of locations than in ``fit`` (3-D, 4-D and list
+            input), but not another number of channels.
+
+        Returns
+        -------
+        ndarray of shape (n, C)
+            float32 for float32 input, float64 otherwise.
+        """
+        self._validate_params()
+        device = resolve_device(self.device)
+        stacks = check_stacks(self, X, reset=False, grid_shape=self.grid_shape, allow_ragged=True)
+        out = np.empty((stacks.n_samples, stacks.n_channels), dtype=stacks.numpy_dtype)
+        for index, batch, mask in stacks.iter_batches(self.batch_size, device):
+            pooled = generalized_max_pool(
+                batch, float(self.lam), normalize=self.normalize, mask=mask, refine_steps="auto"
+            )
+            out[index] = pooled.cpu().numpy()
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
