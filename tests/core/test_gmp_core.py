@@ -1,0 +1,219 @@
+"""The GMP core against float64 numpy/scipy references written here, and the paper's properties."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from skpool._core.gmp import generalized_max_pool, lengths_to_mask
+
+from testing_utils import DEVICES
+
+SHAPES = [(12, 40), (24, 24), (50, 10), (1, 5), (7, 1)]  # N < C, N = C, N > C, edge cases
+RELATIVE_LAMS = [1e-6, 1e-3, 1.0, 1e3, 1e6]
+
+
+def reference_primal(phi, lam):
+    """xi = (Phi^T Phi + lam I_C)^-1 Phi^T 1, per sample, float64."""
+    return np.stack(
+        [np.linalg.solve(p.T @ p + lam * np.eye(p.shape[1]), p.sum(axis=0)) for p in phi]
+    )
+
+
+def reference_dual(phi, lam):
+    """xi = Phi^T (Phi Phi^T + lam I_N)^-1 1, per sample, float64."""
+    return np.stack(
+        [p.T @ np.linalg.solve(p @ p.T + lam * np.eye(p.shape[0]), np.ones(len(p))) for p in phi]
+    )
+
+
+def reference_stable(phi, lam):
+    """Ridge as an augmented least-squares problem (conditioning cond(Phi), not its square)."""
+    out = []
+    for p in phi:
+        n, c = p.shape
+        design = np.vstack([p, np.sqrt(lam) * np.eye(c)])
+        target = np.concatenate([np.ones(n), np.zeros(c)])
+        out.append(scipy.linalg.lstsq(design, target)[0])
+    return np.stack(out)
+
+
+def relative_error(actual, expected):
+    expected_norm = np.linalg.norm(expected, axis=1)
+    return np.max(np.linalg.norm(actual - expected, axis=1) / np.where(expected_norm > 0, expected_norm, 1))
+
+
+def make_features(rng, batch, n, c, relu):
+    phi = rng.standard_normal((batch, n, c))
+    return np.maximum(phi, 0) if relu else phi
+
+
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_primal_and_dual_references_agree(rng, n, c):
+    """The two forms of the formula are equal (the tests' references check each other)."""
+    phi = make_features(rng, 3, n, c, relu=False)
+    lam = 0.5 * np.mean(np.sum(phi**2, axis=2))
+    np.testing.assert_allclose(reference_primal(phi, lam), reference_dual(phi, lam), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(reference_stable(phi, lam), reference_dual(phi, lam), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("n,c", SHAPES)
+@pytest.mark.parametrize("relative_lam", RELATIVE_LAMS)
+def test_matches_float64_reference(rng, n, c, relative_lam, relu):
+    phi = make_features(rng, 4, n, c, relu)
+    phi[0] = rng.standard_normal((n, c))  # keep at least one sample non-degenerate
+    lam = relative_lam * np.mean(np.sum(phi**2, axis=2))
+    expected = reference_stable(phi, lam)
+
+    got64 = generalized_max_pool(torch.from_numpy(phi), lam, normalize=False).numpy()
+    assert relative_error(got64, expected) < 1e-8
+
+    phi32 = phi.astype(np.float32)
+    expected32 = reference_stable(phi32.astype(np.float64), lam)  # same rounded input
+    got32 = generalized_max_pool(torch.from_numpy(phi32), lam, normalize=False, refine_steps="auto")
+    assert got32.dtype == torch.float32
+    assert relative_error(got32.numpy().astype(np.float64), expected32) < 1e-4
+
+
+def test_plain_float32_loses_accuracy_that_refinement_recovers(rng):
+    """Why refinement exists: a square, tiny-lambda system defeats a plain float32 solve."""
+    phi = rng.standard_normal((4, 64, 64)).astype(np.float32)
+    lam = 1e-6 * np.mean(np.sum(phi.astype(np.float64) ** 2, axis=2))
+    expected = reference_stable(phi.astype(np.float64), lam)
+    plain = generalized_max_pool(torch.from_numpy(phi), lam, normalize=False, refine_steps=0)
+    refined = generalized_max_pool(torch.from_numpy(phi), lam, normalize=False, refine_steps=3)
+    assert relative_error(plain.numpy().astype(np.float64), expected) > 1e-4
+    assert relative_error(refined.numpy().astype(np.float64), expected) < 1e-4
+
+
+def test_normalize_gives_unit_vectors_and_keeps_zero(rng):
+    phi = torch.from_numpy(make_features(rng, 3, 10, 6, relu=True))
+    phi[1] = 0.0
+    out = generalized_max_pool(phi, 1.0)
+    norms = torch.linalg.vector_norm(out, dim=1)
+    torch.testing.assert_close(norms[[0, 2]], torch.ones(2, dtype=out.dtype))
+    assert torch.equal(out[1], torch.zeros(6, dtype=out.dtype))
+
+
+def test_huge_lambda_points_like_sum_pooling(rng):
+    phi = make_features(rng, 5, 30, 8, relu=True)
+    lam = 1e8 * np.mean(np.sum(phi**2, axis=2))
+    out = generalized_max_pool(torch.from_numpy(phi), lam).numpy()
+    summed = phi.sum(axis=1)
+    cosine = np.sum(out * summed, axis=1) / np.linalg.norm(summed, axis=1)
+    assert np.all(cosine > 1 - 1e-7)
+
+
+def test_tiny_lambda_equalises_similarities_when_n_le_c(rng):
+    phi = make_features(rng, 3, 15, 40, relu=False)
+    lam = 1e-9 * np.mean(np.sum(phi**2, axis=2))
+    xi = generalized_max_pool(torch.from_numpy(phi), lam, normalize=False).numpy()
+    similarities = np.einsum("bnc,bc->bn", phi, xi)
+    np.testing.assert_allclose(similarities, 1.0, atol=1e-6)
+
+
+def test_bursty_descriptor_barely_moves_gmp_but_moves_sum_pooling(rng):
+    """The property GMP exists for: repeating one descriptor many times."""
+    phi = np.maximum(rng.standard_normal((1, 20, 64)), 0)
+    bursty = np.concatenate([phi, np.repeat(phi[:, :1], 200, axis=1)], axis=1)
+    lam = 1e-3 * np.mean(np.sum(phi**2, axis=2))
+
+    def cosine(a, b):
+        return float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    gmp_before = generalized_max_pool(torch.from_numpy(phi), lam).numpy()
+    gmp_after = generalized_max_pool(torch.from_numpy(bursty), lam).numpy()
+    assert cosine(gmp_before, gmp_after) > 0.99
+    assert cosine(phi.sum(axis=1), bursty.sum(axis=1)) < 0.8
+
+
+@pytest.mark.parametrize("n,c", [(9, 16), (30, 5)])
+def test_mask_equals_pooling_each_sample_alone(rng, n, c):
+    lengths = np.array([n, 3, 1, n - 2])
+    phi = rng.standard_normal((4, n, c))
+    phi[np.arange(n)[None, :] >= lengths[:, None]] = 1e3  # padding must be ignored
+    mask = lengths_to_mask(torch.from_numpy(lengths), n)
+    pooled = generalized_max_pool(torch.from_numpy(phi), 0.7, mask=mask, normalize=False)
+    for i, length in enumerate(lengths):
+        alone = generalized_max_pool(torch.from_numpy(phi[i : i + 1, :length]), 0.7, normalize=False)
+        torch.testing.assert_close(pooled[i : i + 1], alone, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_equals_looped_with_per_sample_lambda(rng):
+    phi = torch.from_numpy(rng.standard_normal((6, 11, 7)))
+    lam = torch.tensor([1e-3, 1e-1, 1.0, 10.0, 1e3, 1e5], dtype=torch.float64)
+    batched = generalized_max_pool(phi, lam)
+    looped = torch.cat([generalized_max_pool(phi[i : i + 1], lam[i]) for i in range(6)])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_extreme_magnitudes_in_float32(rng, magnitude):
+    """Rescaling is exact: xi(s Phi, s^2 lam) = xi(Phi, lam) / s, even where s^2 overflows."""
+    phi = rng.standard_normal((3, 12, 5)).astype(np.float32)
+    base = generalized_max_pool(torch.from_numpy(phi), 0.5, normalize=False)
+    scaled = torch.from_numpy(phi * np.float32(magnitude))
+    out = generalized_max_pool(scaled, 0.5 * magnitude**2, normalize=False)
+    assert torch.isfinite(out).all()
+    assert relative_error(out.double().numpy() * magnitude, base.double().numpy()) < 1e-5
+    normalized = generalized_max_pool(scaled, 0.5 * magnitude**2)
+    torch.testing.assert_close(normalized, generalized_max_pool(torch.from_numpy(phi), 0.5))
+
+
+def test_singular_gram_is_finite(rng):
+    """Duplicated and dead descriptors make the dual Gram matrix exactly singular."""
+    phi = np.zeros((2, 10, 20), dtype=np.float32)
+    phi[:, :5] = rng.standard_normal((2, 1, 20))  # five copies of one descriptor
+    out = generalized_max_pool(torch.from_numpy(phi), 1e-12, normalize=True)
+    assert torch.isfinite(out).all()
+    expected = phi[:, 0] / np.linalg.norm(phi[:, 0], axis=1, keepdims=True)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_are_finite_for_tiny_lambda_and_zero_maps(rng, dtype):
+    phi = torch.from_numpy(np.maximum(rng.standard_normal((3, 8, 6)), 0)).to(dtype)
+    phi[2] = 0.0
+    phi.requires_grad_(True)
+    mean_sq = float(phi.detach().square().sum(-1).mean())
+    lam = torch.tensor(1e-6 * mean_sq, dtype=dtype, requires_grad=True)
+    generalized_max_pool(phi, lam).sum().backward()
+    assert torch.isfinite(phi.grad).all() and torch.isfinite(lam.grad).all()
+
+
+def test_gradcheck_input_and_lambda(rng):
+    phi = torch.from_numpy(rng.standard_normal((2, 5, 4))).requires_grad_(True)
+    lam = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, l: generalized_max_pool(p, l), (phi, lam))
+    phi_wide = torch.from_numpy(rng.standard_normal((2, 3, 6))).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda p, l: generalized_max_pool(p, l, normalize=False), (phi_wide, lam)
+    )
+
+
+def test_autocast_runs_the_solve_in_float32(rng):
+    phi = torch.from_numpy(rng.standard_normal((2, 9, 12)).astype(np.float32))
+    expected = generalized_max_pool(phi, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = generalized_max_pool(phi.to(torch.bfloat16), 0.3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("relative_lam", [1e-6, 1.0, 1e6])
+def test_device_matrix(rng, device, relative_lam):
+    phi = rng.standard_normal((5, 33, 20))
+    lam = relative_lam * np.mean(np.sum(phi**2, axis=2))
+    expected = reference_stable(phi, lam)
+    for dtype, tol in [(torch.float64, 1e-8), (torch.float32, 1e-4)]:
+        x = torch.from_numpy(phi).to(device=device, dtype=dtype)
+        got = generalized_max_pool(x, lam, normalize=False, refine_steps="auto")
+        assert got.device.type == device and got.dtype == dtype
+        assert relative_error(got.cpu().double().numpy(), expected) < tol
+
+
+def test_rejects_bad_shape():
+    with pytest.raises(ValueError, match="shape"):
+        generalized_max_pool(torch.zeros(3, 4), 1.0)

@@ -1,0 +1,18 @@
+"""scikit-learn's own estimator checks, run once for every estimator of skpool."""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skpool import GeneralizedMaxPooling
+
+ESTIMATORS = [GeneralizedMaxPooling(device="cpu")]
+
+#: Checks expected to fail, per estimator, each with the reason.
+EXPECTED_FAILED_CHECKS = {}
+
+
+@parametrize_with_checks(
+    ESTIMATORS,
+    expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS.get(type(est).__name__, {}),
+)
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
