@@ -19,6 +19,7 @@ This module is the only place in skpool where that formula is computed.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -28,7 +29,7 @@ __all__ = ["generalized_max_pool", "lengths_to_mask", "AUTO_REFINE_TOLERANCE"]
 #: With ``refine_steps="auto"``, float32 solves are refined when the guaranteed bound
 #: ``eps32 * (trace(G) + lam) / lam`` on their relative error exceeds this tolerance.
 AUTO_REFINE_TOLERANCE = 1e-5
-_AUTO_STEPS = 3
+_MAX_AUTO_STEPS = 5
 
 
 def lengths_to_mask(lengths: torch.Tensor, n_locations: int) -> torch.Tensor:
@@ -68,9 +69,10 @@ def generalized_max_pool(
         with the float32 Cholesky factor. It removes the :math:`\mathrm{cond}(G)\,\epsilon_{32}`
         error of a plain float32 solve (a relative error of 3e-2 at
         ``lam = 1e-6 mean ||phi||^2`` with N = C becomes 1e-5 after 3 steps) at the price of a
-        float64 copy of the batch and two float64 passes over it per step. ``"auto"`` runs 3
-        steps only for batches whose error bound ``eps32 * (trace(G) + lam) / lam`` exceeds
-        :data:`AUTO_REFINE_TOLERANCE` (one device synchronisation). Ignored for float64.
+        float64 copy of the batch and two float64 passes over it per step. ``"auto"`` refines
+        only batches whose error bound ``q = eps32 * (trace(G) + lam) / lam`` exceeds
+        :data:`AUTO_REFINE_TOLERANCE`, with the fewest steps k such that ``q**(k+1)`` is below
+        it (at most 5; one device synchronisation). Ignored for float64.
 
     Returns
     -------
@@ -165,7 +167,7 @@ def _solve(
     steps = refine_steps
     if steps == "auto":
         bound = finfo.eps * (diag.sum(dim=1).double() / scale2 + ridge) / ridge
-        steps = _AUTO_STEPS if bool((bound > AUTO_REFINE_TOLERANCE).any()) else 0
+        steps = _auto_steps(float(bound.max()) if bound.numel() else 0.0)
     if steps and dtype != torch.float64:
         xi = _refine(phi, target, ridge * scale2, factor, solution, dual, steps)
     else:
@@ -178,6 +180,16 @@ def _solve(
         xi = (xi.double() / shrink[:, None]).to(dtype)
     trouble = trouble | ~torch.isfinite(xi).all(dim=1)
     return xi, trouble
+
+
+def _auto_steps(error_bound: float) -> int:
+    """Refinement steps that bring a first error ``q`` below the tolerance: q**(k+1) <= tol."""
+    if error_bound <= AUTO_REFINE_TOLERANCE:
+        return 0
+    if error_bound >= 0.5:
+        return _MAX_AUTO_STEPS
+    needed = math.ceil(math.log(AUTO_REFINE_TOLERANCE) / math.log(error_bound)) - 1
+    return min(max(needed, 1), _MAX_AUTO_STEPS)
 
 
 def _weighted_sum(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
