@@ -24,7 +24,12 @@ from typing import Literal
 
 import torch
 
-__all__ = ["generalized_max_pool", "lengths_to_mask", "AUTO_REFINE_TOLERANCE"]
+__all__ = [
+    "generalized_max_pool",
+    "generalized_max_pool_weights",
+    "lengths_to_mask",
+    "AUTO_REFINE_TOLERANCE",
+]
 
 #: With ``refine_steps="auto"``, float32 solves are refined when the guaranteed bound
 #: ``eps32 * (trace(G) + lam) / lam`` on their relative error exceeds this tolerance.
@@ -233,3 +238,36 @@ def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps):
     if not normalize:
         fixed = (fixed.double() / amax[:, None]).to(fixed.dtype)
     return xi.index_copy(0, index, fixed)
+
+
+def generalized_max_pool_weights(
+    features: torch.Tensor,
+    lam: float | torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""The weight of every location in the pooled vector: :math:`\xi = \sum_i w_i \phi_i`.
+
+    With :math:`w = (\Phi\Phi^\top + \lambda I)^{-1} 1_N`, the identity
+    :math:`\lambda w = 1_N - \Phi\xi` gives the weights from the (un-normalised) pooled vector.
+    Frequent descriptors get small weights, rare ones large: this is what GMP pictures show.
+    Computed in float64 (it is meant for inspection and plots, not for speed).
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, N, C)
+    lam : float or Tensor of shape () or (B,)
+    mask : bool Tensor of shape (B, N), optional
+        Padded locations get weight 0.
+
+    Returns
+    -------
+    Tensor of shape (B, N), float64.
+    """
+    phi = features.double()
+    if mask is not None:
+        phi = phi * mask[:, :, None]
+    target = phi.new_ones(phi.shape[:2]) if mask is None else mask.double()
+    xi = generalized_max_pool(phi, lam, normalize=False, mask=mask)
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=phi.device).reshape(-1, 1)
+    return (target - (phi @ xi[:, :, None])[..., 0]) / lam

@@ -217,3 +217,15 @@ def test_device_matrix(rng, device, relative_lam):
 def test_rejects_bad_shape():
     with pytest.raises(ValueError, match="shape"):
         generalized_max_pool(torch.zeros(3, 4), 1.0)
+
+
+@pytest.mark.parametrize("n,c", [(10, 30), (40, 6)])
+def test_weights_reproduce_the_pooled_vector(rng, n, c):
+    from skpool._core.gmp import generalized_max_pool_weights
+
+    phi = rng.standard_normal((3, n, c))
+    lam = 0.3
+    weights = generalized_max_pool_weights(torch.from_numpy(phi), lam).numpy()
+    expected = np.stack([np.linalg.solve(p @ p.T + lam * np.eye(n), np.ones(n)) for p in phi])
+    np.testing.assert_allclose(weights, expected, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(np.einsum("bn,bnc->bc", weights, phi), reference_primal(phi, lam), rtol=1e-8)
