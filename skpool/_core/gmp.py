@@ -112,7 +112,7 @@ def generalized_max_pool(
         phi = features.to(compute_dtype)
         if mask is not None:
             target = mask.to(compute_dtype)
-            phi = phi * target[:, :, None]
+            phi = phi.masked_fill(~mask[:, :, None], 0.0)  # padding may hold anything, inf too
         else:
             target = phi.new_ones((batch, n_locations))
         if not isinstance(lam, torch.Tensor):
@@ -266,7 +266,7 @@ def generalized_max_pool_weights(
     """
     phi = features.double()
     if mask is not None:
-        phi = phi * mask[:, :, None]
+        phi = phi.masked_fill(~mask[:, :, None], 0.0)
     target = phi.new_ones(phi.shape[:2]) if mask is None else mask.double()
     xi = generalized_max_pool(phi, lam, normalize=False, mask=mask)
     lam = torch.as_tensor(lam, dtype=torch.float64, device=phi.device).reshape(-1, 1)

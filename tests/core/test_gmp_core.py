@@ -132,7 +132,7 @@ def test_bursty_descriptor_barely_moves_gmp_but_moves_sum_pooling(rng):
 def test_mask_equals_pooling_each_sample_alone(rng, n, c):
     lengths = np.array([n, 3, 1, n - 2])
     phi = rng.standard_normal((4, n, c))
-    phi[np.arange(n)[None, :] >= lengths[:, None]] = 1e3  # padding must be ignored
+    phi[np.arange(n)[None, :] >= lengths[:, None]] = np.inf  # padding must be ignored
     mask = lengths_to_mask(torch.from_numpy(lengths), n)
     pooled = generalized_max_pool(torch.from_numpy(phi), 0.7, mask=mask, normalize=False)
     for i, length in enumerate(lengths):
