@@ -2,9 +2,9 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skpool import GeneralizedMaxPooling
+from skpool import GeneralizedMaxPooling, SeparabilityPooling
 
-ESTIMATORS = [GeneralizedMaxPooling(device="cpu")]
+ESTIMATORS = [GeneralizedMaxPooling(device="cpu"), SeparabilityPooling(device="cpu")]
 
 #: Checks expected to fail, per estimator, each with the reason.
 EXPECTED_FAILED_CHECKS = {}

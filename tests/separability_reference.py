@@ -1,0 +1,80 @@
+"""A slow float64 reference of separability pooling, straight from Algorithm 1 of Birodkar et al.
+
+Per-sample Python loops for A and B, explicit dense C_m matrices and one
+``scipy.linalg.eigh(A, B + alpha*C_m)`` per output location: independent of skpool's torch code
+(shared by the core and the estimator tests; importable because pyproject sets
+``pythonpath = ["tests"]``).
+"""
+
+import math
+
+import numpy as np
+import scipy.linalg
+
+
+def normalise_channels(features):
+    """(K, N, C) -> (G, mean, scale): per-channel standardisation over samples and locations."""
+    mean = features.mean(axis=(0, 1))
+    scale = features.std(axis=(0, 1))
+    scale[scale == 0] = 1.0
+    return (features - mean) / scale, mean, scale
+
+
+def scatter_matrices(stacks, labels):
+    """A and B (N, N) of normalised stacks (K, N, C), one sample at a time."""
+    classes = np.unique(labels)
+    class_means = [stacks[labels == q].mean(axis=0) for q in classes]
+    grand_mean = sum(class_means) / len(classes)
+    n_locations = stacks.shape[1]
+    between = np.zeros((n_locations, n_locations))
+    within = np.zeros((n_locations, n_locations))
+    for q, class_mean in zip(classes, class_means):
+        between += (class_mean - grand_mean) @ (class_mean - grand_mean).T
+        members = np.flatnonzero(labels == q)
+        class_scatter = np.zeros((n_locations, n_locations))
+        for k in members:
+            centred = stacks[k] - class_mean
+            class_scatter += centred @ centred.T
+        within += class_scatter / len(members)
+    return between, within
+
+
+def locality_cost_matrix(grid_shape, output_shape, u, v):
+    """Dense C_m (N, N) for output cell (u, v): squared distances to its centre on the diagonal."""
+    height, width = grid_shape
+    centre_row = (u + 0.5) * height / output_shape[0] - 0.5
+    centre_col = (v + 0.5) * width / output_shape[1] - 0.5
+    distances = [
+        (i - centre_row) ** 2 + (j - centre_col) ** 2 for i in range(height) for j in range(width)
+    ]
+    return np.diag(distances)
+
+
+def output_shape_for(grid_shape, stride):
+    return math.ceil(grid_shape[0] / stride), math.ceil(grid_shape[1] / stride)
+
+
+def operator(between, within, grid_shape, output_shape, alpha, n_components, norm):
+    """(k, M, N) operator and (k, M) eigenvalues, one scipy generalised eigh per location."""
+    rows, values = [], []
+    for u in range(output_shape[0]):
+        for v in range(output_shape[1]):
+            system = within + alpha * locality_cost_matrix(grid_shape, output_shape, u, v)
+            eigenvalues, eigenvectors = scipy.linalg.eigh(between, system)
+            top = eigenvectors[:, ::-1][:, :n_components].T  # (k, N)
+            top = top * np.where(top.sum(axis=1, keepdims=True) < 0, -1.0, 1.0)
+            order = 1 if norm == "l1" else 2
+            rows.append(top / np.linalg.norm(top, ord=order, axis=1, keepdims=True))
+            values.append(eigenvalues[::-1][:n_components])
+    return np.stack(rows, axis=1), np.stack(values, axis=1)
+
+
+def assert_same_rows(actual, expected, atol):
+    """Rows agree to ``atol``, up to a sign per row only where the row sums to about zero
+    (there the sign convention sum(p) >= 0 cannot be resolved by the two computations)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    direct = np.abs(actual - expected).max(axis=-1)
+    flipped = np.abs(actual + expected).max(axis=-1)
+    ambiguous = np.abs(expected.sum(axis=-1)) < 1e-6
+    error = np.where(ambiguous, np.minimum(direct, flipped), direct)
+    assert error.max() < atol, f"max row error {error.max():.3g} >= {atol}"
