@@ -1,0 +1,24 @@
+"""PyTorch layers of skpool: channels-first ``(B, C, H, W)`` pooling modules and their
+functional forms (:mod:`skpool.nn.functional`).
+
+- :class:`GeneralizedMaxPool2d` — global generalized max pooling with a learnable λ (Deep GMP).
+- :class:`SeparabilityPool2d` — a fitted separability pooling operator as a layer.
+- :class:`MixedMaxAvgPool2d`, :class:`LogSumExpPool2d` — the Deep GMP paper's baselines, with a
+  learnable mix and a learnable sharpness.
+"""
+
+from . import functional
+from .modules import (
+    GeneralizedMaxPool2d,
+    LogSumExpPool2d,
+    MixedMaxAvgPool2d,
+    SeparabilityPool2d,
+)
+
+__all__ = [
+    "GeneralizedMaxPool2d",
+    "SeparabilityPool2d",
+    "MixedMaxAvgPool2d",
+    "LogSumExpPool2d",
+    "functional",
+]

@@ -1,0 +1,260 @@
+r"""Functional forms of skpool's pooling layers, on channels-first ``(B, C, H, W)`` tensors.
+
+Every function here is differentiable in all its tensor arguments and works on any device and
+floating dtype. The two learned operators call the numerical core
+(:func:`skpool._core.gmp.generalized_max_pool`,
+:func:`skpool._core.operator.apply_pooling_operator`) after a layout change; the core holds
+their math. The two baselines of the Deep GMP paper (mixed max/average and log-sum-exp pooling)
+have no core counterpart and are written here.
+
+A ``mask`` of shape ``(B, H, W)`` (True at real locations) lets a zero-padded batch of images of
+different sizes pool only each image's own locations: the result for a sample equals pooling its
+unpadded image alone. A sample whose mask is all False pools to zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._core.gmp import generalized_max_pool
+from .._core.operator import apply_pooling_operator
+
+__all__ = [
+    "generalized_max_pool2d",
+    "separability_pool2d",
+    "mixed_max_avg_pool2d",
+    "log_sum_exp_pool2d",
+]
+
+
+def generalized_max_pool2d(
+    x: torch.Tensor,
+    lam: float | torch.Tensor,
+    normalize: bool = True,
+    mask: torch.Tensor | None = None,
+    *,
+    keepdim: bool = False,
+    refine_steps: int = 0,
+) -> torch.Tensor:
+    r"""Global generalized max pooling (Murray & Perronnin 2014) of a batch of feature maps.
+
+    Each sample's H·W descriptors :math:`\phi_i \in \mathbb{R}^C` pool to
+    :math:`\xi = (\Phi^\top\Phi + \lambda I)^{-1}\Phi^\top 1`, divided by its l2 norm when
+    ``normalize``. See :class:`~skpool.nn.GeneralizedMaxPool2d`.
+
+    Args:
+        x: feature maps of shape :math:`(B, C, H, W)`.
+        lam: the ridge :math:`\lambda > 0`, a float or a tensor of shape ``()`` or ``(B,)``
+            (which may require grad).
+        normalize: l2-normalise each pooled vector (a zero vector stays zero).
+        mask: optional bool tensor of shape :math:`(B, H, W)`, True at real locations.
+        keepdim: return :math:`(B, C, 1, 1)` instead of :math:`(B, C)`.
+        refine_steps: float64 iterative-refinement steps for float32 input (see the core);
+            0 keeps the forward free of device synchronisations.
+
+    Returns:
+        Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`), in the dtype of ``x``; the
+        solve runs in float32 at least, also under autocast.
+    """
+    _check_maps(x, mask)
+    if not isinstance(lam, torch.Tensor):
+        if not (math.isfinite(float(lam)) and float(lam) > 0):
+            raise ValueError(f"lam must be a finite number > 0, got {lam!r}.")
+    elif lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] not in (1, x.shape[0])):
+        raise ValueError(
+            f"lam must be a float or a tensor of shape () or ({x.shape[0]},), "
+            f"got shape {tuple(lam.shape)}."
+        )
+    pooled = generalized_max_pool(
+        _to_stacks(x),
+        lam,
+        normalize=normalize,
+        mask=None if mask is None else mask.flatten(1),
+        refine_steps=refine_steps,
+    )
+    return pooled[:, :, None, None] if keepdim else pooled
+
+
+def separability_pool2d(
+    x: torch.Tensor,
+    operator: torch.Tensor,
+    output_shape: tuple[int, int],
+    channel_mean: torch.Tensor | None = None,
+    channel_scale: torch.Tensor | None = None,
+    *,
+    grid_shape: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    r"""Apply a fitted separability pooling operator (Birodkar et al. 2019) to feature maps.
+
+    With :math:`G = (F - \mu)/\sigma` (channel normalisation of the fit, when given), component
+    j of output cell m is :math:`\sum_n P_{j,m,n} G_n \sigma + \mu`. See
+    :class:`~skpool.nn.SeparabilityPool2d`.
+
+    Args:
+        x: feature maps of shape :math:`(B, C, H, W)` with :math:`H W = N`.
+        operator: tensor of shape :math:`(k, M, N)`.
+        output_shape: the output grid :math:`(H', W')` with :math:`H' W' = M`.
+        channel_mean, channel_scale: optional tensors of shape :math:`(C,)`, both or neither.
+        grid_shape: the input grid :math:`(H, W)` the operator was fitted on, if known: another
+            grid raises ValueError even when it has N locations too.
+
+    Returns:
+        Tensor of shape :math:`(B, k C, H', W')`, channel ``j * C + c`` holding component j of
+        input channel c, in the dtype of ``x`` (the operator and statistics are cast to it).
+    """
+    _check_maps(x, None)
+    batch, n_channels, height, width = x.shape
+    if operator.ndim != 3:
+        raise ValueError(f"operator must have shape (k, M, N), got {tuple(operator.shape)}.")
+    n_components, n_out, n_in = operator.shape
+    if grid_shape is not None and (height, width) != tuple(grid_shape):
+        raise ValueError(
+            f"The operator was fitted on a {grid_shape[0]}x{grid_shape[1]} grid; got input of "
+            f"spatial size {height}x{width}."
+        )
+    if height * width != n_in:
+        raise ValueError(
+            f"The operator pools a grid of {n_in} locations but the input is {height}x{width} "
+            f"= {height * width} locations."
+        )
+    out_height, out_width = output_shape
+    if out_height * out_width != n_out:
+        raise ValueError(
+            f"output_shape {tuple(output_shape)} does not have the operator's {n_out} output "
+            "locations."
+        )
+    stats = []
+    for name, stat in (("channel_mean", channel_mean), ("channel_scale", channel_scale)):
+        if stat is not None:
+            if stat.shape != (n_channels,):
+                raise ValueError(
+                    f"{name} has shape {tuple(stat.shape)}: the operator was fitted on "
+                    f"{stat.numel()} channels, but the input has {n_channels} channels."
+                )
+            stat = stat.to(x.dtype)
+        stats.append(stat)
+    pooled = apply_pooling_operator(_to_stacks(x), operator.to(x.dtype), *stats)  # (B, M, kC)
+    return pooled.transpose(1, 2).reshape(
+        batch, n_components * n_channels, out_height, out_width
+    )
+
+
+def mixed_max_avg_pool2d(
+    x: torch.Tensor,
+    mix: float | torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    keepdim: bool = False,
+) -> torch.Tensor:
+    r"""Global mixed max/average pooling: :math:`a \max_i x_i + (1 - a)\,\mathrm{mean}_i x_i`.
+
+    Args:
+        x: feature maps of shape :math:`(B, C, H, W)`.
+        mix: the weight :math:`a \in [0, 1]` of max pooling, a float or a tensor broadcastable
+            to :math:`(B, C)`.
+        mask: optional bool tensor of shape :math:`(B, H, W)`, True at real locations.
+        keepdim: return :math:`(B, C, 1, 1)` instead of :math:`(B, C)`.
+
+    Returns:
+        Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`).
+    """
+    _check_maps(x, mask)
+    if not isinstance(mix, torch.Tensor) and not 0.0 <= float(mix) <= 1.0:
+        raise ValueError(f"mix must lie in [0, 1], got {mix!r}.")
+    flat, valid, count = _masked_flat(x, mask)
+    largest = _masked_max(flat, valid)
+    mean = _fill_padding(flat, valid).sum(dim=-1) / count
+    pooled = mix * largest + (1 - mix) * mean
+    return pooled[:, :, None, None] if keepdim else pooled
+
+
+def log_sum_exp_pool2d(
+    x: torch.Tensor,
+    r: float | torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    keepdim: bool = False,
+) -> torch.Tensor:
+    r"""Global log-sum-exp pooling: :math:`\frac1r \log \frac1N \sum_i e^{r x_i}`.
+
+    Average pooling as :math:`r \to 0`, max pooling as :math:`r \to \infty`. Computed as
+    :math:`m + \frac1r \operatorname{log1p}\big(\frac1N \sum_i
+    \operatorname{expm1}(r(x_i - m))\big)`
+    with :math:`m = \max_i x_i`: no overflow at large r, and no cancellation at small r (the
+    textbook ``(logsumexp(r x) - log N) / r`` loses all digits as :math:`r \to 0`). Computed in
+    float32 at least; the result has the dtype of ``x``.
+
+    Args:
+        x: feature maps of shape :math:`(B, C, H, W)`.
+        r: the sharpness :math:`r > 0`, a float or a tensor broadcastable to :math:`(B, C)`.
+        mask: optional bool tensor of shape :math:`(B, H, W)`, True at real locations.
+        keepdim: return :math:`(B, C, 1, 1)` instead of :math:`(B, C)`.
+
+    Returns:
+        Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`).
+    """
+    _check_maps(x, mask)
+    if not isinstance(r, torch.Tensor) and not (math.isfinite(float(r)) and float(r) > 0):
+        raise ValueError(f"r must be a finite number > 0, got {r!r}.")
+    out_dtype = x.dtype
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    flat, valid, count = _masked_flat(x, mask)
+    # The result does not depend on the shift m (its derivative in m is exactly 0): detach it.
+    shift = _masked_max(flat, valid).detach()
+    excess = torch.expm1(_per_location(r) * _fill_padding(flat - shift[..., None], valid))
+    pooled = shift + torch.log1p(excess.sum(dim=-1) / count) / r
+    pooled = pooled.to(out_dtype)
+    return pooled[:, :, None, None] if keepdim else pooled
+
+
+def _per_location(value):
+    """A per-(B, C) coefficient, shaped to broadcast against (B, C, N)."""
+    return value[..., None] if isinstance(value, torch.Tensor) and value.ndim > 0 else value
+
+
+def _fill_padding(flat, valid):
+    """Zero the padded locations of (B, C, N) (a fill, not a product: padding may be inf)."""
+    return flat if valid is None else flat.masked_fill(~valid, 0)
+
+
+def _check_maps(x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Shape and dtype checks shared by all the functions (no device synchronisation)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got a {x.ndim}-D tensor.")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}.")
+    if mask is not None:
+        batch, _, height, width = x.shape
+        if mask.dtype != torch.bool or mask.shape != (batch, height, width):
+            raise ValueError(
+                f"mask must be a bool tensor of shape ({batch}, {height}, {width}), "
+                f"got {mask.dtype} of shape {tuple(mask.shape)}."
+            )
+
+
+def _to_stacks(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C): location n = h*W + w, as the estimators' channels-last data."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _masked_flat(x, mask):
+    """Flatten to (B, C, N) with the mask as (B, 1, N) (or None) and the real counts (B, 1)."""
+    flat = x.flatten(2)
+    if mask is None:
+        return flat, None, flat.shape[-1]
+    valid = mask.flatten(1)[:, None, :]
+    count = valid.sum(dim=-1).clamp_min(1).to(x.dtype)
+    return flat, valid, count
+
+
+def _masked_max(flat, valid):
+    """Max over real locations (B, C); 0 for a sample without any."""
+    if valid is None:
+        return flat.amax(dim=-1)
+    largest = flat.masked_fill(~valid, -torch.inf).amax(dim=-1)
+    return torch.where(valid.any(dim=-1), largest, torch.zeros_like(largest))

@@ -1,0 +1,418 @@
+r"""PyTorch layers: generalized max pooling with a learnable λ, separability pooling, and the
+two baselines of the Deep GMP paper (mixed max/average and log-sum-exp pooling).
+
+Each module holds its hyperparameters and (learnable) parameters; ``forward`` is one call into
+:mod:`skpool.nn.functional`. Learnable scalars are stored through a parametrisation that keeps
+them in their domain whatever the optimiser does: λ = exp(θ), r = r_min + softplus(ρ),
+a = sigmoid(ω).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = [
+    "GeneralizedMaxPool2d",
+    "SeparabilityPool2d",
+    "MixedMaxAvgPool2d",
+    "LogSumExpPool2d",
+]
+
+#: θ = log λ is clamped to this range in ``forward``: exp stays finite and positive in float32
+#: (exp(±80) ≈ 5.5e34, 1.8e-35). Outside it the gradient w.r.t. θ is zero.
+LOG_LAM_RANGE = (-80.0, 80.0)
+
+
+class GeneralizedMaxPool2d(nn.Module):
+    r"""Global generalized max pooling with a learnable ridge λ (Deep GMP).
+
+    Each sample's :math:`N = H W` descriptors :math:`\phi_i \in \mathbb{R}^C` (the rows of
+    :math:`\Phi`) pool to the ridge-regression solution that gives every descriptor the same
+    similarity to the result (Murray & Perronnin 2014; Christlein et al. 2019):
+
+    .. math::
+
+        \xi = \arg\min_\xi \|\Phi\xi - 1_N\|^2 + \lambda \|\xi\|^2
+            = (\Phi^\top\Phi + \lambda I_C)^{-1} \Phi^\top 1_N ,
+        \qquad \text{out} = \xi / \|\xi\|_2 \ \text{(with normalize)} .
+
+    Large λ (relative to the mean squared descriptor norm) points like sum/average pooling;
+    small λ equalises the descriptors' contributions like max pooling does. λ is learned as
+    :math:`\lambda = \exp(\theta)`, so it stays positive and finite (θ is clamped to
+    :data:`LOG_LAM_RANGE` in ``forward``). The solve (batched Cholesky on the smaller of the
+    C×C and N×N Gram matrices) runs in float32 at least, also under autocast; the output keeps
+    the input's dtype. The layer compiles with ``torch.compile(fullgraph=True)`` (no graph
+    break; the core's check for overflowing Gram matrices is skipped while tracing, so compiled
+    code assumes descriptors of moderate magnitude). TorchScript is not supported: the core uses
+    Python features ``torch.jit.script`` cannot compile.
+
+    Args:
+        lam: initial λ > 0, in units of a squared descriptor norm. Default: 1e3.
+        learnable: learn λ (θ is an ``nn.Parameter``); otherwise θ is a buffer. Default: True.
+        normalize: l2-normalise the pooled vectors (zero stays zero). Default: True.
+        flatten: return :math:`(B, C)`; with False, :math:`(B, C, 1, 1)` like
+            ``nn.AdaptiveAvgPool2d(1)``. Default: True.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`, optional ``mask`` :math:`(B, H, W)` bool, True at the
+          real locations of a padded batch (the result then equals pooling each unpadded
+          image alone).
+        - Output: :math:`(B, C)`, or :math:`(B, C, 1, 1)` with ``flatten=False``.
+
+    Attributes:
+        log_lam: θ = log λ, a scalar.
+        lam: the current λ (a tensor, differentiable in θ).
+
+    Examples::
+
+        >>> import torch
+        >>> from skpool.nn import GeneralizedMaxPool2d
+        >>> pool = GeneralizedMaxPool2d(lam=10.0)
+        >>> pool(torch.randn(8, 64, 7, 7)).shape
+        torch.Size([8, 64])
+        >>> GeneralizedMaxPool2d(flatten=False)(torch.randn(8, 64, 7, 7)).shape
+        torch.Size([8, 64, 1, 1])
+    """
+
+    def __init__(
+        self,
+        lam: float = 1e3,
+        learnable: bool = True,
+        normalize: bool = True,
+        flatten: bool = True,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        lam = _check_positive("lam", lam)
+        log_lam = math.log(lam)
+        if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
+            raise ValueError(
+                f"lam must lie in [exp({LOG_LAM_RANGE[0]:g}), exp({LOG_LAM_RANGE[1]:g})], "
+                f"got {lam!r}."
+            )
+        self.learnable = learnable
+        self.normalize = normalize
+        self.flatten = flatten
+        _register_scalar(self, "log_lam", log_lam, learnable, device, dtype)
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """The current λ = exp(clamp(θ)), in float32 at least."""
+        return _at_least_float32(self.log_lam).clamp(*LOG_LAM_RANGE).exp()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.generalized_max_pool2d(
+            x, self.lam, self.normalize, mask, keepdim=not self.flatten
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"lam={float(self.lam.detach()):.4g}, learnable={self.learnable}, "
+            f"normalize={self.normalize}, flatten={self.flatten}"
+        )
+
+
+class SeparabilityPool2d(nn.Module):
+    r"""Separability pooling (Birodkar et al. 2019) with a fitted, spatially varying operator.
+
+    A linear pooling operator :math:`P \in \mathbb{R}^{k \times M \times N}` maps the
+    :math:`N = H W` input locations to :math:`M = H' W'` output cells, the same for every
+    channel; k components per cell give k·C output channels (component-major: channel
+    ``j * C + c``). With the channel statistics :math:`\mu_c, \sigma_c` of the fit,
+
+    .. math::
+
+        \text{out}_{j C + c,\, m} = \sigma_c \sum_{n=1}^{N} P_{j, m, n}\,
+            \frac{x_{c, n} - \mu_c}{\sigma_c} + \mu_c .
+
+    The operator is learned in closed form by :class:`skpool.SeparabilityPooling` (maximising
+    class separability with a locality penalty); build the layer with :meth:`from_estimator`,
+    or from saved arrays. It replaces a strided pooling layer of a network.
+
+    Args:
+        operator: array or tensor of shape :math:`(k, M, N)`.
+        channel_mean: array or tensor of shape :math:`(C,)`, or None (no normalisation).
+        channel_scale: array or tensor of shape :math:`(C,)`; with ``channel_mean``.
+        trainable: hold the operator and statistics as ``nn.Parameter`` (fine-tuning);
+            by default they are buffers (frozen, but saved in ``state_dict`` and moved by
+            ``.to()``). Default: False.
+        output_shape: the output grid :math:`(H', W')`, :math:`H' W' = M`. Required
+            (keyword-only).
+        grid_shape: the input grid :math:`(H, W)` the operator was fitted on; inputs of another
+            grid raise ValueError. With None, any grid with :math:`H W = N` is accepted.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)` with :math:`H W = N`.
+        - Output: :math:`(B, k C, H', W')`, in the input's dtype.
+
+    Examples::
+
+        >>> import torch
+        >>> from skpool.nn import SeparabilityPool2d
+        >>> operator = torch.full((1, 16, 64), 1 / 64)  # k=1, 8x8 -> 4x4, a global mean
+        >>> pool = SeparabilityPool2d(operator, output_shape=(4, 4), grid_shape=(8, 8))
+        >>> pool(torch.randn(2, 32, 8, 8)).shape
+        torch.Size([2, 32, 4, 4])
+
+        With a fitted :class:`skpool.SeparabilityPooling` ``sep`` (channels-last data)::
+
+        >>> pool = SeparabilityPool2d.from_estimator(sep)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        operator,
+        channel_mean=None,
+        channel_scale=None,
+        trainable: bool = False,
+        *,
+        output_shape: tuple[int, int],
+        grid_shape: tuple[int, int] | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        operator = _copy_as_tensor(operator, factory)
+        if operator.ndim != 3:
+            raise ValueError(f"operator must have shape (k, M, N), got {tuple(operator.shape)}.")
+        self.output_shape = _check_grid("output_shape", output_shape, operator.shape[1])
+        self.grid_shape = None
+        if grid_shape is not None:
+            self.grid_shape = _check_grid("grid_shape", grid_shape, operator.shape[2])
+        if (channel_mean is None) != (channel_scale is None):
+            raise ValueError("Give both channel_mean and channel_scale, or neither.")
+        stats = {"channel_mean": channel_mean, "channel_scale": channel_scale}
+        if channel_mean is not None:
+            stats = {name: _copy_as_tensor(stat, factory) for name, stat in stats.items()}
+            if stats["channel_mean"].ndim != 1 or (
+                stats["channel_scale"].shape != stats["channel_mean"].shape
+            ):
+                raise ValueError(
+                    "channel_mean and channel_scale must both have shape (C,), got "
+                    f"{tuple(stats['channel_mean'].shape)} and "
+                    f"{tuple(stats['channel_scale'].shape)}."
+                )
+        self.trainable = trainable
+        for name, value in {"operator": operator, **stats}.items():
+            if trainable and value is not None:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    @classmethod
+    def from_estimator(cls, estimator, trainable: bool = False, *, device=None, dtype=None):
+        """Build the layer from a fitted :class:`skpool.SeparabilityPooling`.
+
+        The layer reproduces ``estimator.transform`` on channels-first data: for maps ``x`` of
+        shape (B, C, H, W), ``layer(x)`` equals ``transform(x.permute(0, 2, 3, 1))`` permuted
+        back to (B, k·C, H', W').
+
+        Args:
+            estimator: a fitted ``SeparabilityPooling`` (its ``operator_``,
+                ``channel_mean_``, ``channel_scale_``, ``grid_shape_``, ``output_shape_``).
+            trainable, device, dtype: as in the constructor (dtype defaults to
+                ``torch.get_default_dtype()``).
+        """
+        if not hasattr(estimator, "operator_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError(
+                f"This {type(estimator).__name__} instance is not fitted yet (no operator_): "
+                "call fit before SeparabilityPool2d.from_estimator."
+            )
+        return cls(
+            estimator.operator_,
+            getattr(estimator, "channel_mean_", None),
+            getattr(estimator, "channel_scale_", None),
+            trainable,
+            output_shape=tuple(int(v) for v in estimator.output_shape_),
+            grid_shape=tuple(int(v) for v in estimator.grid_shape_),
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.separability_pool2d(
+            x,
+            self.operator,
+            self.output_shape,
+            self.channel_mean,
+            self.channel_scale,
+            grid_shape=self.grid_shape,
+        )
+
+    def extra_repr(self) -> str:
+        n_components, _, n_in = self.operator.shape
+        grid = "?" if self.grid_shape is None else "x".join(map(str, self.grid_shape))
+        return (
+            f"n_components={n_components}, grid_shape={grid} ({n_in} locations), "
+            f"output_shape={'x'.join(map(str, self.output_shape))}, "
+            f"channel_statistics={self.channel_mean is not None}, trainable={self.trainable}"
+        )
+
+
+class MixedMaxAvgPool2d(nn.Module):
+    r"""Global mixed max/average pooling with a learnable mix (Lee et al. 2016; a baseline of
+    Deep GMP).
+
+    .. math::
+
+        \text{out}_c = a \max_{i} x_{c,i} + (1 - a) \frac{1}{N}\sum_{i} x_{c,i},
+        \qquad a = \operatorname{sigmoid}(\omega) \in (0, 1) .
+
+    Args:
+        mix: initial weight a of max pooling, in (0, 1). Default: 0.5.
+        learnable: learn ω (an ``nn.Parameter``); otherwise a buffer. Default: True.
+        flatten: return :math:`(B, C)`; with False, :math:`(B, C, 1, 1)`. Default: True.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`, optional ``mask`` :math:`(B, H, W)` bool.
+        - Output: :math:`(B, C)`, or :math:`(B, C, 1, 1)` with ``flatten=False``.
+
+    Examples::
+
+        >>> import torch
+        >>> from skpool.nn import MixedMaxAvgPool2d
+        >>> MixedMaxAvgPool2d(mix=0.3)(torch.randn(8, 64, 7, 7)).shape
+        torch.Size([8, 64])
+    """
+
+    def __init__(
+        self,
+        mix: float = 0.5,
+        learnable: bool = True,
+        flatten: bool = True,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        mix = float(mix)
+        if not 0.0 < mix < 1.0:
+            raise ValueError(f"mix must lie in (0, 1), got {mix!r}.")
+        self.learnable = learnable
+        self.flatten = flatten
+        _register_scalar(self, "mix_logit", math.log(mix) - math.log1p(-mix), learnable,
+                         device, dtype)
+
+    @property
+    def mix(self) -> torch.Tensor:
+        """The current weight of max pooling, sigmoid(ω)."""
+        return torch.sigmoid(self.mix_logit)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.mixed_max_avg_pool2d(x, self.mix, mask, keepdim=not self.flatten)
+
+    def extra_repr(self) -> str:
+        mix = float(self.mix.detach())
+        return f"mix={mix:.4g}, learnable={self.learnable}, flatten={self.flatten}"
+
+
+class LogSumExpPool2d(nn.Module):
+    r"""Global log-sum-exp pooling with a learnable sharpness r (Pinheiro & Collobert 2015;
+    a baseline of Deep GMP).
+
+    .. math::
+
+        \text{out}_c = \frac{1}{r} \log \Big( \frac{1}{N} \sum_{i} e^{r x_{c,i}} \Big),
+        \qquad r = r_{\min} + \operatorname{softplus}(\rho) ,
+
+    average pooling as :math:`r \to 0`, max pooling as :math:`r \to \infty`. The floor
+    :math:`r_{\min} > 0` keeps r away from 0 (where the raw formula divides 0 by 0), and the
+    evaluation (see :func:`skpool.nn.functional.log_sum_exp_pool2d`) is accurate for every r.
+
+    Args:
+        r: initial sharpness, greater than ``r_min``. Default: 1.0.
+        learnable: learn ρ (an ``nn.Parameter``); otherwise a buffer. Default: True.
+        r_min: the floor of r. Default: 1e-3.
+        flatten: return :math:`(B, C)`; with False, :math:`(B, C, 1, 1)`. Default: True.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`, optional ``mask`` :math:`(B, H, W)` bool.
+        - Output: :math:`(B, C)`, or :math:`(B, C, 1, 1)` with ``flatten=False``.
+
+    Examples::
+
+        >>> import torch
+        >>> from skpool.nn import LogSumExpPool2d
+        >>> LogSumExpPool2d(r=5.0)(torch.randn(8, 64, 7, 7)).shape
+        torch.Size([8, 64])
+    """
+
+    def __init__(
+        self,
+        r: float = 1.0,
+        learnable: bool = True,
+        r_min: float = 1e-3,
+        flatten: bool = True,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        r_min = _check_positive("r_min", r_min)
+        r = _check_positive("r", r)
+        if not r > r_min:
+            raise ValueError(f"r must be greater than r_min={r_min!r}, got {r!r}.")
+        self.learnable = learnable
+        self.r_min = r_min
+        self.flatten = flatten
+        excess = r - r_min  # ρ = softplus⁻¹(excess), written to avoid overflow of expm1
+        _register_scalar(self, "r_raw", excess + math.log(-math.expm1(-excess)), learnable,
+                         device, dtype)
+
+    @property
+    def r(self) -> torch.Tensor:
+        """The current sharpness r = r_min + softplus(ρ)."""
+        return self.r_min + torch.nn.functional.softplus(self.r_raw)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.log_sum_exp_pool2d(x, self.r, mask, keepdim=not self.flatten)
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={float(self.r.detach()):.4g}, learnable={self.learnable}, r_min={self.r_min:g}, "
+            f"flatten={self.flatten}"
+        )
+
+
+def _check_positive(name: str, value) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return value
+
+
+def _check_grid(name: str, shape, n_locations: int) -> tuple[int, int]:
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 2 or shape[0] * shape[1] != n_locations:
+        raise ValueError(
+            f"{name} must be (rows, cols) with {n_locations} locations in all, got {shape}."
+        )
+    return shape
+
+
+def _copy_as_tensor(value, factory) -> torch.Tensor:
+    """A tensor copy of an array or tensor: the layer never aliases (then trains) its source."""
+    return torch.as_tensor(value).detach().to(**factory, copy=True)
+
+
+def _register_scalar(module, name, value, learnable, device, dtype):
+    """A scalar parameter (learnable) or buffer (fixed), saved in the state_dict either way."""
+    tensor = torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype())
+    if learnable:
+        module.register_parameter(name, nn.Parameter(tensor))
+    else:
+        module.register_buffer(name, tensor)
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()

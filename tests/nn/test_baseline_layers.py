@@ -1,0 +1,222 @@
+"""The Deep GMP paper's baselines: MixedMaxAvgPool2d and LogSumExpPool2d (and their functional
+forms) against float64 references, limits, masks, gradients, parametrisations, dtypes, devices,
+autocast, torch.compile and state_dict."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from torch.autograd import gradcheck, gradgradcheck
+
+from skpool.nn import LogSumExpPool2d, MixedMaxAvgPool2d
+from skpool.nn.functional import log_sum_exp_pool2d, mixed_max_avg_pool2d
+from testing_utils import DEVICES
+
+
+def mixed_reference(maps, mix):
+    flat = np.asarray(maps, dtype=np.float64).reshape(*maps.shape[:2], -1)
+    return mix * flat.max(axis=-1) + (1 - mix) * flat.mean(axis=-1)
+
+
+def lse_reference(maps, r):
+    flat = np.asarray(maps, dtype=np.float64).reshape(*maps.shape[:2], -1)
+    return (logsumexp(r * flat, axis=-1) - math.log(flat.shape[-1])) / r
+
+
+LAYERS = {
+    "mixed": (lambda **kw: MixedMaxAvgPool2d(mix=0.3, **kw), lambda m: mixed_reference(m, 0.3)),
+    "lse": (lambda **kw: LogSumExpPool2d(r=2.5, **kw), lambda m: lse_reference(m, 2.5)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_matches_float64_reference(device, dtype, name):
+    make, reference = LAYERS[name]
+    maps = np.random.default_rng(0).standard_normal((3, 4, 5, 6))
+    layer = make(device=device, dtype=dtype)
+    out = layer(torch.as_tensor(maps, dtype=dtype, device=device))
+    assert out.shape == (3, 4) and out.dtype == dtype and out.device.type == device
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(out.detach().cpu().double().numpy(), reference(maps), rtol=tol,
+                               atol=tol)
+    assert layer.__class__(flatten=False, device=device, dtype=dtype)(
+        torch.as_tensor(maps, dtype=dtype, device=device)
+    ).shape == (3, 4, 1, 1)
+
+
+def test_lse_accurate_at_small_r_in_float32():
+    """The textbook (logsumexp(r x) - log N) / r loses ~eps·log N / r; ours does not."""
+    maps = np.random.default_rng(1).standard_normal((2, 3, 8, 8))
+    x = torch.as_tensor(maps, dtype=torch.float32)
+    for r in (1e-3, 1e-2):
+        expected = lse_reference(maps, r)
+        got = log_sum_exp_pool2d(x, r).double().numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+def test_lse_limits_are_average_and_max():
+    maps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    flat = maps.flatten(2)
+    torch.testing.assert_close(log_sum_exp_pool2d(maps, 1e-8), flat.mean(-1), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        log_sum_exp_pool2d(maps, 1e6), flat.amax(-1), rtol=0, atol=math.log(16) / 1e6 * 1.01
+    )
+    # No overflow where exp(r x) overflows.
+    big = log_sum_exp_pool2d(maps.float() * 100, 50.0)
+    assert torch.isfinite(big).all()
+    torch.testing.assert_close(big.double(), flat.amax(-1) * 100, rtol=1e-6, atol=0.06)
+
+
+def test_mixed_limits_are_max_and_average():
+    maps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(mixed_max_avg_pool2d(maps, 1.0), maps.flatten(2).amax(-1))
+    torch.testing.assert_close(mixed_max_avg_pool2d(maps, 0.0), maps.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_masked_padded_batch_equals_each_image_alone(name):
+    make, _ = LAYERS[name]
+    layer = make(dtype=torch.float64)
+    rng = np.random.default_rng(2)
+    sizes = [(5, 7), (3, 4), (1, 1)]
+    images = [torch.from_numpy(rng.standard_normal((4, h, w))) for h, w in sizes]
+    padded = torch.from_numpy(rng.standard_normal((3, 4, 6, 7)) * 100)
+    mask = torch.zeros(3, 6, 7, dtype=torch.bool)
+    for b, image in enumerate(images):
+        h, w = image.shape[1:]
+        padded[b, :, :h, :w] = image
+        mask[b, :h, :w] = True
+    padded[0, 0, 5, 6] = torch.inf  # padding is ignored even where it is not finite
+    batched = layer(padded, mask=mask).detach()
+    for b, image in enumerate(images):
+        alone = layer(image[None]).detach()[0]
+        torch.testing.assert_close(batched[b], alone, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(batched).all()
+    empty = layer(padded, mask=torch.zeros_like(mask)).detach()
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_gradcheck_input_and_parameter(name, masked):
+    make, _ = LAYERS[name]
+    layer = make(dtype=torch.float64)
+    (param_name, param), = layer.named_parameters()
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 3, 3) > 0.3 if masked else None
+
+    def pool(x, value):
+        return torch.func.functional_call(layer, {param_name: value}, (x, mask))
+
+    value = param.detach().clone().requires_grad_()
+    assert gradcheck(pool, (maps, value))
+    assert gradgradcheck(pool, (maps, value))
+
+
+def test_gradcheck_functional_per_channel_coefficients():
+    torch.manual_seed(1)
+    maps = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.tensor([0.01, 1.0, 20.0], dtype=torch.float64, requires_grad=True)
+    mix = torch.tensor([[0.2], [0.9]], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(log_sum_exp_pool2d, (maps, r))
+    assert gradgradcheck(log_sum_exp_pool2d, (maps, r))
+    assert gradcheck(mixed_max_avg_pool2d, (maps, mix))
+    assert gradgradcheck(mixed_max_avg_pool2d, (maps, mix))
+
+
+def test_lse_r_has_a_floor_and_never_nan():
+    layer = LogSumExpPool2d(r=0.5, r_min=1e-3)
+    assert layer.r.item() == pytest.approx(0.5, rel=1e-6)
+    assert LogSumExpPool2d(r=1e3).r.item() == pytest.approx(1e3, rel=1e-6)  # no overflow
+    maps = torch.randn(2, 3, 4, 4, requires_grad=True)
+    for raw in (-1e4, -50.0, 50.0, 1e4):
+        with torch.no_grad():
+            layer.r_raw.fill_(raw)
+        assert layer.r.item() >= 1e-3 and math.isfinite(layer.r.item())
+        out = layer(maps)
+        grad_x, grad_raw = torch.autograd.grad(out.sum(), (maps, layer.r_raw))
+        assert torch.isfinite(out).all() and torch.isfinite(grad_x).all()
+        assert torch.isfinite(grad_raw)
+    with torch.no_grad():
+        layer.r_raw.fill_(-1e4)
+    torch.testing.assert_close(layer(maps), maps.mean(dim=(2, 3)), rtol=0, atol=1e-2)
+
+
+def test_mix_stays_in_unit_interval():
+    layer = MixedMaxAvgPool2d(mix=0.25)
+    assert layer.mix.item() == pytest.approx(0.25, rel=1e-6)
+    maps = torch.randn(2, 3, 4, 4)
+    for logit in (-1e4, 1e4):
+        with torch.no_grad():
+            layer.mix_logit.fill_(logit)
+        assert 0.0 <= layer.mix.item() <= 1.0
+        assert torch.isfinite(layer(maps)).all()
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: MixedMaxAvgPool2d(mix=0.0), "mix"),
+        (lambda: MixedMaxAvgPool2d(mix=1.5), "mix"),
+        (lambda: LogSumExpPool2d(r=0.0), "r"),
+        (lambda: LogSumExpPool2d(r=1e-4, r_min=1e-3), "r_min"),
+        (lambda: LogSumExpPool2d(r_min=-1.0), "r_min"),
+        (lambda: log_sum_exp_pool2d(torch.randn(1, 2, 2, 2), -1.0), "r"),
+        (lambda: mixed_max_avg_pool2d(torch.randn(1, 2, 2, 2), 2.0), "mix"),
+        (lambda: log_sum_exp_pool2d(torch.randn(2, 2, 2), 1.0), r"\(B, C, H, W\)"),
+    ],
+)
+def test_invalid_arguments_raise(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_fixed_parameters_are_buffers():
+    for layer in (MixedMaxAvgPool2d(learnable=False), LogSumExpPool2d(learnable=False)):
+        assert list(layer.parameters()) == [] and len(layer.state_dict()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_autocast_compile_and_state_dict(name):
+    make, _ = LAYERS[name]
+    layer = make()
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 8, 3)
+    images = torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = conv(images)
+        low = layer(maps)
+    assert maps.dtype == torch.bfloat16 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(low, layer(maps.float()).to(torch.bfloat16))
+
+    x = torch.randn(2, 8, 4, 4)
+    mask = torch.rand(2, 4, 4) > 0.2
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, mask), layer(x, mask))
+    torch._dynamo.reset()
+
+    with torch.no_grad():
+        next(layer.parameters()).add_(0.3)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = make()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_extra_repr():
+    assert repr(MixedMaxAvgPool2d(mix=0.3)) == (
+        "MixedMaxAvgPool2d(mix=0.3, learnable=True, flatten=True)"
+    )
+    assert repr(LogSumExpPool2d(r=2.0, flatten=False)) == (
+        "LogSumExpPool2d(r=2, learnable=True, r_min=0.001, flatten=False)"
+    )

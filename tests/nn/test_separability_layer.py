@@ -1,0 +1,220 @@
+"""SeparabilityPool2d and separability_pool2d: numbers against a float64 reference and against
+SeparabilityPooling.transform, gradients, buffers vs parameters, errors, state_dict."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+from torch.autograd import gradcheck, gradgradcheck
+
+from skpool import SeparabilityPooling
+from skpool.nn import SeparabilityPool2d
+from skpool.nn.functional import separability_pool2d
+from testing_utils import DEVICES
+
+
+def separability_reference(maps, operator, mean=None, scale=None, output_shape=None):
+    """Slow float64 reference with explicit loops: (B, C, H, W) -> (B, k*C, H', W')."""
+    maps = np.asarray(maps, dtype=np.float64)
+    batch, channels = maps.shape[:2]
+    n_components, n_out, _ = operator.shape
+    mean = np.zeros(channels) if mean is None else mean
+    scale = np.ones(channels) if scale is None else scale
+    out = np.empty((batch, n_components * channels, n_out))
+    for b in range(batch):
+        for c in range(channels):
+            g = (maps[b, c].reshape(-1) - mean[c]) / scale[c]
+            for j in range(n_components):
+                for m in range(n_out):
+                    out[b, j * channels + c, m] = operator[j, m] @ g * scale[c] + mean[c]
+    return out.reshape(batch, n_components * channels, *output_shape)
+
+
+def random_layer_inputs(seed=0, n_components=2, channels=3, grid=(4, 5), out=(2, 3)):
+    rng = np.random.default_rng(seed)
+    operator = rng.standard_normal((n_components, out[0] * out[1], grid[0] * grid[1]))
+    mean = rng.standard_normal(channels)
+    scale = rng.uniform(0.5, 2.0, channels)
+    maps = rng.standard_normal((2, channels, *grid)) * 3 + 1
+    return maps, operator, mean, scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_matches_float64_reference(device, dtype, with_stats):
+    maps, operator, mean, scale = random_layer_inputs()
+    if not with_stats:
+        mean = scale = None
+    layer = SeparabilityPool2d(
+        operator, mean, scale, output_shape=(2, 3), grid_shape=(4, 5), device=device, dtype=dtype
+    )
+    out = layer(torch.as_tensor(maps, dtype=dtype, device=device))
+    assert out.shape == (2, 6, 2, 3) and out.dtype == dtype and out.device.type == device
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(
+        out.cpu().double().numpy(),
+        separability_reference(maps, operator, mean, scale, (2, 3)),
+        rtol=tol,
+        atol=tol,
+    )
+
+
+def test_output_keeps_input_dtype():
+    maps, operator, mean, scale = random_layer_inputs()
+    layer = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3))  # float32 buffers
+    assert layer(torch.from_numpy(maps)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"stride": 2},
+        {"stride": 2, "n_components": 2, "normalize_channels": False, "norm": "l1"},
+        {"output_shape": (2, 2), "dtype": "float32"},
+    ],
+)
+def test_from_estimator_equals_transform(dtype, params):
+    """Channels-first layer on x == channels-last estimator.transform on x.permute(0, 2, 3, 1)."""
+    rng = np.random.default_rng(3)
+    labels = np.arange(40) % 3
+    maps_last = (rng.standard_normal((40, 6, 5, 4)) + labels[:, None, None, None]).astype(dtype)
+    estimator = SeparabilityPooling(alpha=0.5, device="cpu", **params).fit(maps_last, labels)
+    expected = estimator.transform(maps_last)  # (n, H', W', k*C)
+    torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+    layer = SeparabilityPool2d.from_estimator(estimator, dtype=torch_dtype)
+    assert isinstance(layer.operator, torch.Tensor) and not layer.trainable
+    got = layer(torch.from_numpy(maps_last).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
+def test_from_estimator_refuses_an_unfitted_estimator():
+    with pytest.raises(NotFittedError, match="fit"):
+        SeparabilityPool2d.from_estimator(SeparabilityPooling())
+
+
+def test_from_estimator_trainable_does_not_alias_the_estimator():
+    rng = np.random.default_rng(4)
+    labels = np.arange(20) % 2
+    maps_last = rng.standard_normal((20, 4, 4, 2)) + labels[:, None, None, None]
+    estimator = SeparabilityPooling(device="cpu").fit(maps_last, labels)
+    saved = estimator.operator_.copy()
+    layer = SeparabilityPool2d.from_estimator(estimator, trainable=True, dtype=torch.float64)
+    assert {name for name, _ in layer.named_parameters()} == {
+        "operator", "channel_mean", "channel_scale"
+    }
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.from_numpy(maps_last).permute(0, 3, 1, 2)).square().sum().backward()
+    optimizer.step()
+    assert not np.allclose(layer.operator.detach().numpy(), saved)
+    np.testing.assert_array_equal(estimator.operator_, saved)
+
+
+def test_buffers_by_default_parameters_when_trainable():
+    _, operator, mean, scale = random_layer_inputs()
+    frozen = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3))
+    assert list(frozen.parameters()) == []
+    assert set(frozen.state_dict()) == {"operator", "channel_mean", "channel_scale"}
+    trainable = SeparabilityPool2d(operator, mean, scale, trainable=True, output_shape=(2, 3))
+    assert {name for name, _ in trainable.named_parameters()} == set(frozen.state_dict())
+    no_stats = SeparabilityPool2d(operator, output_shape=(2, 3), trainable=True)
+    assert set(no_stats.state_dict()) == {"operator"}
+
+
+def test_gradcheck_input_operator_and_statistics():
+    maps, operator, mean, scale = random_layer_inputs(n_components=2, grid=(2, 3), out=(1, 2))
+    tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True)
+               for a in (maps, operator, mean, scale)]
+
+    def pool(x, op, mu, sigma):
+        return separability_pool2d(x, op, (1, 2), mu, sigma)
+
+    assert gradcheck(pool, tensors)
+    assert gradgradcheck(pool, tensors)
+
+
+def test_gradcheck_through_trainable_module():
+    maps, operator, mean, scale = random_layer_inputs(n_components=1, grid=(2, 2), out=(1, 1))
+    layer = SeparabilityPool2d(
+        operator, mean, scale, trainable=True, output_shape=(1, 1), dtype=torch.float64
+    )
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.tensor(maps, requires_grad=True)
+
+    def pool(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    assert gradcheck(pool, (x, *params))
+    assert gradgradcheck(pool, (x, *params))
+
+
+def test_wrong_grid_raises_clear_error():
+    maps, operator, mean, scale = random_layer_inputs(grid=(4, 5))
+    layer = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3), grid_shape=(4, 5))
+    with pytest.raises(ValueError, match="fitted on a 4x5 grid; got input of spatial size 5x4"):
+        layer(torch.randn(2, 3, 5, 4))  # same number of locations, another grid
+    with pytest.raises(ValueError, match="20 locations.*6x6"):
+        SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3))(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="fitted on 3 channels.*4 channels"):
+        layer(torch.randn(2, 4, 4, 5))
+
+
+def test_invalid_construction_raises():
+    _, operator, mean, scale = random_layer_inputs()
+    with pytest.raises(ValueError, match="output_shape"):
+        SeparabilityPool2d(operator, output_shape=(3, 3))
+    with pytest.raises(ValueError, match="grid_shape"):
+        SeparabilityPool2d(operator, output_shape=(2, 3), grid_shape=(4, 4))
+    with pytest.raises(ValueError, match="both"):
+        SeparabilityPool2d(operator, mean, output_shape=(2, 3))
+    with pytest.raises(ValueError, match=r"\(C,\)"):
+        SeparabilityPool2d(operator, mean, scale[:2], output_shape=(2, 3))
+    with pytest.raises(ValueError, match=r"\(k, M, N\)"):
+        SeparabilityPool2d(operator[0], output_shape=(2, 3))
+    with pytest.raises(TypeError):
+        SeparabilityPool2d(operator)  # output_shape is required
+
+
+def test_state_dict_round_trip():
+    maps, operator, mean, scale = random_layer_inputs()
+    layer = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3), grid_shape=(4, 5))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = SeparabilityPool2d(
+        np.zeros_like(operator), np.zeros(3), np.ones(3), output_shape=(2, 3), grid_shape=(4, 5)
+    )
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.as_tensor(maps, dtype=torch.float32)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_autocast_cpu_bfloat16_and_compile():
+    maps, operator, mean, scale = random_layer_inputs()
+    layer = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3), grid_shape=(4, 5))
+    x = torch.as_tensor(maps, dtype=torch.float32)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05 * expected.abs().max())
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected)
+    torch._dynamo.reset()
+
+
+def test_extra_repr():
+    _, operator, mean, scale = random_layer_inputs()
+    text = repr(SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3), grid_shape=(4, 5)))
+    assert text == (
+        "SeparabilityPool2d(n_components=2, grid_shape=4x5 (20 locations), output_shape=2x3, "
+        "channel_statistics=True, trainable=False)"
+    )
