@@ -1,0 +1,51 @@
+"""Smoke tests of the examples that make pictures and drive the command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a module (its sibling imports resolved)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module
+
+
+def test_plots_example_saves_three_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    load_example("plots").main(out=tmp_path / "pictures", device="cpu")
+    names = sorted(p.name for p in (tmp_path / "pictures").iterdir())
+    assert names == ["gmp_weights_bursty.png", "gmp_weights_digits.png", "operator.png"]
+    for name in names:
+        data = (tmp_path / "pictures" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+    assert capsys.readouterr().out.count(".png") == 3
+
+
+@pytest.mark.slow
+def test_cli_demo_runs(tmp_path):
+    if shutil.which("bash") is None or shutil.which("skpool") is None:
+        pytest.fail("the CLI demo needs bash and the installed 'skpool' script (pip install .)")
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "cli_demo.sh"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "separability pooling" in done.stdout and "3-fold CV accuracy" in done.stdout
+    for name in ("model.npz", "train_pooled.npz", "test_pooled.npz", "gmp.npy"):
+        assert (tmp_path / name).exists()
