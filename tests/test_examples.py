@@ -49,3 +49,32 @@ def test_cli_demo_runs(tmp_path):
     assert "separability pooling" in done.stdout and "3-fold CV accuracy" in done.stdout
     for name in ("model.npz", "train_pooled.npz", "test_pooled.npz", "gmp.npy"):
         assert (tmp_path / name).exists()
+
+
+def _run_example(*args: str, timeout: int = 300) -> str:
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_main_demo_runs():
+    out = _run_example("demo.py", "--device", "cpu")
+    assert "generalized max pooling" in out and "separability" in out.lower()
+    assert out.count("accuracy") >= 4
+
+
+@pytest.mark.slow
+def test_table1_protocol_runs_in_miniature():
+    out = _run_example(
+        "table1_digits.py", "--seeds", "1", "--epochs", "1", "--train-size", "100", "--device", "cpu"
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "±" in line]
+    assert len(rows) == 7
