@@ -74,10 +74,10 @@ def main():
         f"digits, {args.train_size} training images, {len(X) - args.train_size} test images, "
         f"{args.epochs} epochs, {args.seeds} seeds ({time.perf_counter() - start:.0f} s)"
     )
-    print(f"| {'model':<28} | test error (%) |")
-    print(f"| {'-' * 28} | -------------- |")
+    print(f"| {'model':<30} | test error (%) |")
+    print(f"| {'-' * 30} | -------------- |")
     for name, values in errors.items():
-        print(f"| {name:<28} | {np.mean(values):5.2f} ± {np.std(values):4.2f}  |")
+        print(f"| {name:<30} | {np.mean(values):5.2f} ± {np.std(values):4.2f}  |")
 
 
 if __name__ == "__main__":

@@ -225,3 +225,13 @@ def test_saved_operator_is_a_plain_record():
     assert (saved.n_components, saved.n_channels) == (2, 3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         saved.operator = None  # frozen
+
+
+def test_torch_only_program_does_not_import_sklearn(tmp_path):
+    """skpool.nn and skpool.io load without scikit-learn (the estimators are imported lazily)."""
+    import subprocess
+    import sys
+
+    code = "import sys, skpool.nn, skpool.io; assert 'sklearn' not in sys.modules, 'sklearn imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
