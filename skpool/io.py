@@ -302,6 +302,15 @@ def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> SavedOperator:
         problems.append(
             f"channel_mean {mean.shape} and channel_scale {scale.shape} must both be (C,)"
         )
+    elif mean.dtype.kind != "f" or scale.dtype.kind != "f":
+        problems.append(
+            f"channel_mean and channel_scale must be float arrays, got {mean.dtype} and "
+            f"{scale.dtype}"
+        )
+    elif not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
+        problems.append("channel_mean must be finite and channel_scale finite and > 0")
+    if operator.dtype.kind == "f" and not np.isfinite(operator).all():
+        problems.append("operator contains NaN or infinity")
     if problems:
         raise OperatorFileError(f"{path}: inconsistent operator file: {'; '.join(problems)}.")
     try:

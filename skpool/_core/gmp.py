@@ -35,6 +35,9 @@ __all__ = [
 #: ``eps32 * (trace(G) + lam) / lam`` on their relative error exceeds this tolerance.
 AUTO_REFINE_TOLERANCE = 1e-5
 _MAX_AUTO_STEPS = 5
+#: With ``refine_steps="auto"``, samples whose last refinement step still corrected the solution
+#: by more than this (relative) did not converge; they are solved again in float64.
+_REFINE_FAILED = 10 * AUTO_REFINE_TOLERANCE
 
 
 def lengths_to_mask(lengths: torch.Tensor, n_locations: int) -> torch.Tensor:
@@ -61,7 +64,9 @@ def generalized_max_pool(
         The ridge :math:`\lambda > 0`, in the units of a squared descriptor norm: with
         ``lam << mean ||phi||^2`` every descriptor's similarity to the result is equalised
         (the "max-pooling-like" regime), with ``lam >> mean ||phi||^2`` the result points like
-        sum pooling. A tensor ``lam`` may require grad (the deep layer learns it).
+        sum pooling. A tensor ``lam`` may require grad (the deep layer learns it). A value
+        that is not finite and positive raises ValueError (checked in the same device
+        synchronisation as the overflow check below, so not while :mod:`torch.compile` traces).
     normalize : bool, default=True
         Divide each pooled vector by its l2 norm; a zero vector (e.g. all-zero descriptors)
         stays zero, never NaN, and its gradient stays finite.
@@ -77,7 +82,11 @@ def generalized_max_pool(
         float64 copy of the batch and two float64 passes over it per step. ``"auto"`` refines
         only batches whose error bound ``q = eps32 * (trace(G) + lam) / lam`` exceeds
         :data:`AUTO_REFINE_TOLERANCE`, with the fewest steps k such that ``q**(k+1)`` is below
-        it (at most 5; one device synchronisation). Ignored for float64.
+        it (at most 5; one device synchronisation). Samples whose last refinement step still
+        changed the solution by more than ``10 * AUTO_REFINE_TOLERANCE`` (relative) did not
+        converge (``cond(G) * eps32`` near 1 or above, e.g. nearly rank-deficient descriptors
+        at a small ``lam``) and are solved again in float64 (one more synchronisation).
+        Ignored for float64.
 
     Returns
     -------
@@ -120,8 +129,21 @@ def generalized_max_pool(
         lam = lam.double().reshape(-1).expand(batch)
 
         xi, trouble = _solve(phi, target, lam, normalize, refine_steps, robust=False)
-        if not torch.compiler.is_compiling() and bool(trouble.any()):
-            xi = _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps)
+        if not torch.compiler.is_compiling():
+            invalid_lam = ~(torch.isfinite(lam) & (lam > 0))
+            if bool((trouble | invalid_lam).any()):  # one device synchronisation for both
+                if bool(invalid_lam.any()):
+                    raise ValueError(
+                        "lam must be finite and > 0; got a tensor lam with values "
+                        f"{lam[invalid_lam].detach().cpu().tolist()[:5]}."
+                    )
+                if torch.is_grad_enabled() and (phi.requires_grad or lam.requires_grad):
+                    # The troubled samples' first solve holds inf or NaN: even under a zero
+                    # gradient its backward gives NaN (0 * inf). Solve the batch again without
+                    # them (zero descriptors are finite and differentiable), then replace them.
+                    clean = phi.masked_fill(trouble[:, None, None], 0.0)
+                    xi, _ = _solve(clean, target, lam, normalize, refine_steps, robust=False)
+                xi = _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps)
     return xi.to(out_dtype)
 
 
@@ -172,9 +194,16 @@ def _solve(
     steps = refine_steps
     if steps == "auto":
         bound = finfo.eps * (diag.sum(dim=1).double() / scale2 + ridge) / ridge
+        bound = bound.masked_fill(trouble, 0.0)  # troubled samples are solved again, rescaled
         steps = _auto_steps(float(bound.max()) if bound.numel() else 0.0)
     if steps and dtype != torch.float64:
-        xi = _refine(phi, target, ridge * scale2, factor, solution, dual, steps)
+        xi, last = _refine(phi, target, ridge * scale2, factor, solution, dual, steps)
+        if refine_steps == "auto":  # refinement that did not converge: solve in float64
+            failed = ~(last <= _REFINE_FAILED) & ~trouble
+            if bool(failed.any()):
+                index = failed.nonzero()[:, 0]
+                fixed = _solve_float64(phi[index], target[index], (ridge * scale2)[index], dual)
+                xi = xi.index_copy(0, index, fixed)
     else:
         xi = _weighted_sum(phi, solution) if dual else solution
 
@@ -191,7 +220,7 @@ def _auto_steps(error_bound: float) -> int:
     """Refinement steps that bring a first error ``q`` below the tolerance: q**(k+1) <= tol."""
     if error_bound <= AUTO_REFINE_TOLERANCE:
         return 0
-    if error_bound >= 0.5:
+    if not error_bound < 0.5:  # also NaN: refine as much as allowed rather than crash
         return _MAX_AUTO_STEPS
     needed = math.ceil(math.log(AUTO_REFINE_TOLERANCE) / math.log(error_bound)) - 1
     return min(max(needed, 1), _MAX_AUTO_STEPS)
@@ -203,7 +232,13 @@ def _weighted_sum(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def _refine(phi, target, ridge, factor, solution, dual, steps):
-    """Mixed-precision iterative refinement of the ridge system (see the docstring)."""
+    """Mixed-precision iterative refinement of the ridge system (see the docstring).
+
+    Returns the refined (B, C) vectors and, per sample (B,), the size of the last correction
+    relative to the solution: small once the refinement has converged (or stagnates at the
+    rounding level), large where it does not converge (cond(G) * eps of the factor's dtype near
+    1 or above, e.g. a nearly rank-deficient Gram matrix at a small ridge).
+    """
     phi64 = phi.double()
     ridge = ridge[:, None]
     rhs = target.double() if dual else _weighted_sum(phi64, target.double())
@@ -215,8 +250,25 @@ def _refine(phi, target, ridge, factor, solution, dual, steps):
             applied = _weighted_sum(phi64, (phi64 @ current[:, :, None])[..., 0])
         residual = rhs - applied - ridge * current
         correction = torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)
-        current = current + correction[..., 0].double()
+        step = correction[..., 0].double()
+        current = current + step
+    size = torch.linalg.vector_norm(current, dim=1)
+    last = torch.linalg.vector_norm(step, dim=1) / torch.where(size > 0, size, 1.0)
     xi = _weighted_sum(phi64, current) if dual else current
+    return xi.to(phi.dtype), last
+
+
+def _solve_float64(phi, target, ridge, dual):
+    """The unrefined ridge solution (B, C) computed in float64 (for samples whose float32
+    refinement did not converge), returned in the dtype of ``phi``."""
+    phi64 = phi.double()
+    phi64_t = phi64.transpose(1, 2)
+    system = phi64 @ phi64_t if dual else phi64_t @ phi64
+    system.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+    factor, _ = torch.linalg.cholesky_ex(system)
+    rhs = target.double() if dual else _weighted_sum(phi64, target.double())
+    solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+    xi = _weighted_sum(phi64, solution) if dual else solution
     return xi.to(phi.dtype)
 
 

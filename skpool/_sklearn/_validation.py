@@ -262,6 +262,10 @@ def _check_tensor(X: torch.Tensor, grid_shape) -> FeatureStacks:
 
 
 def _check_ragged(X) -> FeatureStacks:
+    for i, sample in enumerate(X):
+        if not isinstance(sample, (np.ndarray, torch.Tensor)) or sample.ndim != 2:
+            shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
+            raise ValueError(f"Stack {i} must be a 2-D (N_i, C) array, got {shape}.")
     channels = {sample.shape[1] for sample in X}
     if len(channels) > 1:
         raise ValueError(
@@ -269,8 +273,6 @@ def _check_ragged(X) -> FeatureStacks:
         )
     dtypes = set()
     for i, sample in enumerate(X):
-        if sample.ndim != 2:
-            raise ValueError(f"Stack {i} must be 2-D (N_i, C), got shape {tuple(sample.shape)}.")
         if isinstance(sample, torch.Tensor):
             dtypes.add(_torch_compute_dtype(sample.dtype))
         else:

@@ -17,6 +17,10 @@ float32. Labels are integer class indices ``0 .. n_classes - 1`` (skorch's conve
 
 from __future__ import annotations
 
+import inspect
+import math
+from numbers import Real
+
 import numpy as np
 import torch
 from skorch import NeuralNetClassifier
@@ -34,12 +38,18 @@ def check_images(X) -> np.ndarray | torch.Tensor:
     if isinstance(X, Dataset | torch.utils.data.Dataset):
         return X
     if isinstance(X, torch.Tensor):
+        if X.is_complex():
+            raise TypeError(
+                f"Images must be real numbers (float, int or bool), got dtype {X.dtype}."
+            )
         images = X.detach().to(torch.float32)
         finite = bool(torch.isfinite(images).all())
     else:
         images = np.asarray(X)
         if images.dtype.kind not in "fiub":
-            raise TypeError(f"Images must be numeric, got dtype {images.dtype}.")
+            raise TypeError(
+                f"Images must be real numbers (float, int or bool), got dtype {images.dtype}."
+            )
         images = images.astype(np.float32, copy=False)
         finite = bool(np.isfinite(images).all())
     if images.ndim not in (3, 4):
@@ -117,8 +127,20 @@ class PoolingCNNClassifier(NeuralNetClassifier):
     def fit(self, X, y=None, **fit_params):
         X = check_images(X)
         if y is not None:
-            y = _check_labels(y, len(X))
+            y = _check_labels(y, len(X), self._n_classes())
         return super().fit(X, y, **fit_params)
+
+    def _n_classes(self) -> int | None:
+        """The module's number of outputs (``module__n_classes`` or its default), if known."""
+        n_classes = self.get_params_for("module").get("n_classes")
+        if n_classes is None:
+            try:
+                parameter = inspect.signature(self.module).parameters.get("n_classes")
+            except (TypeError, ValueError):  # a module instance, or no signature
+                parameter = None
+            if parameter is not None and parameter.default is not inspect.Parameter.empty:
+                n_classes = parameter.default
+        return None if n_classes is None else int(n_classes)
 
 
 class DGMPClassifier(PoolingCNNClassifier):
@@ -141,6 +163,9 @@ class DGMPClassifier(PoolingCNNClassifier):
         self.lam_lr_factor = lam_lr_factor
 
     def initialize_optimizer(self, *args, **kwargs):
+        factor = self.lam_lr_factor
+        if not (isinstance(factor, Real) and math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"lam_lr_factor must be a finite number >= 0, got {factor!r}.")
         named = list(self.get_all_learnable_params())
         lam_params = [param for name, param in named if name.endswith("log_lam")]
         others = [(name, param) for name, param in named if not name.endswith("log_lam")]
@@ -212,7 +237,7 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
 
         self._check_procedure_params()
         X = check_images(X)
-        y = _check_labels(y, len(X))
+        y = _check_labels(y, len(X), self._n_classes())
         baseline = PoolingCNNClassifier(**self._baseline_params()).fit(X, y, **fit_params)
         maps = _stage_maps(baseline.module_, X, self.stage, self.batch_size, baseline.device)
         separability = SeparabilityPooling(
@@ -264,6 +289,8 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
 
     def _check_procedure_params(self):
         n_stages = self.get_params_for("module").get("n_stages", N_STAGES)
+        if int(n_stages) < 1:
+            raise ValueError(f"n_stages must be >= 1, got {n_stages}.")
         if not (isinstance(self.stage, int | np.integer) and 0 <= self.stage < n_stages):
             raise ValueError(f"stage must be an integer in 0..{n_stages - 1}, got {self.stage!r}.")
         if self.baseline_pooling not in ("avg", "max"):
@@ -272,9 +299,15 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
             )
         if self.retrain not in ("scratch", "finetune"):
             raise ValueError(f"retrain must be 'scratch' or 'finetune', got {self.retrain!r}.")
+        from .. import SeparabilityPooling
+
+        # alpha, norm and n_components are the estimator's: check them before any training.
+        SeparabilityPooling(
+            alpha=self.alpha, norm=self.norm, n_components=self.n_components
+        )._validate_params()
 
 
-def _check_labels(y, n_samples) -> np.ndarray:
+def _check_labels(y, n_samples, n_classes=None) -> np.ndarray:
     if y is None:
         raise ValueError("y is required: integer class indices of the images.")
     labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
@@ -287,6 +320,15 @@ def _check_labels(y, n_samples) -> np.ndarray:
         raise ValueError(
             f"y must hold integer class indices 0..n_classes-1 (skorch's convention), got "
             f"dtype {labels.dtype}; encode labels with sklearn.preprocessing.LabelEncoder."
+        )
+    if len(labels) and (
+        labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes)
+    ):
+        bound = "n_classes-1" if n_classes is None else str(n_classes - 1)
+        raise ValueError(
+            f"y must hold class indices 0..{bound}, got labels from {labels.min()} to "
+            f"{labels.max()}; set module__n_classes to the number of classes, or encode labels "
+            "with sklearn.preprocessing.LabelEncoder."
         )
     return labels.astype(np.int64, copy=False)
 

@@ -228,6 +228,10 @@ def _check_maps(x: torch.Tensor, mask: torch.Tensor | None) -> None:
         raise ValueError(f"x must have shape (B, C, H, W), got a {x.ndim}-D tensor.")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}.")
+    if x.shape[2] * x.shape[3] == 0:
+        raise ValueError(
+            f"x has no locations to pool: its spatial size is {x.shape[2]}x{x.shape[3]}."
+        )
     if mask is not None:
         batch, _, height, width = x.shape
         if mask.dtype != torch.bool or mask.shape != (batch, height, width):

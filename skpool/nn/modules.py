@@ -137,9 +137,10 @@ class SeparabilityPool2d(nn.Module):
     or from saved arrays. It replaces a strided pooling layer of a network.
 
     Args:
-        operator: array or tensor of shape :math:`(k, M, N)`.
+        operator: array or tensor of shape :math:`(k, M, N)`, real and finite.
         channel_mean: array or tensor of shape :math:`(C,)`, or None (no normalisation).
-        channel_scale: array or tensor of shape :math:`(C,)`; with ``channel_mean``.
+        channel_scale: array or tensor of shape :math:`(C,)`, positive; with
+            ``channel_mean``.
         trainable: hold the operator and statistics as ``nn.Parameter`` (fine-tuning);
             by default they are buffers (frozen, but saved in ``state_dict`` and moved by
             ``.to()``). Default: False.
@@ -180,7 +181,7 @@ class SeparabilityPool2d(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
-        operator = _copy_as_tensor(operator, factory)
+        operator = _copy_as_tensor(operator, factory, "operator")
         if operator.ndim != 3:
             raise ValueError(f"operator must have shape (k, M, N), got {tuple(operator.shape)}.")
         self.output_shape = _check_grid("output_shape", output_shape, operator.shape[1])
@@ -191,7 +192,7 @@ class SeparabilityPool2d(nn.Module):
             raise ValueError("Give both channel_mean and channel_scale, or neither.")
         stats = {"channel_mean": channel_mean, "channel_scale": channel_scale}
         if channel_mean is not None:
-            stats = {name: _copy_as_tensor(stat, factory) for name, stat in stats.items()}
+            stats = {name: _copy_as_tensor(stat, factory, name) for name, stat in stats.items()}
             if stats["channel_mean"].ndim != 1 or (
                 stats["channel_scale"].shape != stats["channel_mean"].shape
             ):
@@ -199,6 +200,11 @@ class SeparabilityPool2d(nn.Module):
                     "channel_mean and channel_scale must both have shape (C,), got "
                     f"{tuple(stats['channel_mean'].shape)} and "
                     f"{tuple(stats['channel_scale'].shape)}."
+                )
+            if not bool((stats["channel_scale"] > 0).all()):
+                raise ValueError(
+                    "channel_scale must be > 0 everywhere (a fitted scale is 1 for a constant "
+                    "channel); it divides the input."
                 )
         self.trainable = trainable
         for name, value in {"operator": operator, **stats}.items():
@@ -400,9 +406,16 @@ def _check_grid(name: str, shape, n_locations: int) -> tuple[int, int]:
     return shape
 
 
-def _copy_as_tensor(value, factory) -> torch.Tensor:
-    """A tensor copy of an array or tensor: the layer never aliases (then trains) its source."""
-    return torch.as_tensor(value).detach().to(**factory, copy=True)
+def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
+    """A real, finite tensor copy of an array or tensor: the layer never aliases (then trains)
+    its source."""
+    tensor = torch.as_tensor(value).detach()
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real, got {tensor.dtype}.")
+    tensor = tensor.to(**factory, copy=True)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinity.")
+    return tensor
 
 
 def _register_scalar(module, name, value, learnable, device, dtype):
