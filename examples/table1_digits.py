@@ -47,7 +47,9 @@ def models(seed: int, epochs: int, device: str):
         "global max": PoolingCNNClassifier(module__global_pool="max", **common),
         "global mixed max/avg": PoolingCNNClassifier(module__global_pool="mixed", **common),
         "global log-sum-exp": PoolingCNNClassifier(module__global_pool="lse", **common),
-        "global DGMP (λ0=10)": DGMPClassifier(module__lam=10.0, lam_lr_factor=10.0, **common),
+        "global DGMP (λ0=1e3, learned)": DGMPClassifier(
+            module__lam=1e3, lam_lr_factor=100.0, **common
+        ),
     }
 
 
