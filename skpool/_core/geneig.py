@@ -30,6 +30,32 @@ iteration for the top k was tried and rejected: on random features (N = 1024, r 
 eigenvalues lie within a few percent of each other, and after 12 block steps (52 vectors) the
 top vector was still off by up to 0.16.
 
+Truncated support (opt-in, for large grids)
+    With ``support_radius`` ρ, row m may only weigh the :math:`N_m` input locations within
+    distance ρ of its centre (:math:`\{n : C_m[n, n] \le \rho^2\}`): the same generalised
+    eigenproblem restricted to that support, :math:`A_S p_S = \mu (B_S + \alpha C_{m,S}) p_S`,
+    with :math:`A_S = D_S D_S^\top`. Every location's sub-blocks of D, B and C_m are gathered with
+    index tensors, padded to the largest support :math:`n = \max_m N_m` (padding decoupled:
+    identity in B, zero in D), solved in one batch exactly as above with n in place of N, and
+    scattered back into the (k, M, N) operator with exact zeros outside the support. The cost per
+    location drops from :math:`O(N^3)` to :math:`O(n^3)`; a radius that covers the whole grid
+    gives the exact operator. The truncated row is the best row on its support, so its ratio is
+    at most the exact one. How close it is depends on α: where :math:`\alpha\,d^2` dominates B
+    the exact row decays like :math:`1/d^2` with the distance d to the centre, so with a large
+    α the angle to the exact row falls about like 1/ρ (on a 16×16 grid with α = 1000:
+    0.058 rad at most for ρ = 6, 0.037 for ρ = 8), while with a small α the exact rows are
+    spread over the grid and truncation changes them (``benchmarks/bench_large_grid.py``).
+
+Memory budget
+    Locations are solved in chunks of ``max(1, max_memory_bytes // per_location)``, where
+    ``per_location`` bounds the work matrices of one location (``_bytes_per_location``): n×n
+    systems and factors, n×r whitened factors, r×r or n×n eigenproblems and their LAPACK
+    workspace, and, for a truncated support, the float64 sub-blocks behind the ratios. The
+    output (k, M, N), the costs (M, N), the statistics (N×N, N×r) and the float64 copy of B
+    that the ratios of an exact float32 solve use are not part of the budget: they are the
+    problem's own size. ``tests/core/test_scale.py`` tracks every tensor the solve allocates
+    and ``benchmarks/bench_memory.py`` the process's resident memory against the budget.
+
 Singular systems
     B is singular when there are fewer samples than locations (:math:`K\,C < N`), at dead
     (constant) locations, and :math:`\alpha C_m` does not help at the centre of a cell that sits
@@ -37,10 +63,11 @@ Singular systems
     ridge :math:`\delta_m I` with :math:`\delta_m = \rho \cdot \mathrm{tr}(B_m)/N`, where the
     relative ridge :math:`\rho` defaults to :math:`N\,\epsilon` of the solve's dtype (the size of
     the Cholesky rounding error, so well-conditioned systems are unchanged to working precision:
-    :math:`5\cdot10^{-15}` relative in float64 and :math:`3\cdot10^{-6}` in float32 for N = 25).
-    Locations whose factorisation still fails are factored again with :math:`\rho` multiplied by
-    100 until it succeeds. A direction with no within-class variance then gets a finite ratio of
-    order :math:`1/\rho` instead of a crash or NaN.
+    :math:`5\cdot10^{-15}` relative in float64 and :math:`3\cdot10^{-6}` in float32 for N = 25;
+    on a truncated support N is the support's size :math:`N_m`). Locations whose factorisation
+    still fails are factored again with :math:`\rho` multiplied by 100 until it succeeds. A
+    direction with no within-class variance then gets a finite ratio of order :math:`1/\rho`
+    instead of a crash or NaN.
 """
 
 from __future__ import annotations
@@ -48,6 +75,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from .grid import inside_radius, support_within_radius
 
 __all__ = [
     "top_generalized_eigenvectors",
@@ -72,6 +101,7 @@ def top_generalized_eigenvectors(
     norm: Literal["l1", "l2"] = "l2",
     method: Literal["auto", "low_rank", "full"] = "auto",
     ridge: float | None = None,
+    support_radius: float | None = None,
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Top-k generalised eigenvectors of :math:`(A, B + \alpha C_m)` for every location m.
@@ -94,14 +124,20 @@ def top_generalized_eigenvectors(
         :math:`\sum_i p_i \ge 0` (ties, :math:`\sum_i p_i = 0`, make the entry of largest
         magnitude positive).
     method : {"auto", "low_rank", "full"}, default="auto"
-        The route (module docstring). ``"low_rank"`` needs ``k <= r``.
+        The route (module docstring). ``"low_rank"`` needs ``k <= r``; ``"auto"`` takes it when
+        r is below the size of the systems (N, or the largest support).
     ridge : float, optional
-        The relative ridge :math:`\rho` (module docstring); default :math:`N \epsilon`.
+        The relative ridge :math:`\rho` (module docstring); default :math:`n_m \epsilon`, with
+        :math:`n_m` the size of location m's system (N, or its support).
+    support_radius : float, optional
+        Truncated support (module docstring): row m only weighs the locations n with
+        ``costs[m, n] <= support_radius**2``; zero elsewhere. None (default) solves exactly.
+        Every location needs at least k locations in its support.
     max_memory_bytes : int, default=1 GiB
-        Budget for the per-location work matrices of one chunk of locations (about
-        ``(5 N^2 + 2 N r) * itemsize`` per location for the full route,
-        ``(2 N^2 + 2 N r + 3 r^2) * itemsize`` for the low-rank route); at least one
-        location is solved at a time.
+        Budget for the per-location work matrices of one chunk of locations (module docstring:
+        about ``(2 n^2 + 2 n r + 3 r^2) * itemsize`` per location for the low-rank route,
+        ``(7 n^2 + 2 n r) * itemsize`` for the full route, n = N without truncation); at least
+        one location is solved at a time.
 
     Returns
     -------
@@ -109,7 +145,7 @@ def top_generalized_eigenvectors(
         In the dtype of ``within``; component-major, top component first.
     eigenvalues : float64 Tensor of shape (k, M)
         The ratios :math:`p^\top A p / p^\top (B + \alpha C_m) p` that the returned vectors
-        achieve (without the ridge), computed from them by :func:`rayleigh_ratios`.
+        achieve (without the ridge), as :func:`rayleigh_ratios` computes them.
     """
     n_locations = within.shape[-1]
     if within.shape != (n_locations, n_locations) or between_factor.shape[0] != n_locations:
@@ -131,41 +167,36 @@ def top_generalized_eigenvectors(
         raise ValueError(f"method must be 'auto', 'low_rank' or 'full', got {method!r}.")
 
     dtype = within.dtype
+    costs = costs.to(dtype)
+    size = n_locations  # n: the size of every location's system
+    if support_radius is not None:
+        size = _largest_support(costs, support_radius, n_components)
     factor = between_factor.to(dtype)
     if factor.shape[1] > n_locations:  # more columns than A's rank can use: compress
         factor = _compress_factor(factor)
     rank = factor.shape[1]
-    low_rank = method == "low_rank" or (
-        method == "auto" and rank < n_locations and n_components <= rank
-    )
+    low_rank = method == "low_rank" or (method == "auto" and rank < size and n_components <= rank)
     if low_rank and n_components > rank:
         raise ValueError(
             f"method='low_rank' gives at most r={rank} components (the rank bound of A); "
             f"n_components={n_components} needs method='full'."
         )
-    if ridge is None:
-        ridge = n_locations * torch.finfo(dtype).eps
 
-    itemsize = torch.finfo(dtype).bits // 8
-    if low_rank:
-        per_location = 2 * n_locations**2 + 2 * n_locations * rank + 3 * rank**2
-    else:
-        per_location = 5 * n_locations**2 + 2 * n_locations * rank
-    chunk = max(1, int(max_memory_bytes) // (per_location * itemsize))
-
-    costs = costs.to(dtype)
-    pieces = []
+    per_location = _bytes_per_location(size, rank, low_rank, dtype, support_radius is not None)
+    chunk = max(1, int(max_memory_bytes) // per_location)
+    # The ratios are computed in float64: of B itself, or of its gathered sub-blocks.
+    within64 = within.to(torch.float64) if support_radius is None else None
+    vectors, ratios = [], []
     for start in range(0, costs.shape[0], chunk):
-        pieces.append(
-            _solve_chunk(
-                factor, within, costs[start : start + chunk], alpha, n_components,
-                low_rank, ridge,
-            )
-        )
-    vectors = torch.cat(pieces, dim=0).permute(2, 0, 1)  # (k, M, N)
-    vectors = _normalise(_fix_sign(vectors), norm)
-    eigenvalues = rayleigh_ratios(vectors, between_factor, within, costs, alpha)
-    return vectors, eigenvalues
+        chunk_costs = costs[start : start + chunk]
+        support = None
+        if support_radius is not None:
+            support = support_within_radius(chunk_costs, support_radius)
+        problem = _LocalProblems(factor, within, within64, chunk_costs, alpha, support)
+        chunk_vectors, chunk_ratios = _solve_chunk(problem, n_components, low_rank, ridge, norm)
+        vectors.append(chunk_vectors)
+        ratios.append(chunk_ratios)
+    return torch.cat(vectors).transpose(0, 1), torch.cat(ratios).T
 
 
 def rayleigh_ratios(
@@ -199,41 +230,159 @@ def rayleigh_ratios(
     denominator = ((p @ within.to(torch.float64)) * p).sum(dim=-1)
     if costs is not None and alpha:
         denominator = denominator + alpha * (costs.to(torch.float64) * p.square()).sum(dim=-1)
+    return _ratio(numerator, denominator)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator; a zero denominator gives inf (0 / 0 gives 0), never NaN."""
     denominator = denominator.clamp_min(0)
     ratio = numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     infinite = torch.where(numerator > 0, torch.inf, 0.0).to(ratio)
     return torch.where(denominator > 0, ratio, infinite)
 
 
-def _solve_chunk(factor, within, costs, alpha, n_components, low_rank, ridge):
-    """Top-k eigenvectors (b, N, k), unnormalised, for a chunk of b locations."""
-    cholesky = _factor_systems(within, costs, alpha, ridge)  # (b, N, N), lower
-    batch, n_locations = costs.shape
-    whitened = torch.linalg.solve_triangular(
-        cholesky, factor.expand(batch, -1, -1), upper=False
-    )  # Y = L^-1 D, (b, N, r)
+def _largest_support(costs, radius, n_components) -> int:
+    """Size of the largest support within ``radius``; checks every support holds k locations."""
+    if not radius > 0:
+        raise ValueError(f"support_radius must be positive, got {radius!r}.")
+    sizes = inside_radius(costs, radius).sum(dim=1)
+    smallest = int(sizes.min())
+    if smallest < n_components:
+        needed = costs.sort(dim=1).values[:, n_components - 1].max().sqrt()
+        raise ValueError(
+            f"support_radius={radius} leaves an output location with {smallest} input "
+            f"location(s) in its support, fewer than n_components={n_components}; the smallest "
+            f"radius that works is {float(needed):.4g}."
+        )
+    return int(sizes.max())
+
+
+def _bytes_per_location(size, rank, low_rank, dtype, truncated) -> int:
+    """Upper bound of the work memory of one location (module docstring, "Memory budget")."""
+    if low_rank:
+        elements = 2 * size**2 + 2 * size * rank + 3 * rank**2
+    else:  # the n×n eigh also takes a copy of its input and a 2n² LAPACK workspace
+        elements = 7 * size**2 + 2 * size * rank
+    itemsize = torch.finfo(dtype).bits // 8
+    ratio_bytes = 8 * size**2 if truncated else 0  # float64 sub-blocks for the ratios
+    return elements * itemsize + ratio_bytes
+
+
+class _LocalProblems:
+    """The b systems of a chunk of locations: full (N) or gathered on truncated supports (n).
+
+    ``support`` is None or ``(index, valid)`` of shape (b, n) from
+    :func:`skpool._core.grid.support_within_radius`; padded positions are decoupled (zero rows
+    and columns in B and D, unit diagonal), so they stay zero in every solution with a nonzero
+    eigenvalue and are zeroed explicitly otherwise.
+    """
+
+    def __init__(self, factor, within, within64, costs, alpha, support):
+        self.within, self.within64, self.alpha, self.support = within, within64, alpha, support
+        self.count = costs.shape[0]
+        if support is None:
+            self.factor = factor  # (N, r), shared by the chunk
+            self.costs = costs
+            self.diagonal = within.diagonal()[None, :] + float(alpha) * costs  # (b, N)
+            self.sizes = torch.full_like(self.diagonal[:, :1], costs.shape[1])  # n_m = N
+        else:
+            index, valid = support
+            self.factor = factor[index] * valid[..., None]  # (b, n, r)
+            self.costs = costs.gather(1, index) * valid
+            self.diagonal = (within.diagonal()[index] + float(alpha) * self.costs) * valid
+            self.sizes = valid.sum(dim=1, keepdim=True).to(costs.dtype)  # (b, 1): n_m
+        scale = self.diagonal.sum(dim=-1, keepdim=True) / self.sizes  # trace(B_m) / n_m
+        self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def blocks(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """B (or its sub-blocks) of the locations ``rows``, a fresh (len(rows), n, n) tensor."""
+        within = self.within
+        count = self.count if rows is None else rows.numel()
+        if self.support is None:
+            return within.expand(count, -1, -1).clone()
+        index, valid = self.support
+        if rows is not None:
+            index, valid = index[rows], valid[rows]
+        block = within[index[:, :, None], index[:, None, :]]  # broadcast indices: no n×n index
+        return block.masked_fill_(~valid[:, :, None], 0).masked_fill_(~valid[:, None, :], 0)
+
+    def systems(self, rows: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+        r""":math:`B + \alpha C_m + \delta_m I` of the locations ``rows`` (padding: unit).
+
+        ``ridge`` (len(rows), 1) holds the relative ridges :math:`\rho_m`.
+        """
+        system = self.blocks(rows)
+        diagonal = self.diagonal[rows] + ridge * self.scale[rows]
+        if self.support is not None:
+            diagonal = torch.where(self.support[1][rows], diagonal, self.scale[rows])
+        system.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
+        return system
+
+    def ratios(self, vectors: torch.Tensor) -> torch.Tensor:
+        """float64 ratios (b, k) of the normalised vectors (b, n, k) in their own blocks."""
+        p = vectors.to(torch.float64)
+        numerator = (self.factor.to(torch.float64).mT @ p).square().sum(dim=-2)
+        if self.support is None:
+            spread = self.within64 @ p  # broadcast over the chunk, B not copied
+        else:
+            spread = self.blocks().to(torch.float64) @ p
+        denominator = (spread * p).sum(dim=-2)
+        denominator = denominator + float(self.alpha) * (
+            self.costs.to(torch.float64)[..., None] * p.square()
+        ).sum(dim=-2)
+        return _ratio(numerator, denominator)
+
+    def scatter(self, vectors: torch.Tensor, n_locations: int) -> torch.Tensor:
+        """(b, n, k) vectors on the supports → (b, k, N) rows, zero outside the supports."""
+        vectors = vectors.mT
+        if self.support is None:
+            return vectors
+        index, valid = self.support
+        target = torch.where(valid, index, n_locations)  # padding goes to a dropped column
+        rows = vectors.new_zeros((*vectors.shape[:2], n_locations + 1))
+        rows.scatter_(2, target[:, None, :].expand_as(vectors), vectors)
+        return rows[..., :n_locations]
+
+
+def _solve_chunk(problem: _LocalProblems, n_components, low_rank, ridge, norm):
+    """Normalised rows (b, k, N) and their float64 ratios (b, k) for a chunk of b locations."""
+    cholesky = _factor_systems(problem, ridge)  # (b, n, n), lower
+    factor = problem.factor.expand(problem.count, -1, -1)  # (b, n, r); broadcast, not copied
+    whitened = torch.linalg.solve_triangular(cholesky, factor, upper=False)  # Y = L^-1 D
     if low_rank:
         _, small = torch.linalg.eigh(whitened.mT @ whitened)  # D^T B_m^-1 D, (b, r, r)
-        top = whitened @ small[..., -n_components:].flip(-1)  # Y w, (b, N, k)
+        top = whitened @ small[..., -n_components:].flip(-1)  # Y w, (b, n, k)
     else:
-        gram = whitened @ whitened.mT  # L^-1 A L^-T, (b, N, N)
+        gram = whitened @ whitened.mT  # L^-1 A L^-T, (b, n, n)
+        del whitened
         _, full = torch.linalg.eigh(gram)
+        del gram
         top = full[..., -n_components:].flip(-1)
-    return torch.linalg.solve_triangular(cholesky.mT, top, upper=True)  # L^-T z
+        del full
+    vectors = torch.linalg.solve_triangular(cholesky.mT, top, upper=True)  # L^-T z, (b, n, k)
+    del cholesky
+    if problem.support is not None:  # exact zeros at the padding (only eigenvalue-0 vectors
+        vectors = vectors * problem.support[1][..., None]  # can put anything there)
+    vectors = _normalise(_fix_sign(vectors.mT), norm).mT
+    ratios = problem.ratios(vectors)
+    return problem.scatter(vectors, problem.within.shape[-1]), ratios
 
 
-def _factor_systems(within, costs, alpha, ridge):
-    """Cholesky factors of B + alpha C_m + delta_m I for a chunk of locations (b, N, N)."""
-    diagonal = within.diagonal()[None, :] + float(alpha) * costs  # (b, N)
-    scale = diagonal.mean(dim=-1, keepdim=True)  # trace(B_m) / N
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    index = torch.arange(costs.shape[0], device=costs.device)
-    ridge = float(ridge)
+def _factor_systems(problem: _LocalProblems, ridge: float | None):
+    """Cholesky factors of B + alpha C_m + delta_m I for a chunk of locations (b, n, n).
+
+    The relative ridge of a location is ``ridge`` or, by default, n_m * eps (its own system
+    size, so neither the chunking nor a split of the locations across processes changes it);
+    locations whose factorisation fails are factored again with it multiplied by 100.
+    """
+    if ridge is None:
+        relative = problem.sizes * torch.finfo(problem.diagonal.dtype).eps
+    else:
+        relative = torch.full_like(problem.scale, float(ridge))
+    index = torch.arange(problem.count, device=problem.diagonal.device)
     cholesky = None
     while True:
-        system = within.expand(index.numel(), -1, -1).clone()
-        system.diagonal(dim1=-2, dim2=-1).copy_(diagonal[index] + ridge * scale[index])
-        factor, info = batched_cholesky(system, overwrite=True)
+        factor, info = batched_cholesky(problem.systems(index, relative[index]), overwrite=True)
         if cholesky is None:
             cholesky = factor
         else:
@@ -241,13 +390,13 @@ def _factor_systems(within, costs, alpha, ridge):
         failed = info > 0
         if not bool(failed.any()):
             return cholesky
-        if ridge >= 1.0:
+        index = index[failed]
+        if bool((relative[index] >= 1.0).any()):
             raise FloatingPointError(
                 "The systems B + alpha*C_m could not be factored even with a ridge of "
                 "trace/N; are the statistics finite?"
             )
-        index = index[failed]
-        ridge = min(ridge * _RIDGE_GROWTH, 1.0)
+        relative[index] = (relative[index] * _RIDGE_GROWTH).clamp_max(1.0)
 
 
 def batched_cholesky(

@@ -15,6 +15,9 @@ the centre of the 2×2 block it pools for stride 2, and its locality cost is the
 :math:`C_m = \mathrm{diag}\bigl(\|(i, j) - c_m\|^2\bigr)` of squared distances from every input
 location to that centre (Birodkar et al. 2019, Algorithm 1). The diagonals are returned as one
 (M, N) tensor, never as M dense N×N matrices.
+
+A truncated support of radius ρ keeps, for output cell m, the input locations within distance ρ
+of its centre, i.e. where :math:`C_m[n, n] \le \rho^2` (:func:`support_within_radius`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ __all__ = [
     "output_centres",
     "locality_costs",
     "average_pooling_operator",
+    "inside_radius",
+    "support_within_radius",
 ]
 
 
@@ -89,6 +94,44 @@ def locality_costs(
     col_cost = (cols[None, :] - col_centres[:, None]).square()  # (W', W)
     costs = row_cost[:, None, :, None] + col_cost[None, :, None, :]  # (H', W', H, W)
     return costs.reshape(output_shape[0] * output_shape[1], height * width)
+
+
+def inside_radius(costs: torch.Tensor, radius: float) -> torch.Tensor:
+    """Bool Tensor (M, N): input location n lies within ``radius`` of the centre of cell m.
+
+    ``costs`` (M, N) are the squared distances of :func:`locality_costs`; a location exactly at
+    the radius is inside (a relative tolerance of 1e-12 absorbs rounding of the squares).
+    """
+    return costs <= float(radius) ** 2 * (1 + 1e-12)
+
+
+def support_within_radius(
+    costs: torch.Tensor, radius: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of the truncated supports of every output cell, padded to the largest.
+
+    Parameters
+    ----------
+    costs : Tensor of shape (M, N)
+        Squared distances (:func:`locality_costs`).
+    radius : float
+        In input pixels.
+
+    Returns
+    -------
+    index : int64 Tensor of shape (M, n)
+        Row m lists, in increasing order, the input locations within ``radius`` of cell m's
+        centre, then (padding) other locations; n is the largest support.
+    valid : bool Tensor of shape (M, n)
+        False at the padding.
+    """
+    inside = inside_radius(costs, radius)
+    sizes = inside.sum(dim=1)
+    width = int(sizes.max()) if sizes.numel() else 0
+    # A stable sort of "outside" flags puts each row's support first, in increasing order.
+    index = torch.sort((~inside).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=costs.device)[None, :] < sizes[:, None]
+    return index, valid
 
 
 def average_pooling_operator(

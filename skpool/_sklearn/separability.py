@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
@@ -14,11 +16,13 @@ from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, column_or_1d
 
+from .._core import distributed as dist
 from .._core.geneig import rayleigh_ratios, top_generalized_eigenvectors
 from .._core.grid import average_pooling_operator, locality_costs, output_grid_shape
 from .._core.operator import apply_pooling_operator
 from .._core.scatter import ChannelStatistics, ScatterStatistics, class_weights_from_labels
 from .._device import resolve_device
+from ._batches import release_mapped_pages, reiterable, split_batch
 from ._validation import FeatureStacks, atomic_fit, check_stacks
 
 __all__ = ["SeparabilityPooling"]
@@ -58,6 +62,13 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     eigenproblem is solved in that smaller dimension (``solver="auto"``). Everything runs in
     torch, batched over all output cells, on CPU or GPU.
 
+    Data larger than memory: ``fit`` reads ``X`` batch by batch (a :class:`numpy.memmap` stays
+    on disk), and :meth:`fit_batches` fits from a re-iterable of ``(X_batch, y_batch)`` batches
+    such as a torch ``DataLoader``; both give the in-memory result (the statistics are exact
+    sums). With ``distributed=True`` every process of a :mod:`torch.distributed` group fits on
+    its own shard and they reduce their statistics into one operator. ``support_radius``
+    truncates each row's support to make large grids (64×64 and up) practical.
+
     Parameters
     ----------
     alpha : float, default=1.0
@@ -93,9 +104,32 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
-        Memory budget of one chunk of output cells in the solve (each cell needs a few N×N
-        matrices: about 5·N²·8 bytes in float64 for the full route). At least one cell is
-        solved at a time.
+        Memory budget of the work matrices of one chunk of output cells in the solve (each cell
+        needs a few N×N matrices: about (2·N² + 2·N·r + 3·r²)·8 bytes in float64 for the
+        low-rank route, (7·N² + 2·N·r)·8 for the full one; n×n with n the largest support
+        when ``support_radius`` is set). At least one cell is solved at a time. The statistics
+        (N×N), the costs and the operator (k·M·N) come on top; the peak memory of a fit
+        does not grow with the number of samples when they come in batches.
+    support_radius : float, default=None
+        Truncated support, in input pixels: row m only weighs the input locations within this
+        distance of its cell's centre and is exactly zero elsewhere, so each cell solves an
+        n×n problem (n ≈ π·radius² ≪ N) instead of N×N (64×64 grid, M = 1024: seconds
+        instead of minutes on a CPU). It is the same maximisation restricted to that support,
+        so a row's ratio is at most the exact one. How close the rows stay depends on
+        ``alpha``: with a large ``alpha`` the exact rows concentrate near their centre (16×16
+        grid, ``alpha=1000``, radius 6: within 0.06 rad of the exact rows), with a small one
+        they spread over the grid and truncation changes them (see
+        ``benchmarks/bench_large_grid.py``). None (default) solves exactly; a radius covering
+        the whole grid gives the exact operator.
+    distributed : bool, default=False
+        Fit with every process of the initialised default :mod:`torch.distributed` process
+        group, each passing its own shard of the data to ``fit`` or ``fit_batches`` (same
+        parameters everywhere). Label counts, channel statistics and scatter statistics are
+        reduced exactly (all-reduce of sums and centred between-rank corrections), the output
+        cells are split between the ranks for the solve and the rows gathered, so every rank
+        ends with the same operator as a single-process fit on all the data. An error on one
+        rank is raised on every rank. Use the ``gloo`` backend for CPU fits and ``nccl`` for
+        CUDA ones.
 
     Attributes
     ----------
@@ -161,6 +195,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "dtype": [StrOptions(set(_DTYPES))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
+        "support_radius": [Interval(Real, 0, None, closed="neither"), None],
+        "distributed": ["boolean"],
     }
 
     def __init__(
@@ -178,6 +214,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         dtype="float64",
         batch_size=256,
         max_memory_mb=1024,
+        support_radius=None,
+        distributed=False,
     ):
         self.alpha = alpha
         self.stride = stride
@@ -191,11 +229,20 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.dtype = dtype
         self.batch_size = batch_size
         self.max_memory_mb = max_memory_mb
+        self.support_radius = support_radius
+        self.distributed = distributed
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
         """Learn the pooling operator from labelled feature maps.
+
+        ``X`` is read in batches of ``batch_size`` samples (twice with channel normalisation:
+        once for the channel statistics, once for the scatter statistics), so a 3-D or 4-D
+        :class:`numpy.memmap` is never loaded whole, and the pages of a shared memmap are
+        released after each batch: the peak memory does not grow with the number of samples.
+        (2-D input first goes through scikit-learn's validation, whose finiteness check reads
+        the whole array once.) With ``distributed=True``, ``(X, y)`` is this process's shard.
 
         Parameters
         ----------
@@ -207,44 +254,86 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        device = resolve_device(self.device)
-        dtype = _DTYPES[self.dtype]
-        stacks = check_stacks(self, X, reset=True, grid_shape=self.grid_shape)
-        codes, classes = _encode_labels(self, y, stacks.n_samples)
-        grid = stacks.grid_shape
-        out_shape = output_grid_shape(grid, self.stride, _check_pair(self.output_shape))
-        if self.n_components > stacks.n_locations:
-            raise ValueError(
-                f"n_components={self.n_components} exceeds the {stacks.n_locations} input "
-                "locations per sample."
-            )
-        if self.normalize_channels:
-            mean, scale = _channel_statistics(stacks, self.batch_size, device, dtype)
-        else:
-            mean = torch.zeros(stacks.n_channels, dtype=dtype, device=device)
-            scale = torch.ones_like(mean)
-        codes_t = torch.as_tensor(codes, device=device)
-        stats = _scatter_statistics(
-            stacks, codes_t, len(classes), mean, scale, self.batch_size, device, dtype
-        )
-        operator, eigenvalues = top_generalized_eigenvectors(
-            stats.between_factor(),
-            stats.within,
-            locality_costs(grid, out_shape, dtype=dtype, device=device),
-            float(self.alpha),
-            int(self.n_components),
-            norm=self.norm,
-            method=self.solver,
-            max_memory_bytes=int(self.max_memory_mb * 2**20),
-        )
-        self.operator_ = operator.cpu().numpy()
-        self.eigenvalues_ = eigenvalues.cpu().numpy()
-        self.channel_mean_ = mean.cpu().double().numpy()
-        self.channel_scale_ = scale.cpu().double().numpy()
-        self.classes_ = classes
-        self.grid_shape_ = grid
-        self.output_shape_ = out_shape
-        return self
+        self._check_process_group()
+
+        def validate():
+            device, dtype = resolve_device(self.device), _DTYPES[self.dtype]
+            stacks = check_stacks(self, X, reset=True, grid_shape=self.grid_shape)
+            labels = _check_labels(self, y, stacks.n_samples)
+            shard = _Shard.of(stacks, *np.unique(labels, return_counts=True))
+            return device, dtype, stacks, labels, shard
+
+        device, dtype, stacks, labels, shard = self._on_every_rank(validate)
+        shard = self._whole_data(shard)
+        self._check_shard(shard)
+        codes = torch.as_tensor(np.searchsorted(shard.classes, labels), device=device)
+
+        def channel_pass():
+            return _channel_statistics(_read(stacks, self.batch_size, device), dtype)
+
+        def scatter_pass():
+            for index, batch in _read_indexed(stacks, self.batch_size, device):
+                yield batch, codes[torch.as_tensor(index, device=device)]
+
+        channels = self._on_every_rank(channel_pass) if self.normalize_channels else None
+        return self._fit_from_passes(shard, channels, scatter_pass, device, dtype)
+
+    @atomic_fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_batches(self, batches):
+        """Learn the pooling operator from batches of labelled feature maps, read twice.
+
+        For data that do not fit in memory. Pass 1 reads every batch for the channel
+        statistics and the class sizes (the class weights :math:`1/K_q` of B need the final
+        sizes before any scatter is accumulated); pass 2 reads them again for the scatter
+        statistics. The result equals ``fit`` on the concatenated batches (to rounding); only
+        one batch (split further into ``batch_size`` samples on the device) is in memory at a
+        time.
+
+        Parameters
+        ----------
+        batches : re-iterable of (X_batch, y_batch), or callable returning an iterator of them
+            Must be iterable twice: a torch ``DataLoader``, a list, any object whose
+            ``__iter__`` starts afresh, or a function returning a fresh iterator (e.g.
+            ``lambda: read_chunks(path)``). A one-shot iterator such as a generator raises
+            TypeError. ``X_batch`` is any layout ``fit`` accepts (array, memmap or tensor), all
+            batches with the same grid and channels; the grid comes from the first batch
+            (4-D) or ``grid_shape``. ``y_batch`` holds its labels (array, list or tensor).
+            Both passes must yield the same samples (the order may change, e.g. a shuffling
+            DataLoader); the class sizes are checked. With ``distributed=True`` the batches
+            are this process's shard (e.g. a DataLoader with a ``DistributedSampler``).
+
+        Returns
+        -------
+        self
+        """
+        self._check_process_group()
+
+        def first_pass():
+            device, dtype = resolve_device(self.device), _DTYPES[self.dtype]
+            start_pass = reiterable(batches)
+            first, channels, classes, counts = None, None, None, None
+            for position, (stacks, labels) in enumerate(self._iter_batches(start_pass, None)):
+                first = stacks if first is None else first
+                _check_same_grid(stacks, first, position)
+                classes, counts = _add_label_counts(classes, counts, labels)
+                if self.normalize_channels:
+                    more = _channel_statistics(_read(stacks, self.batch_size, device), dtype)
+                    channels = more if channels is None else channels.merge(more)
+            if first is None:
+                raise ValueError("batches yielded no (X_batch, y_batch) pair; nothing to fit.")
+            return device, dtype, start_pass, channels, _Shard.of(first, classes, counts)
+
+        device, dtype, start_pass, channels, shard = self._on_every_rank(first_pass)
+        shard = self._whole_data(shard)
+
+        def scatter_pass():
+            for stacks, labels in self._iter_batches(start_pass, shard):
+                codes = torch.as_tensor(_codes_of(labels, shard.classes), device=device)
+                for index, batch in _read_indexed(stacks, self.batch_size, device):
+                    yield batch, codes[torch.as_tensor(index, device=device)]
+
+        return self._fit_from_passes(shard, channels, scatter_pass, device, dtype)
 
     def transform(self, X):
         """Pool each feature map with the learned operator.
@@ -275,7 +364,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         mean = torch.as_tensor(self.channel_mean_, device=device, dtype=stacks.dtype)
         scale = torch.as_tensor(self.channel_scale_, device=device, dtype=stacks.dtype)
         out = np.empty((stacks.n_samples, n_out, width), dtype=stacks.numpy_dtype)
-        for index, batch, _ in stacks.iter_batches(self.batch_size, device):
+        for index, batch in _read_indexed(stacks, self.batch_size, device):
             pooled = apply_pooling_operator(batch, operator, mean, scale)
             out[index] = pooled.cpu().numpy()
         if stacks.layout == "4d":
@@ -315,16 +404,13 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         dtype = torch.float64
         mean = torch.as_tensor(self.channel_mean_, device=device, dtype=dtype)
         scale = torch.as_tensor(self.channel_scale_, device=device, dtype=dtype)
-        stats = _scatter_statistics(
-            stacks,
-            torch.as_tensor(codes, device=device),
-            len(classes),
-            mean,
-            scale,
-            self.batch_size,
-            device,
-            dtype,
+        codes = torch.as_tensor(codes, device=device)
+        weights = class_weights_from_labels(codes, len(classes), dtype=dtype)
+        batches = (
+            (batch, codes[torch.as_tensor(index, device=device)])
+            for index, batch in _read_indexed(stacks, self.batch_size, device)
         )
+        stats = _scatter_statistics(batches, weights, mean, scale, dtype)
         factor = stats.between_factor()
         operator = torch.as_tensor(self.operator_, device=device, dtype=dtype)
         average = average_pooling_operator(
@@ -374,6 +460,142 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
+    # ------------------------------------------------------------------- fitting machinery
+    def _check_process_group(self) -> None:
+        """``distributed=True`` needs a process group (checked before any collective)."""
+        if self.distributed and not dist.is_initialized():
+            raise ValueError(
+                "distributed=True needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group) in every process; none is initialised."
+            )
+
+    def _on_every_rank(self, step: Callable):
+        """``step()``; with ``distributed``, every rank raises when any rank's step failed.
+
+        Without this a rank that fails before a collective would leave the others waiting in
+        it. The failing rank raises its own error, the others a RuntimeError naming it.
+        """
+        if not self.distributed:
+            return step()
+        try:
+            result, error = step(), None
+        except Exception as exc:  # re-raised below, here or on the other ranks
+            result, error = None, exc
+        messages = dist.all_gather_objects(
+            None if error is None else f"{type(error).__name__}: {error}"
+        )
+        if error is not None:
+            raise error
+        for rank, message in enumerate(messages):
+            if message is not None:
+                raise RuntimeError(f"SeparabilityPooling.fit failed on rank {rank}: {message}")
+        return result
+
+    def _whole_data(self, shard: _Shard) -> _Shard:
+        """The shard seen from all the data: with ``distributed``, merged over the ranks."""
+        if not self.distributed:
+            return shard
+        return _Shard.merge(dist.all_gather_objects(shard), shard)
+
+    def _iter_batches(self, start_pass, shard) -> Iterator[tuple[FeatureStacks, np.ndarray]]:
+        """Validated (stacks, labels) of every batch of one pass; the first pass (``shard`` is
+        None) records ``n_features_in_`` from the first batch, the second checks against it."""
+        for position, item in enumerate(start_pass()):
+            features, labels = split_batch(item, position)
+            reset = shard is None and position == 0
+            stacks = check_stacks(self, features, reset=reset, grid_shape=self.grid_shape)
+            if shard is not None:
+                _check_same_grid(stacks, shard, position)
+            if isinstance(labels, torch.Tensor):
+                labels = labels.detach().cpu().numpy()
+            yield stacks, _check_labels(self, labels, stacks.n_samples)
+
+    def _check_shard(self, shard: _Shard) -> tuple[int, int]:
+        """Check the data against the parameters before reading it; return the output grid."""
+        _check_two_classes(shard.classes)
+        out_shape = output_grid_shape(
+            shard.grid_shape, self.stride, _check_pair(self.output_shape)
+        )
+        if self.n_components > shard.n_locations:
+            raise ValueError(
+                f"n_components={self.n_components} exceeds the {shard.n_locations} input "
+                "locations per sample."
+            )
+        return out_shape
+
+    def _fit_from_passes(self, shard, channels, scatter_pass, device, dtype):
+        """Reduce the channel statistics, run the scatter pass, solve, set the attributes."""
+        if channels is None:
+            mean = torch.zeros(shard.n_channels, dtype=dtype, device=device)
+            scale = torch.ones_like(mean)
+        else:
+            if self.distributed:
+                channels = dist.all_reduce_channel_statistics(channels)
+            mean, scale = channels.mean, channels.scale
+        grid = shard.grid_shape
+        out_shape = self._check_shard(shard)
+        counts = torch.as_tensor(shard.counts, dtype=dtype, device=device)
+        weights = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
+
+        def scatter_step():
+            stats = _scatter_statistics(scatter_pass(), weights, mean, scale, dtype)
+            seen = np.zeros(0) if stats is None else stats.counts.cpu().numpy()
+            if not np.array_equal(seen, shard.local_counts):
+                raise ValueError(
+                    "The batches changed between the two passes over the data (class sizes "
+                    f"{shard.local_counts.tolist()} in pass 1, "
+                    f"{seen.astype(np.int64).tolist()} in pass 2). "
+                    "Both passes must yield the same samples; random augmentation or "
+                    "drop_last with shuffling break this."
+                )
+            return stats
+
+        stats = self._on_every_rank(scatter_step)
+        if self.distributed:
+            stats = dist.all_reduce_scatter_statistics(stats)
+        operator, eigenvalues = self._solve(stats, grid, out_shape, dtype, device)
+        self.operator_ = operator.cpu().numpy()
+        self.eigenvalues_ = eigenvalues.cpu().numpy()
+        self.channel_mean_ = mean.cpu().double().numpy()
+        self.channel_scale_ = scale.cpu().double().numpy()
+        self.classes_ = shard.classes
+        self.grid_shape_ = grid
+        self.output_shape_ = out_shape
+        return self
+
+    def _solve(self, stats, grid, out_shape, dtype, device):
+        """The operator (k, M, N) and ratios (k, M); distributed: each rank solves a slice."""
+        costs = locality_costs(grid, out_shape, dtype=dtype, device=device)
+        factor = stats.between_factor()
+        ranks = dist.world_size() if self.distributed else 1
+        cells = torch.arange(costs.shape[0]).tensor_split(ranks)
+        mine = cells[dist.rank()]
+
+        def solve():
+            if mine.numel() == 0:  # more ranks than output cells
+                return (
+                    stats.within.new_zeros((self.n_components, 0, costs.shape[1])),
+                    torch.zeros((self.n_components, 0), dtype=torch.float64, device=device),
+                )
+            return top_generalized_eigenvectors(
+                factor,
+                stats.within,
+                costs[mine.to(device)],
+                float(self.alpha),
+                int(self.n_components),
+                norm=self.norm,
+                method=self.solver,
+                support_radius=self.support_radius,
+                max_memory_bytes=int(self.max_memory_mb * 2**20),
+            )
+
+        operator, eigenvalues = self._on_every_rank(solve)
+        if ranks > 1:
+            sizes = [part.numel() for part in cells]
+            operator = dist.all_gather_along(operator, 1, sizes)
+            eigenvalues = dist.all_gather_along(eigenvalues, 1, sizes)
+        return operator, eigenvalues
+
     def _check_transform_input(self, X) -> FeatureStacks:
         """Validate X for a fitted estimator: same channels and the same grid as ``fit``."""
         stacks = check_stacks(self, X, reset=False, grid_shape=self.grid_shape)
@@ -392,8 +614,49 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
 
 
 # --------------------------------------------------------------------------------------------
-def _encode_labels(estimator, y, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate class labels; return their codes (n,) in [0, Q) and the classes (Q,)."""
+@dataclass(frozen=True)
+class _Shard:
+    """What the passes need to know about the data before the scatter statistics.
+
+    grid_shape, n_channels : the samples' grid (H, W) and channels
+    classes, counts : the classes (Q,) and their sizes (Q,) in all the data (all ranks)
+    local_counts : the class sizes (Q,) in this process's data
+    """
+
+    grid_shape: tuple[int, int]
+    n_channels: int
+    classes: np.ndarray
+    counts: np.ndarray
+    local_counts: np.ndarray
+
+    @classmethod
+    def of(cls, stacks: FeatureStacks, classes, counts) -> _Shard:
+        return cls(tuple(stacks.grid_shape), stacks.n_channels, classes, counts, counts)
+
+    @property
+    def n_locations(self) -> int:
+        return self.grid_shape[0] * self.grid_shape[1]
+
+    @staticmethod
+    def merge(shards: list[_Shard], local: _Shard) -> _Shard:
+        """The union of every rank's shard, seen from ``local``; the ranks must agree."""
+        classes, counts = None, None
+        for rank, shard in enumerate(shards):
+            if (shard.grid_shape, shard.n_channels) != (local.grid_shape, local.n_channels):
+                raise ValueError(
+                    f"Rank {rank} has a {shard.grid_shape[0]}x{shard.grid_shape[1]} grid with "
+                    f"{shard.n_channels} channels, this rank a {local.grid_shape[0]}x"
+                    f"{local.grid_shape[1]} grid with {local.n_channels}; every rank must pass "
+                    "data of the same shape."
+                )
+            classes, counts = _add_label_counts(classes, counts, shard.classes, shard.counts)
+        local_counts = np.zeros_like(counts)
+        local_counts[np.searchsorted(classes, local.classes)] = local.counts
+        return _Shard(local.grid_shape, local.n_channels, classes, counts, local_counts)
+
+
+def _check_labels(estimator, y, n_samples: int) -> np.ndarray:
+    """Validated class labels (n,) of n samples (any hashable, sortable type)."""
     name = type(estimator).__name__
     if y is None:
         raise ValueError(f"{name} requires y to be passed, but the target y is None.")
@@ -401,14 +664,62 @@ def _encode_labels(estimator, y, n_samples: int) -> tuple[np.ndarray, np.ndarray
     if y.shape[0] != n_samples:
         raise ValueError(f"y has {y.shape[0]} labels but X has {n_samples} samples.")
     check_classification_targets(y)
+    return y
+
+
+def _check_two_classes(classes: np.ndarray) -> None:
+    if len(classes) < 2:
+        raise ValueError(
+            "SeparabilityPooling needs samples of at least two classes to measure "
+            f"separability; got 1 class ({classes[0]})."
+        )
+
+
+def _encode_labels(estimator, y, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate class labels; return their codes (n,) in [0, Q) and the classes (Q,)."""
+    y = _check_labels(estimator, y, n_samples)
     encoder = LabelEncoder()
     codes = encoder.fit_transform(y)
-    if len(encoder.classes_) < 2:
-        raise ValueError(
-            f"{name} needs samples of at least two classes to measure separability; got "
-            f"1 class ({encoder.classes_[0]})."
-        )
+    _check_two_classes(encoder.classes_)
     return codes, encoder.classes_
+
+
+def _add_label_counts(classes, counts, labels, label_counts=None):
+    """Merge labels (or unique labels with their counts) into sorted (classes, counts)."""
+    if label_counts is None:
+        labels, label_counts = np.unique(labels, return_counts=True)
+    if classes is None:
+        return labels, label_counts
+    merged = np.union1d(classes, labels)
+    total = np.zeros(len(merged), dtype=np.int64)
+    np.add.at(total, np.searchsorted(merged, classes), counts)
+    np.add.at(total, np.searchsorted(merged, labels), label_counts)
+    return merged, total
+
+
+def _codes_of(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Codes in [0, Q) of labels that must all be among the (sorted) classes."""
+    codes = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
+    unseen = classes[codes] != labels
+    if np.any(unseen):
+        raise ValueError(
+            f"Label {labels[np.argmax(unseen)]!r} appears in the second pass over the batches "
+            "but not in the first: both passes must yield the same samples."
+        )
+    return codes
+
+
+def _check_same_grid(stacks: FeatureStacks, first, position: int) -> None:
+    """Every batch must have the grid and channels of the first one."""
+    if (tuple(stacks.grid_shape), stacks.n_channels) != (
+        tuple(first.grid_shape),
+        first.n_channels,
+    ):
+        raise ValueError(
+            f"Batch {position} has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid with "
+            f"{stacks.n_channels} channels, the first batch a {first.grid_shape[0]}x"
+            f"{first.grid_shape[1]} grid with {first.n_channels}; all batches must agree."
+        )
 
 
 def _check_pair(shape) -> tuple[int, int] | None:
@@ -427,24 +738,37 @@ def _check_pair(shape) -> tuple[int, int] | None:
     return pair
 
 
-def _channel_statistics(stacks: FeatureStacks, batch_size, device, dtype):
-    """First pass: per-channel mean and standard deviation over samples and locations."""
+def _read_indexed(stacks: FeatureStacks, batch_size, device):
+    """(sample indices, batch (b, N, C)) on the device; a memmap's pages are released after
+    every batch, so a pass over it does not leave the whole file resident."""
+    for index, batch, _ in stacks.iter_batches(batch_size, device):
+        yield index, batch
+        release_mapped_pages(stacks.data)
+
+
+def _read(stacks: FeatureStacks, batch_size, device):
+    """Batches (b, N, C) on the device (see :func:`_read_indexed`)."""
+    for _, batch in _read_indexed(stacks, batch_size, device):
+        yield batch
+
+
+def _channel_statistics(batches, dtype) -> ChannelStatistics | None:
+    """First pass: per-channel count, mean and centred sum of squares of the batches."""
     total = None
-    for _, batch, _ in stacks.iter_batches(batch_size, device):
+    for batch in batches:
         stats = ChannelStatistics.from_batch(batch.to(dtype))
         total = stats if total is None else total.merge(stats)
-    return total.mean, total.scale
+    return total
 
 
-def _scatter_statistics(
-    stacks: FeatureStacks, codes, n_classes, mean, scale, batch_size, device, dtype
-) -> ScatterStatistics:
-    """Second pass: class means and within-class scatter of the normalised stacks."""
-    weights = class_weights_from_labels(codes, n_classes, dtype=dtype)
+def _scatter_statistics(batches, class_weights, mean, scale, dtype) -> ScatterStatistics | None:
+    """Second pass: class means and within-class scatter of the normalised batches.
+
+    ``batches`` yields (features (b, N, C), class codes (b,)); None when it yields nothing.
+    """
     total = None
-    for index, batch, _ in stacks.iter_batches(batch_size, device):
+    for batch, labels in batches:
         normalised = (batch.to(dtype) - mean) / scale
-        labels = codes[torch.as_tensor(index, device=device)]
-        stats = ScatterStatistics.from_batch(normalised, labels, weights)
+        stats = ScatterStatistics.from_batch(normalised, labels, class_weights)
         total = stats if total is None else total.merge(stats)
     return total
