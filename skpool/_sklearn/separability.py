@@ -531,7 +531,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         else:
             if self.distributed:
                 channels = dist.all_reduce_channel_statistics(channels)
-            mean, scale = channels.mean, channels.scale
+            # accumulated in float64 whatever the solve's dtype (only C numbers each), so that
+            # float32 data of magnitude 1e+-30 neither overflow nor underflow their variance
+            mean, scale = channels.mean.to(dtype), channels.scale.to(dtype)
         grid = shard.grid_shape
         out_shape = self._check_shard(shard)
         counts = torch.as_tensor(shard.counts, dtype=dtype, device=device)
@@ -554,6 +556,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         if self.distributed:
             stats = dist.all_reduce_scatter_statistics(stats)
         operator, eigenvalues = self._solve(stats, grid, out_shape, dtype, device)
+        operator = self._fill_uninformative_rows(operator, grid, out_shape)
         self.operator_ = operator.cpu().numpy()
         self.eigenvalues_ = eigenvalues.cpu().numpy()
         self.channel_mean_ = mean.cpu().double().numpy()
@@ -562,6 +565,27 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.grid_shape_ = grid
         self.output_shape_ = out_shape
         return self
+
+    def _fill_uninformative_rows(self, operator, grid, out_shape):
+        """Rows that came out zero get the cell's average-pooling row, normalised.
+
+        A row is zero only when the data carry no class information it can see (A = 0, e.g.
+        every class has the same mean, or all-zero maps): then every row has ratio 0, the
+        eigenproblem does not single one out, and the low-rank route returns p = B_m^-1 D w = 0.
+        Average pooling is the neutral choice (and what the full route's arbitrary eigenvector
+        is not); the row is normalised like the others, so no fitted row is ever zero.
+        """
+        norms = operator.abs().sum(dim=-1) if self.norm == "l1" else operator.norm(dim=-1)
+        empty = norms == 0
+        if not bool(empty.any()):
+            return operator
+        stride = self.stride if self.output_shape is None else None
+        average = average_pooling_operator(
+            grid, out_shape, stride=stride, dtype=operator.dtype, device=operator.device
+        )
+        if self.norm == "l2":
+            average = average / average.norm(dim=-1, keepdim=True)
+        return torch.where(empty[..., None], average.expand_as(operator), operator)
 
     def _solve(self, stats, grid, out_shape, dtype, device):
         """The operator (k, M, N) and ratios (k, M); distributed: each rank solves a slice."""
@@ -753,10 +777,14 @@ def _read(stacks: FeatureStacks, batch_size, device):
 
 
 def _channel_statistics(batches, dtype) -> ChannelStatistics | None:
-    """First pass: per-channel count, mean and centred sum of squares of the batches."""
+    """First pass: per-channel count, mean and centred sum of squares of the batches.
+
+    Always accumulated in float64 (``dtype`` is the solve's, used later): squared deviations
+    of float32 maps beyond about 1e19 overflow float32, those below 1e-19 underflow it.
+    """
     total = None
     for batch in batches:
-        stats = ChannelStatistics.from_batch(batch.to(dtype))
+        stats = ChannelStatistics.from_batch(batch.to(torch.float64))
         total = stats if total is None else total.merge(stats)
     return total
 

@@ -282,15 +282,9 @@ def test_separability_all_zero_maps(solver):
     np.testing.assert_array_equal(pool.channel_scale_, 1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="skpool/_core/geneig.py: with A = 0 (every class has the same mean, e.g. all-zero "
-    "ReLU maps) the low-rank route (solver='auto' picks it when (Q-1)·C < N) returns all-zero "
-    "rows (p = B_m^-1 D w with D = 0) while the full route returns unit rows; the docs promise "
-    "rows divided by their norm and the same operator from both routes",
-)
 def test_separability_all_zero_maps_rows_are_unit_for_every_solver():
+    """A = 0 (no class information): the low-rank route's zero rows fall back to the cell's
+    average-pooling row, so every route returns normalised rows."""
     maps, labels = np.zeros((8, 4, 4, 2)), np.arange(8) % 2
     for solver in ("full", "low_rank"):
         pool = SeparabilityPooling(solver=solver, device="cpu").fit(maps, labels)
@@ -346,17 +340,9 @@ def test_separability_is_scale_invariant_in_float32(magnitude):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="skpool/_sklearn/separability.py (_channel_statistics) + _core/scatter.py "
-    "(ChannelStatistics): with dtype='float32' the channel mean and variance are accumulated "
-    "in float32, where the squared deviations of maps of magnitude ~1e20 overflow (scale = inf "
-    "-> NaN transform) and those of ~1e-30 underflow (scale -> 1, then A and B underflow: "
-    "operator off by O(1))",
-)
 @pytest.mark.parametrize("magnitude", [1e-30, 1e30])
 def test_separability_float32_solve_is_scale_invariant(magnitude):
+    """Channel statistics are accumulated in float64 even for a float32 solve."""
     maps, labels = labelled_maps(seed=13, n_samples=24, grid=(4, 4), n_channels=2, n_classes=3)
     maps = maps.astype(np.float32)
     base = SeparabilityPooling(alpha=0.5, dtype="float32", device="cpu").fit(maps, labels)
