@@ -241,8 +241,15 @@ def _check_arraylike(estimator, X, grid_shape, reset) -> FeatureStacks:
             copy=False,
         )
     else:
-        # scikit-learn's own checks for 1-D, empty, sparse, NaN/inf and feature-count errors.
-        X = validate_data(estimator, X, reset=reset, dtype=[np.float64, np.float32])
+        # scikit-learn's own checks for 1-D, empty, sparse, NaN/inf and feature-count errors;
+        # a memmap is not scanned whole here (every batch is checked when it is read).
+        X = validate_data(
+            estimator,
+            X,
+            reset=reset,
+            dtype=[np.float64, np.float32],
+            ensure_all_finite=not isinstance(X, np.memmap),
+        )
     layout, grid, channels = _layout_from_shape(X.shape, grid_shape, X.ndim)
     if channels < 1 or grid[0] * grid[1] < 1:
         raise ValueError(f"X has an empty sample shape {X.shape[1:]}.")
