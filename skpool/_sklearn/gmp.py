@@ -77,9 +77,9 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     Notes
     -----
     Float32 input is solved in float32 and, when the error bound
-    ``eps32 * (trace(G) + lam) / lam`` of a plain float32 Cholesky solve exceeds 1e-5 (small
-    ``lam``, many locations), refined with float64 residuals to float64-reference accuracy
-    (about 1e-6); samples whose refinement does not converge (a nearly rank-deficient Gram
+    ``eps32 * (lambda_max(G) + lam) / lam`` of a plain float32 Cholesky solve exceeds 1e-4
+    (small ``lam``, many locations), refined with float64 residuals to float64-reference
+    accuracy (about 1e-7); samples whose refinement does not converge (a nearly rank-deficient Gram
     matrix at small ``lam``) are solved in float64. Output dtype follows the input: float32 for
     float32, float64 otherwise.
 
