@@ -334,3 +334,19 @@ def test_learns_digits_and_moves_lam():
         accuracy = (model(images[test]).argmax(dim=1) == labels[test]).float().mean().item()
     assert accuracy > 0.8  # chance: 0.1
     assert abs(math.log(pool.lam.item() / 1e3)) > 1e-3
+
+
+def test_refine_steps_recover_float64_accuracy_at_tiny_lambda():
+    """The module's refine_steps="auto" matches the float64 layer where plain float32 does not."""
+    from skpool.nn import GeneralizedMaxPool2d
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 64, 8, 8)  # N = C = 64
+    lam = 1e-6 * float(x.double().square().sum(1).mean())
+    exact = GeneralizedMaxPool2d(lam, learnable=False, dtype=torch.float64)(x.double())
+    plain = GeneralizedMaxPool2d(lam, learnable=False)(x)
+    refined = GeneralizedMaxPool2d(lam, learnable=False, refine_steps="auto")(x)
+    assert (plain.double() - exact).norm(dim=1).max() > 1e-4
+    assert (refined.double() - exact).norm(dim=1).max() < 1e-4
+    with pytest.raises(ValueError, match="refine_steps"):
+        GeneralizedMaxPool2d(refine_steps=-1)
