@@ -79,6 +79,7 @@ import torch
 from .grid import inside_radius, support_within_radius
 
 __all__ = [
+    "fill_empty_rows",
     "top_generalized_eigenvectors",
     "rayleigh_ratios",
     "batched_cholesky",
@@ -453,3 +454,18 @@ def _fix_sign(vectors: torch.Tensor) -> torch.Tensor:
 def _normalise(vectors: torch.Tensor, norm: str) -> torch.Tensor:
     size = torch.linalg.vector_norm(vectors, ord=1 if norm == "l1" else 2, dim=-1, keepdim=True)
     return vectors / torch.where(size > 0, size, torch.ones_like(size))
+
+
+def fill_empty_rows(operator: torch.Tensor, fallback: torch.Tensor, norm: str) -> torch.Tensor:
+    """Replace the all-zero rows of ``operator`` (k, M, N) by ``fallback`` (M, N) rows.
+
+    A row is zero only when the data carry no class information it can see (A = 0): every row
+    then has ratio 0 and the low-rank route returns p = B_m^-1 D w = 0. The fallback (the
+    estimator passes average pooling) is normalised by ``norm`` like the solved rows.
+    """
+    norms = operator.abs().sum(dim=-1) if norm == "l1" else operator.norm(dim=-1)
+    empty = norms == 0
+    if not bool(empty.any()):
+        return operator
+    fallback = _normalise(fallback.to(operator), norm)
+    return torch.where(empty[..., None], fallback.expand_as(operator), operator)

@@ -170,6 +170,11 @@ def class_weights_from_labels(
 ) -> torch.Tensor:
     """:math:`w_q = 1/K_q` from all the labels (Q,); 0 for a class without samples."""
     counts = torch.bincount(labels.to(torch.long), minlength=n_classes).to(dtype)
+    return class_weights_from_counts(counts)
+
+
+def class_weights_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """:math:`w_q = 1/K_q` from the class sizes (Q,); 0 for a class without samples."""
     return torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
 
 

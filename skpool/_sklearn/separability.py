@@ -17,10 +17,15 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, column_or_1d
 
 from .._core import distributed as dist
-from .._core.geneig import rayleigh_ratios, top_generalized_eigenvectors
+from .._core.geneig import fill_empty_rows, rayleigh_ratios, top_generalized_eigenvectors
 from .._core.grid import average_pooling_operator, locality_costs, output_grid_shape
 from .._core.operator import apply_pooling_operator
-from .._core.scatter import ChannelStatistics, ScatterStatistics, class_weights_from_labels
+from .._core.scatter import (
+    ChannelStatistics,
+    ScatterStatistics,
+    class_weights_from_counts,
+    class_weights_from_labels,
+)
 from .._device import resolve_device
 from ._batches import release_mapped_pages, reiterable, split_batch
 from ._validation import FeatureStacks, atomic_fit, check_stacks
@@ -537,7 +542,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         grid = shard.grid_shape
         out_shape = self._check_shard(shard)
         counts = torch.as_tensor(shard.counts, dtype=dtype, device=device)
-        weights = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
+        weights = class_weights_from_counts(counts)
 
         def scatter_step():
             stats = _scatter_statistics(scatter_pass(), weights, mean, scale, dtype)
@@ -567,25 +572,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         return self
 
     def _fill_uninformative_rows(self, operator, grid, out_shape):
-        """Rows that came out zero get the cell's average-pooling row, normalised.
-
-        A row is zero only when the data carry no class information it can see (A = 0, e.g.
-        every class has the same mean, or all-zero maps): then every row has ratio 0, the
-        eigenproblem does not single one out, and the low-rank route returns p = B_m^-1 D w = 0.
-        Average pooling is the neutral choice (and what the full route's arbitrary eigenvector
-        is not); the row is normalised like the others, so no fitted row is ever zero.
-        """
-        norms = operator.abs().sum(dim=-1) if self.norm == "l1" else operator.norm(dim=-1)
-        empty = norms == 0
-        if not bool(empty.any()):
-            return operator
+        """Rows that came out zero (A = 0) get the cell's average-pooling row, normalised."""
         stride = self.stride if self.output_shape is None else None
         average = average_pooling_operator(
             grid, out_shape, stride=stride, dtype=operator.dtype, device=operator.device
         )
-        if self.norm == "l2":
-            average = average / average.norm(dim=-1, keepdim=True)
-        return torch.where(empty[..., None], average.expand_as(operator), operator)
+        return fill_empty_rows(operator, average, self.norm)
 
     def _solve(self, stats, grid, out_shape, dtype, device):
         """The operator (k, M, N) and ratios (k, M); distributed: each rank solves a slice."""
