@@ -23,12 +23,23 @@ ones give further components. For every location m, with :math:`B_m = B + \alpha
 :math:`N^3/3 + 2 N^2 r + O(N^3)`), and the full route otherwise. When
 :math:`r > N`, D is first replaced by an N-column factor of A (one N×N ``eigh``).
 
-Both routes factor every :math:`B_m` (batched Cholesky, blocked into matrix products on CPU:
-:func:`batched_cholesky`) in chunks of locations bounded by a memory budget; there is no
-Python loop over locations otherwise. The r×r (or N×N) ``eigh`` is exact; a block Krylov
-iteration for the top k was tried and rejected: on random features (N = 1024, r = 288) the top
-eigenvalues lie within a few percent of each other, and after 12 block steps (52 vectors) the
-top vector was still off by up to 0.16.
+Both routes factor every :math:`B_m` in chunks of locations bounded by a memory budget; there
+is no Python loop over locations otherwise. On CPU the low-rank route factors the augmented
+matrix :math:`[B_m;\ D^\top]` by one blocked Cholesky whose work is in batched matrix products
+(:func:`_fused_cholesky`): L, :math:`Y^\top = D^\top L^{-\top}` and :math:`Y^\top Y` come out of
+the same pass, a few locations at a time so that they stay in cache, and
+:math:`p = L^{-\top} Y w` is a blocked back substitution through the inverted diagonal tiles.
+Elsewhere (the full route, GPUs) the systems go through batched ``cholesky_ex`` (blocked on
+CPU: :func:`batched_cholesky`) and ``solve_triangular``.
+
+The top k eigenvectors of the r×r (or N×N) matrix come from :func:`top_eigenpairs`: a
+Chebyshev-filtered subspace iteration that stops when every wanted Ritz pair has a residual
+below :math:`100\,\epsilon\,\|S\|` (an exact eigenpair of a matrix that close to S, the
+guarantee ``eigh`` gives) and hands any location that does not get there in 8 rounds to
+``eigh``. (A plain block Krylov iteration was tried first and dropped: on random features the
+top eigenvalues lie within a few percent of each other and it had not converged after 12 block
+steps; the Chebyshev filter on :math:`[0, \theta_p]` with p = k + 12 vectors separates them by
+the gap to the p+1-th eigenvalue instead, measured at 2–5 rounds on such spectra.)
 
 Truncated support (opt-in, for large grids)
     With ``support_radius`` ρ, row m may only weigh the :math:`N_m` input locations within
@@ -49,8 +60,10 @@ Truncated support (opt-in, for large grids)
 Memory budget
     Locations are solved in chunks of ``max(1, max_memory_bytes // per_location)``, where
     ``per_location`` bounds the work matrices of one location (``_bytes_per_location``): n×n
-    systems and factors, n×r whitened factors, r×r or n×n eigenproblems and their LAPACK
-    workspace, and, for a truncated support, the float64 sub-blocks behind the ratios. The
+    systems and factors (on the CPU low-rank route the (n + r)×n augmented matrix and the
+    inverted diagonal tiles), n×r whitened factors, r×r or n×n eigenproblems and their LAPACK
+    workspace, and, for a truncated support, the float64 sub-blocks behind the ratios. On the
+    CPU low-rank route chunks hold at most 4 locations (faster: they stay in cache). The
     output (k, M, N), the costs (M, N), the statistics (N×N, N×r) and the float64 copy of B
     that the ratios of an exact float32 solve use are not part of the budget: they are the
     problem's own size. ``tests/core/test_scale.py`` tracks every tensor the solve allocates
@@ -80,6 +93,7 @@ from .grid import inside_radius, support_within_radius
 
 __all__ = [
     "fill_empty_rows",
+    "top_eigenpairs",
     "top_generalized_eigenvectors",
     "rayleigh_ratios",
     "batched_cholesky",
@@ -90,6 +104,18 @@ __all__ = [
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30
 _RIDGE_GROWTH = 100.0
 _CHOLESKY_BLOCK = 256
+#: Column tile of the fused CPU factorisation (:func:`_factor_and_whiten`).
+_FUSED_BLOCK = 128
+#: Locations per chunk of the fused CPU route: a few systems at a time stay in cache
+#: (measured on 2 cores, N = 1024, r = 288: 1.46 s with 4, 1.81 s with 16, 2.7 s with 256).
+_CPU_CHUNK = 4
+#: Top-k eigenvectors by subspace iteration (:func:`top_eigenpairs`): guard vectors beyond k,
+#: Chebyshev degree per round, rounds before the rest falls back to ``eigh``, and the accepted
+#: residual in units of eps * (largest eigenvalue).
+_SUBSPACE_GUARD = 12
+_CHEBYSHEV_DEGREE = 8
+_SUBSPACE_ROUNDS = 8
+_RESIDUAL_TOLERANCE = 100.0
 
 
 def top_generalized_eigenvectors(
@@ -136,9 +162,10 @@ def top_generalized_eigenvectors(
         Every location needs at least k locations in its support.
     max_memory_bytes : int, default=1 GiB
         Budget for the per-location work matrices of one chunk of locations (module docstring:
-        about ``(2 n^2 + 2 n r + 3 r^2) * itemsize`` per location for the low-rank route,
-        ``(7 n^2 + 2 n r) * itemsize`` for the full route, n = N without truncation); at least
-        one location is solved at a time.
+        about ``(2 n^2 + 2 n r + 3 r^2) * itemsize`` per location for the low-rank route
+        (on CPU ``(n^2 + n r + r^2 + 2 n b + (n + r) b + 4 r^2 + 8 r (k + 12)) * itemsize``,
+        with tiles of b = 128), ``(7 n^2 + 2 n r) * itemsize`` for the full route, n = N
+        without truncation); at least one location is solved at a time.
 
     Returns
     -------
@@ -183,8 +210,15 @@ def top_generalized_eigenvectors(
             f"n_components={n_components} needs method='full'."
         )
 
-    per_location = _bytes_per_location(size, rank, low_rank, dtype, support_radius is not None)
+    fused = low_rank and within.device.type == "cpu"
+    per_location = _bytes_per_location(
+        size, rank, low_rank, dtype, support_radius is not None, fused, n_components
+    )
     chunk = max(1, int(max_memory_bytes) // per_location)
+    workspace = None
+    if fused:  # one workspace reused by every chunk (no fresh pages per chunk)
+        chunk = min(chunk, _CPU_CHUNK)
+        workspace = _Workspace(within, chunk, size, rank)
     # The ratios are computed in float64: of B itself, or of its gathered sub-blocks.
     within64 = within.to(torch.float64) if support_radius is None else None
     vectors, ratios = [], []
@@ -194,10 +228,15 @@ def top_generalized_eigenvectors(
         if support_radius is not None:
             support = support_within_radius(chunk_costs, support_radius)
         problem = _LocalProblems(factor, within, within64, chunk_costs, alpha, support)
-        chunk_vectors, chunk_ratios = _solve_chunk(problem, n_components, low_rank, ridge, norm)
+        chunk_vectors, chunk_ratios = _solve_chunk(
+            problem, n_components, low_rank, ridge, norm, workspace
+        )
         vectors.append(chunk_vectors)
         ratios.append(chunk_ratios)
-    return torch.cat(vectors).transpose(0, 1), torch.cat(ratios).T
+    vectors = torch.cat(vectors).transpose(0, 1)
+    if support_radius is None:  # all rows at once: one product with B instead of one a chunk
+        return vectors, rayleigh_ratios(vectors, factor, within64, costs, alpha)
+    return vectors, torch.cat(ratios).T
 
 
 def rayleigh_ratios(
@@ -258,9 +297,18 @@ def _largest_support(costs, radius, n_components) -> int:
     return int(sizes.max())
 
 
-def _bytes_per_location(size, rank, low_rank, dtype, truncated) -> int:
+def _bytes_per_location(size, rank, low_rank, dtype, truncated, fused=False, k=1) -> int:
     """Upper bound of the work memory of one location (module docstring, "Memory budget")."""
-    if low_rank:
+    if fused:  # the (n + r, n) workspace, S, the inverted diagonal tiles, a column panel, a
+        # diagonal tile's factor and inverse (and LAPACK's copy), the subspace blocks of
+        # top_eigenpairs (or an r×r eigh) and, for a truncated support, a gathered system
+        block = min(size, _FUSED_BLOCK)
+        tiles = -(-size // block)
+        subspace = 8 * rank * (k + _SUBSPACE_GUARD) + 4 * rank**2
+        elements = (size + rank) * size + rank**2 + tiles * block**2
+        elements += (size + rank) * block + 3 * block**2
+        elements += subspace + (size**2 if truncated else 0)
+    elif low_rank:
         elements = 2 * size**2 + 2 * size * rank + 3 * rank**2
     else:  # the n×n eigh also takes a copy of its input and a 2n² LAPACK workspace
         elements = 7 * size**2 + 2 * size * rank
@@ -319,6 +367,25 @@ class _LocalProblems:
         system.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
         return system
 
+    def fill_augmented(self, rows: torch.Tensor, ridge: torch.Tensor, out: torch.Tensor) -> None:
+        r"""Write :math:`[B + \alpha C_m + \delta_m I;\; D^\top]` of ``rows`` into ``out``.
+
+        ``out`` is (len(rows), n + r, n): rows :n take the lower column tiles of the systems
+        (what :func:`_factor_and_whiten` reads; the tiles above the diagonal are left as they
+        are), rows n: the transposed factor D^T.
+        """
+        n = out.shape[-1]
+        if self.support is None:
+            for start in range(0, n, _FUSED_BLOCK):
+                stop = min(start + _FUSED_BLOCK, n)
+                out[:, start:n, start:stop] = self.within[start:n, start:stop]
+            out[:, n:, :] = self.factor.mT
+            diagonal = self.diagonal[rows] + ridge * self.scale[rows]
+            out[:, :n, :].diagonal(dim1=-2, dim2=-1).copy_(diagonal)
+        else:
+            out[:, :n, :] = self.systems(rows, ridge)
+            out[:, n:, :] = self.factor[rows].mT
+
     def ratios(self, vectors: torch.Tensor) -> torch.Tensor:
         """float64 ratios (b, k) of the normalised vectors (b, n, k) in their own blocks."""
         p = vectors.to(torch.float64)
@@ -345,52 +412,57 @@ class _LocalProblems:
         return rows[..., :n_locations]
 
 
-def _solve_chunk(problem: _LocalProblems, n_components, low_rank, ridge, norm):
-    """Normalised rows (b, k, N) and their float64 ratios (b, k) for a chunk of b locations."""
-    cholesky = _factor_systems(problem, ridge)  # (b, n, n), lower
-    factor = problem.factor.expand(problem.count, -1, -1)  # (b, n, r); broadcast, not copied
-    whitened = torch.linalg.solve_triangular(cholesky, factor, upper=False)  # Y = L^-1 D
-    if low_rank:
-        _, small = torch.linalg.eigh(whitened.mT @ whitened)  # D^T B_m^-1 D, (b, r, r)
-        top = whitened @ small[..., -n_components:].flip(-1)  # Y w, (b, n, k)
+def _solve_chunk(problem: _LocalProblems, n_components, low_rank, ridge, norm, workspace=None):
+    """Normalised rows (b, k, N) and their float64 ratios (b, k) for a chunk of b locations.
+
+    With a ``workspace`` (the low-rank route on CPU) the systems are factored together with
+    the whitening of D (:func:`_factor_and_whiten`); otherwise by batched Cholesky followed by
+    a batched triangular solve.
+    """
+    if workspace is not None:
+        work, inverses, gram = _factor_and_whiten(problem, ridge, workspace)
+        n = work.shape[-1]
+        _, small = top_eigenpairs(gram, n_components)  # D^T B_m^-1 D, (b, r, r)
+        top = work[:, n:].mT @ small  # Y w, (b, n, k)
+        vectors = _back_substitute(work, inverses, top)  # L^-T Y w
     else:
-        gram = whitened @ whitened.mT  # L^-1 A L^-T, (b, n, n)
-        del whitened
-        _, full = torch.linalg.eigh(gram)
-        del gram
-        top = full[..., -n_components:].flip(-1)
-        del full
-    vectors = torch.linalg.solve_triangular(cholesky.mT, top, upper=True)  # L^-T z, (b, n, k)
-    del cholesky
+        cholesky = _factor_systems(problem, ridge)  # (b, n, n), lower
+        factor = problem.factor.expand(problem.count, -1, -1)  # (b, n, r); not copied
+        whitened = torch.linalg.solve_triangular(cholesky, factor, upper=False)  # Y = L^-1 D
+        if low_rank:
+            _, small = top_eigenpairs(whitened.mT @ whitened, n_components)  # (b, r, k)
+            top = whitened @ small  # Y w, (b, n, k)
+        else:
+            gram = whitened @ whitened.mT  # L^-1 A L^-T, (b, n, n)
+            del whitened
+            _, top = top_eigenpairs(gram, n_components)
+            del gram
+        vectors = torch.linalg.solve_triangular(cholesky.mT, top, upper=True)  # L^-T z
+        del cholesky
     if problem.support is not None:  # exact zeros at the padding (only eigenvalue-0 vectors
         vectors = vectors * problem.support[1][..., None]  # can put anything there)
     vectors = _normalise(_fix_sign(vectors.mT), norm).mT
-    ratios = problem.ratios(vectors)
+    ratios = None if problem.support is None else problem.ratios(vectors)
     return problem.scatter(vectors, problem.within.shape[-1]), ratios
 
 
-def _factor_systems(problem: _LocalProblems, ridge: float | None):
-    """Cholesky factors of B + alpha C_m + delta_m I for a chunk of locations (b, n, n).
+def _with_ridge(problem: _LocalProblems, ridge: float | None, factor_rows) -> None:
+    """Run ``factor_rows(rows, relative_ridges) -> info`` until every location factors.
 
     The relative ridge of a location is ``ridge`` or, by default, n_m * eps (its own system
     size, so neither the chunking nor a split of the locations across processes changes it);
-    locations whose factorisation fails are factored again with it multiplied by 100.
+    locations whose factorisation fails (info > 0) are factored again with it multiplied
+    by 100.
     """
     if ridge is None:
         relative = problem.sizes * torch.finfo(problem.diagonal.dtype).eps
     else:
         relative = torch.full_like(problem.scale, float(ridge))
     index = torch.arange(problem.count, device=problem.diagonal.device)
-    cholesky = None
     while True:
-        factor, info = batched_cholesky(problem.systems(index, relative[index]), overwrite=True)
-        if cholesky is None:
-            cholesky = factor
-        else:
-            cholesky[index] = factor
-        failed = info > 0
+        failed = factor_rows(index, relative[index]) > 0
         if not bool(failed.any()):
-            return cholesky
+            return
         index = index[failed]
         if bool((relative[index] >= 1.0).any()):
             raise FloatingPointError(
@@ -398,6 +470,210 @@ def _factor_systems(problem: _LocalProblems, ridge: float | None):
                 "trace/N; are the statistics finite?"
             )
         relative[index] = (relative[index] * _RIDGE_GROWTH).clamp_max(1.0)
+
+
+def _factor_systems(problem: _LocalProblems, ridge: float | None) -> torch.Tensor:
+    """Cholesky factors of B + alpha C_m + delta_m I for a chunk of locations (b, n, n)."""
+    result = []
+
+    def factor_rows(rows, relative):
+        factor, info = batched_cholesky(problem.systems(rows, relative), overwrite=True)
+        if not result:
+            result.append(factor)
+        else:
+            result[0][rows] = factor
+        return info
+
+    _with_ridge(problem, ridge, factor_rows)
+    return result[0]
+
+
+class _Workspace:
+    """Buffers of the fused CPU route, allocated once for the largest chunk and reused."""
+
+    def __init__(self, like: torch.Tensor, count: int, size: int, rank: int):
+        tiles = -(-size // _FUSED_BLOCK)
+        block = min(size, _FUSED_BLOCK)
+        self.work = like.new_empty(count * (size + rank) * size)
+        self.inverses = like.new_empty(count * tiles * block * block)
+        self.gram = like.new_empty(count * rank * rank)
+
+    def views(self, count: int, size: int, rank: int):
+        """(count, n + r, n) work, (count, tiles, block, block) inverses, (count, r, r) S."""
+        tiles, block = -(-size // _FUSED_BLOCK), min(size, _FUSED_BLOCK)
+        return (
+            self.work[: count * (size + rank) * size].view(count, size + rank, size),
+            self.inverses[: count * tiles * block * block].view(count, tiles, block, block),
+            self.gram[: count * rank * rank].view(count, rank, rank),
+        )
+
+
+def _factor_and_whiten(problem: _LocalProblems, ridge: float | None, workspace: _Workspace):
+    r"""L, :math:`Y^\top = D^\top L^{-\top}` and :math:`S = Y^\top Y` of a chunk of locations.
+
+    One blocked right-looking Cholesky of the augmented :math:`(n + r) \times n` matrix
+    :math:`[B_m;\ D^\top]` (:func:`_fused_cholesky`): its first n rows become L, its last r
+    rows :math:`Y^\top`, and S accumulates from the panels. Returns views into the workspace:
+    ``work`` (b, n + r, n) (L in the lower tiles of its first n rows, :math:`Y^\top` below),
+    the inverses of L's diagonal tiles (b, tiles, block, block), and S (b, r, r).
+    """
+    count, n = problem.count, problem.diagonal.shape[-1]  # a chunk's supports may be smaller
+    rank = problem.factor.shape[-1]
+    work, inverses, gram = workspace.views(count, n, rank)
+    everything = torch.arange(count, device=work.device)
+
+    def factor_rows(rows, relative):
+        whole = rows.numel() == count and bool((rows == everything).all())
+        if whole:
+            target = (work, inverses, gram)
+        else:
+            target = (work.new_empty((rows.numel(), *shape[1:])) for shape in
+                      (work.shape, inverses.shape, gram.shape))
+            target = tuple(target)
+        problem.fill_augmented(rows, relative, target[0])
+        info = _fused_cholesky(*target, n)
+        if not whole:
+            work[rows], inverses[rows], gram[rows] = target
+        return info
+
+    _with_ridge(problem, ridge, factor_rows)
+    return work, inverses, gram
+
+
+def _fused_cholesky(work, inverses, gram, n: int):
+    r"""Blocked Cholesky of the first n columns of ``work`` (b, n + r, n), in place.
+
+    ``work`` holds :math:`[M; D^\top]` with M symmetric (only its lower column tiles are read).
+    Afterwards its first n rows hold L (lower tiles; :math:`M = L L^\top`) and its last r
+    rows :math:`D^\top L^{-\top}`; ``inverses`` (b, tiles, block, block) the inverses of L's
+    diagonal tiles; ``gram`` (b, r, r)
+    :math:`D^\top M^{-1} D = (D^\top L^{-\top})(D^\top L^{-\top})^\top`. Each column tile:
+    LAPACK Cholesky of the diagonal tile, its triangular inverse, the panel below as one
+    matrix product with that inverse, and the trailing update of the lower tiles only, all as
+    batched matrix products over the chunk (on 2 cores about 270 GFLOP/s, where a batched
+    ``cholesky_ex`` and ``solve_triangular`` reach a third of that). Returns the (b,) int
+    info of :func:`torch.linalg.cholesky_ex`, > 0 where a pivot failed.
+    """
+    block = inverses.shape[-1]
+    count = work.shape[0]
+    gram.zero_()
+    info = torch.zeros(count, dtype=torch.int32, device=work.device)
+    eye = torch.eye(block, dtype=work.dtype, device=work.device)
+    for tile, start in enumerate(range(0, n, block)):
+        stop = min(start + block, n)
+        width = stop - start
+        diagonal, block_info = torch.linalg.cholesky_ex(work[:, start:stop, start:stop])
+        info = torch.where((info == 0) & (block_info > 0), block_info + start, info)
+        work[:, start:stop, start:stop] = diagonal
+        inverse = inverses[:, tile, :width, :width]
+        inverse.copy_(torch.linalg.solve_triangular(diagonal, eye[:width, :width], upper=False))
+        panel = work[:, stop:, start:stop] @ inverse.mT  # (b, n + r - stop, width)
+        work[:, stop:, start:stop] = panel
+        for column in range(stop, n, block):  # lower tiles of the trailing matrix
+            end = min(column + block, n)
+            below = panel[:, column - stop :]
+            work[:, column:, column:end].baddbmm_(below, below[:, : end - column].mT, alpha=-1)
+        whitened = panel[:, n - stop :]  # the D^T rows of the panel
+        gram.baddbmm_(whitened, whitened.mT)
+    return info
+
+
+def _back_substitute(work, inverses, rhs):
+    r""":math:`L^{-\top}` ``rhs`` (b, n, k), L in the lower tiles of ``work``'s first n rows.
+
+    Blocked backward substitution through the inverted diagonal tiles: matrix products only,
+    reading L in place (a LAPACK solve would first copy every (n, n) factor).
+    """
+    n, block = work.shape[-1], inverses.shape[-1]
+    solution = torch.empty_like(rhs)
+    starts = list(range(0, n, block))
+    for tile in reversed(range(len(starts))):
+        start = starts[tile]
+        stop = min(start + block, n)
+        width = stop - start
+        part = rhs[:, start:stop]
+        if stop < n:
+            part = part - work[:, stop:n, start:stop].mT @ solution[:, stop:]
+        solution[:, start:stop] = inverses[:, tile, :width, :width].mT @ part
+    return solution
+
+
+def top_eigenpairs(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Top-k eigenvalues (b, k) and eigenvectors (b, r, k), descending, of PSD (b, r, r).
+
+    Small problems (:math:`3 (k + 12) > r`) go to :func:`torch.linalg.eigh`. Otherwise a
+    batched subspace iteration on :math:`p = k + 12` vectors: one power step from a fixed
+    random block, then rounds of a degree-8 Chebyshev filter that damps the interval
+    :math:`[0, \theta_p]` (:math:`\theta_p` the smallest Ritz value of the block, at least
+    :math:`\theta_1 / 10`), QR and Rayleigh–Ritz. A location is done when each of its top-k
+    Ritz pairs has a residual :math:`\|S u - \theta u\| \le 100\,\epsilon\,\theta_1`:
+    the pair is then an exact eigenpair of a matrix within :math:`100\,\epsilon\,\|S\|` of S,
+    the same kind of backward error as ``eigh``'s, so the vector is as well determined as
+    ``eigh`` would give it (angle :math:`\lesssim 100\,\epsilon\,\theta_1/\text{gap}`).
+    Locations not done after 8 rounds are solved by ``eigh``. All work is in batched matrix
+    products, a QR of (b, r, p) and a p×p ``eigh``: on 256 matrices of r = 288 this takes
+    0.05–0.2 s where ``eigh`` takes 0.7 s (2 cores), because ``eigh`` spends its time in the
+    memory-bound tridiagonal reduction of the whole matrix.
+    """
+    count, size, _ = matrices.shape
+    width = k + _SUBSPACE_GUARD
+    if 3 * width > size:
+        values, vectors = torch.linalg.eigh(matrices)
+        return values[..., -k:].flip(-1), vectors[..., -k:].flip(-1)
+    dtype, device = matrices.dtype, matrices.device
+    trace = matrices.diagonal(dim1=-2, dim2=-1).sum(-1)
+    scale = torch.where(trace > 0, trace, torch.ones_like(trace))[:, None, None]
+    normalised = matrices / scale  # eigenvalues in [0, 1] (up to rounding)
+    generator = torch.Generator().manual_seed(0)  # the same start on every device
+    start = torch.randn(size, width, generator=generator, dtype=torch.float64)
+    block = normalised @ start.to(dtype=dtype, device=device)
+    values = torch.zeros((count, k), dtype=dtype, device=device)
+    vectors = torch.zeros((count, size, k), dtype=dtype, device=device)
+    active = torch.arange(count, device=device)
+    tolerance = _RESIDUAL_TOLERANCE * torch.finfo(dtype).eps
+    for round_ in range(_SUBSPACE_ROUNDS):
+        current = normalised[active]
+        if round_ > 0:
+            block = _chebyshev_filter(current, block, cutoff)
+        block, _ = torch.linalg.qr(block)
+        image = current @ block
+        ritz_values, rotation = torch.linalg.eigh(_symmetrised(block.mT @ image))
+        ritz_values, rotation = ritz_values.flip(-1), rotation.flip(-1)
+        block, image = block @ rotation, image @ rotation
+        residual = image[..., :k] - block[..., :k] * ritz_values[:, None, :k]
+        largest = ritz_values[:, :1].clamp_min(0)
+        done = (torch.linalg.vector_norm(residual, dim=-2) <= tolerance * largest).all(dim=-1)
+        finished = active[done]
+        values[finished] = ritz_values[done, :k]
+        vectors[finished] = block[done, :, :k]
+        active, block, ritz_values = active[~done], block[~done], ritz_values[~done]
+        if active.numel() == 0:
+            break
+        cutoff = torch.maximum(ritz_values[:, -1], ritz_values[:, 0] / 10)[:, None, None]
+    if active.numel():
+        exact_values, exact_vectors = torch.linalg.eigh(normalised[active])
+        values[active] = exact_values[..., -k:].flip(-1)
+        vectors[active] = exact_vectors[..., -k:].flip(-1)
+    return values * scale[:, 0], vectors
+
+
+def _chebyshev_filter(matrices, block, cutoff):
+    r""":math:`T_d(2S/c - 1)\,X` with the three-term recurrence (d = ``_CHEBYSHEV_DEGREE``).
+
+    Damps the eigen-directions of S in [0, c] (there :math:`|T_d| \le 1`) and amplifies
+    those above c, the more the further above; each column is rescaled at the end.
+    """
+    previous, current = block, (matrices @ block) * (2 / cutoff) - block
+    for _ in range(_CHEBYSHEV_DEGREE - 1):
+        following = 2 * ((matrices @ current) * (2 / cutoff) - current) - previous
+        previous, current = current, following
+    return current / torch.linalg.vector_norm(current, dim=-2, keepdim=True).clamp_min(
+        torch.finfo(current.dtype).tiny
+    )
+
+
+def _symmetrised(matrices: torch.Tensor) -> torch.Tensor:
+    return (matrices + matrices.mT) / 2
 
 
 def batched_cholesky(
