@@ -194,24 +194,38 @@ def test_fused_route_matches_scipy_on_a_large_rank(rng, monkeypatch, n_samples, 
         ref.assert_same_rows(vectors.numpy(), unfused.double().numpy(), 1e-9 if dtype == torch.float64 else 1e-5)
 
 
-def test_fused_route_retries_failed_factorisations_like_the_lapack_route(rng, monkeypatch):
-    """B of rank 12 on 64 locations, alpha = 0 and a relative ridge of 1e-18: every system
-    fails its first factorisation; both routes grow the ridge the same way and agree."""
+def test_fused_route_retries_only_the_failed_locations(rng, monkeypatch):
+    """A dead centre location (zero row and column in B) and no ridge (``ridge=0``):
+    B + alpha C_m is singular only where C_m is zero there too (on a 9x9 grid pooled to 5x5,
+    the centre cell alone), so that location, and only it, is factored again with a larger
+    ridge; the result is the one of solving every location on its own."""
     monkeypatch.setattr(geneig, "_FUSED_BLOCK", 16)
-    factor = torch.as_tensor(rng.normal(size=(64, 45)))
-    half = torch.as_tensor(rng.normal(size=(64, 12)))
-    within = half @ half.T
-    costs = locality_costs((8, 8), (3, 3))
+    monkeypatch.setattr(geneig, "_CPU_CHUNK", 9)
+    factor = torch.as_tensor(rng.normal(size=(81, 45)))
+    half = torch.as_tensor(rng.normal(size=(81, 12)))
+    within = half @ half.T + 0.1 * torch.eye(81, dtype=torch.float64)
+    within[40], within[:, 40] = 0.0, 0.0  # the centre of the grid is constant
+    costs = locality_costs((9, 9), (5, 5))
+    assert int((costs == 0).any(dim=1).sum()) == 1
     attempts = []
     original = geneig._LocalProblems.fill_augmented
 
     def spy(self, rows, relative, out):
-        attempts.append(float(relative.max()))
+        attempts.append((rows.numel(), float(relative.max())))
         return original(self, rows, relative, out)
 
     monkeypatch.setattr(geneig._LocalProblems, "fill_augmented", spy)
-    fused = top_generalized_eigenvectors(factor, within, costs, 0.0, 1, method="low_rank", ridge=1e-18)
-    assert len(attempts) > 1 and attempts[-1] > 1e-18  # it retried with a larger ridge
-    full = top_generalized_eigenvectors(factor, within, costs, 0.0, 1, method="full", ridge=1e-18)
-    assert torch.isfinite(fused[0]).all()
-    torch.testing.assert_close(fused[1], full[1], rtol=1e-6, atol=0)
+    vectors, values = top_generalized_eigenvectors(
+        factor, within, costs, 1.0, 1, method="low_rank", ridge=0.0
+    )
+    retries = [ridge for rows, ridge in attempts if rows == 1]
+    assert len(retries) == 1 and retries[0] > 0
+    assert all(rows in (9, 7, 1) for rows, _ in attempts)  # chunks of 9, 9, 7; retries of 1
+    assert torch.isfinite(vectors).all()
+    attempts.clear()
+    one_by_one = top_generalized_eigenvectors(
+        factor, within, costs, 1.0, 1, method="low_rank", ridge=0.0, max_memory_bytes=1
+    )
+    assert attempts[0][0] == 1
+    torch.testing.assert_close(vectors, one_by_one[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(values, one_by_one[1], rtol=1e-12, atol=0)
