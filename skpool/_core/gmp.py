@@ -84,7 +84,8 @@ def generalized_max_pool(
         only batches whose error bound ``q = eps32 * (lambda_max(G) + lam) / lam`` (with
         ``lambda_max`` bounded by the trace and the largest absolute row sum of G) exceeds
         :data:`AUTO_REFINE_TOLERANCE`, with the fewest steps k such that ``q**(k+1)`` is below
-        it (at most 5; one device synchronisation). Samples whose last refinement step still
+        it (at most 5; one device synchronisation, two when the trace alone does not settle it).
+        Samples whose last refinement step still
         changed the solution by more than ``10 * AUTO_REFINE_TOLERANCE`` (relative) did not
         converge (``cond(G) * eps32`` near 1 or above, e.g. nearly rank-deficient descriptors
         at a small ``lam``) and are solved again in float64 (one more synchronisation).
@@ -173,13 +174,7 @@ def _solve(
 
     diag = gram.detach().diagonal(dim1=1, dim2=2)
     scale2 = diag.amax(dim=1).double()  # s^2, largest squared descriptor (or column) norm
-    # An upper bound on the largest eigenvalue of G, for the refinement decision: the smaller
-    # of the trace and the largest absolute row sum (Gershgorin; tight for ReLU features,
-    # whose Gram matrices are entrywise positive).
-    spectral_bound = None
-    if refine_steps == "auto":
-        rows = gram.detach().abs().sum(dim=2).amax(dim=1)
-        spectral_bound = torch.minimum(diag.sum(dim=1), rows).double()
+    trace = diag.sum(dim=1).double() if refine_steps == "auto" else None
     trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
     scale2 = torch.where(torch.isfinite(scale2) & (scale2 > 0), scale2, torch.ones_like(scale2))
 
@@ -202,9 +197,17 @@ def _solve(
 
     steps = refine_steps
     if steps == "auto":
-        bound = finfo.eps * (spectral_bound / scale2 + ridge) / ridge
-        bound = bound.masked_fill(trouble, 0.0)  # troubled samples are solved again, rescaled
-        steps = _auto_steps(float(bound.max()) if bound.numel() else 0.0)
+        # The error bound eps * (lambda_max(G) / s^2 + ridge) / ridge, with lambda_max(G)
+        # bounded by the trace; only where that is not enough, by the smaller of the trace and
+        # the largest absolute row sum (Gershgorin; tight for ReLU features, whose Gram matrices
+        # are entrywise positive), which costs a pass over G and a second synchronisation.
+        bound = (finfo.eps * (trace / scale2 + ridge) / ridge).masked_fill(trouble, 0.0)
+        worst = float(bound.max()) if bound.numel() else 0.0
+        if worst > AUTO_REFINE_TOLERANCE:  # |G + ridge s^2 I| row sums = |G| row sums + ridge s^2
+            rows = system.detach().abs().sum(dim=2).amax(dim=1).double() / scale2
+            bound = torch.minimum(bound, finfo.eps * rows / ridge).masked_fill(trouble, 0.0)
+            worst = float(bound.max())
+        steps = _auto_steps(worst)
     if steps and dtype != torch.float64:
         xi, last = _refine(phi, target, ridge * scale2, factor, solution, dual, steps)
         if refine_steps == "auto":  # refinement that did not converge: solve in float64

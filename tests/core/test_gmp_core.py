@@ -229,3 +229,27 @@ def test_weights_reproduce_the_pooled_vector(rng, n, c):
     expected = np.stack([np.linalg.solve(p @ p.T + lam * np.eye(n), np.ones(n)) for p in phi])
     np.testing.assert_allclose(weights, expected, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(np.einsum("bn,bnc->bc", weights, phi), reference_primal(phi, lam), rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "lam_in_s2,refined",
+    [(10.0, False),  # the trace bound settles it: no row sums, no refinement
+     (0.1, False),  # the trace bound fails, the Gershgorin row-sum bound settles it
+     (1e-4, True)],  # both fail: float64 refinement
+)
+def test_auto_refinement_decision(rng, monkeypatch, lam_in_s2, refined):
+    """Zero-mean descriptors, N = C = 400: trace(G) ~ 400 s^2 but the largest absolute row
+    sum of G is about 17 s^2, so at a ridge of 0.1 s^2 only the row-sum bound is below the
+    tolerance. The decision follows the bounds, and the result matches float64 either way."""
+    from skpool._core import gmp as gmp_module
+
+    phi = rng.normal(size=(3, 400, 400))
+    s2 = float((phi**2).sum(-1).max())
+    lam = lam_in_s2 * s2
+    calls = []
+    original = gmp_module._refine
+    monkeypatch.setattr(gmp_module, "_refine", lambda *a: calls.append(a[-1]) or original(*a))
+    got = generalized_max_pool(torch.as_tensor(phi, dtype=torch.float32), lam, refine_steps="auto")
+    assert bool(calls) == refined
+    expected = generalized_max_pool(torch.as_tensor(phi), lam)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5)
