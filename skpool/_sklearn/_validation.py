@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from sklearn.utils.validation import validate_data
 
+from ._batches import release_mapped_pages
+
 __all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_grid_shape"]
 
 _ALLOWED_NDIM = (2, 3, 4)
@@ -69,7 +71,9 @@ class FeatureStacks:
 
         Ragged samples are sorted by length and padded within a batch (so padding stays
         small); the mask is True at real locations. Raises ValueError at the first batch
-        that holds NaN or infinity.
+        that holds NaN or infinity. After each batch the pages of a shared memmap that it read
+        are released (:func:`~skpool._sklearn._batches.release_mapped_pages`), so a pass over
+        a memmap does not leave the whole file resident.
         """
         if self.layout == "ragged":
             yield from self._iter_ragged(batch_size, device)
@@ -80,6 +84,7 @@ class FeatureStacks:
             batch = batch.reshape(stop - start, -1, self.n_channels)
             _check_finite(batch, start)
             yield np.arange(start, stop), batch, None
+            release_mapped_pages(self.data)
 
     def _iter_ragged(self, batch_size, device):
         lengths = np.array([len(sample) for sample in self.data])

@@ -27,7 +27,7 @@ from .._core.scatter import (
     class_weights_from_labels,
 )
 from .._device import resolve_device
-from ._batches import release_mapped_pages, reiterable, split_batch
+from ._batches import reiterable, split_batch
 from ._validation import FeatureStacks, atomic_fit, check_stacks
 
 __all__ = ["SeparabilityPooling"]
@@ -756,10 +756,9 @@ def _check_pair(shape) -> tuple[int, int] | None:
 
 def _read_indexed(stacks: FeatureStacks, batch_size, device):
     """(sample indices, batch (b, N, C)) on the device; a memmap's pages are released after
-    every batch, so a pass over it does not leave the whole file resident."""
+    every batch (:meth:`FeatureStacks.iter_batches`)."""
     for index, batch, _ in stacks.iter_batches(batch_size, device):
         yield index, batch
-        release_mapped_pages(stacks.data)
 
 
 def _read(stacks: FeatureStacks, batch_size, device):

@@ -315,3 +315,23 @@ def test_two_gloo_processes_equal_the_single_process_fit(rng, tmp_path):
         messages = [str(np.load(tmp_path / f"rank{rank}.npz")[name]) for rank in range(2)]
         assert messages[0].startswith("RuntimeError") and "rank 1" in messages[0]
         assert match in messages[0] and messages[1].startswith(error) and match in messages[1]
+
+
+def test_gmp_transform_of_a_memmap_reads_batches_and_releases_pages(rng, tmp_path):
+    """GeneralizedMaxPooling.transform over a memmap: the in-memory result, and the file's
+    pages are released after each batch (not left resident after the pass)."""
+    from skpool import GeneralizedMaxPooling
+
+    maps = rng.normal(size=(64, 16, 16, 8))
+    path = tmp_path / "gmp.dat"
+    mapped = np.memmap(path, dtype=np.float64, mode="w+", shape=maps.shape)
+    mapped[:] = maps
+    mapped.flush()
+    del mapped
+    mapped = np.memmap(path, dtype=np.float64, mode="r", shape=maps.shape)
+    pool = GeneralizedMaxPooling(lam=1.0, batch_size=8)
+    got = pool.fit_transform(mapped)
+    resident = mapped_resident_kib(path)
+    if resident is not None:
+        assert resident * 1024 < 8 * maps[0].nbytes
+    np.testing.assert_allclose(got, pool.transform(maps), atol=1e-12)
