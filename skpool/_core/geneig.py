@@ -63,7 +63,8 @@ Memory budget
     systems and factors (on the CPU low-rank route the (n + r)×n augmented matrix and the
     inverted diagonal tiles), n×r whitened factors, r×r or n×n eigenproblems and their LAPACK
     workspace, and, for a truncated support, the float64 sub-blocks behind the ratios. On the
-    CPU low-rank route chunks hold at most 4 locations (faster: they stay in cache). The
+    CPU low-rank route chunks hold at most 4 locations, or 32 MiB of work if that is more
+    (faster: they stay in cache). The
     output (k, M, N), the costs (M, N), the statistics (N×N, N×r) and the float64 copy of B
     that the ratios of an exact float32 solve use are not part of the budget: they are the
     problem's own size. ``tests/core/test_scale.py`` tracks every tensor the solve allocates
@@ -107,9 +108,12 @@ _CHOLESKY_BLOCK = 256
 #: Column tile of the fused CPU factorisation (:func:`_factor_and_whiten`).
 _FUSED_BLOCK = 128
 _LEAF_TILE = 64
-#: Locations per chunk of the fused CPU route: a few systems at a time stay in cache
-#: (measured on 2 cores, N = 1024, r = 288: 1.46 s with 4, 1.81 s with 16, 2.7 s with 256).
+#: Locations per chunk of the fused CPU route: a few large systems at a time stay in cache
+#: (measured on 2 cores, N = 1024, r = 288: 1.46 s with 4, 1.81 s with 16, 2.7 s with 256),
+#: while small ones (truncated supports) are batched up to about 32 MiB of work per chunk, so
+#: that the per-operation overhead stays small.
 _CPU_CHUNK = 4
+_CPU_CHUNK_BYTES = 32 << 20
 #: Top-k eigenvectors by subspace iteration (:func:`top_eigenpairs`): guard vectors beyond k,
 #: Chebyshev degree per round, rounds before the rest falls back to ``eigh``, and the accepted
 #: residual in units of eps * (largest eigenvalue).
@@ -219,7 +223,7 @@ def top_generalized_eigenvectors(
     chunk = max(1, int(max_memory_bytes) // per_location)
     workspace = None
     if fused:  # one workspace reused by every chunk (no fresh pages per chunk)
-        chunk = min(chunk, _CPU_CHUNK)
+        chunk = min(chunk, max(_CPU_CHUNK, _CPU_CHUNK_BYTES // per_location))
         workspace = _Workspace(within, chunk, size, rank)
     # The ratios are computed in float64: of B itself, or of its gathered sub-blocks.
     within64 = within.to(torch.float64) if support_radius is None else None

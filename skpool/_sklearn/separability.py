@@ -100,7 +100,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     solver : {"auto", "low_rank", "full"}, default="auto"
         Route of the eigenproblem: ``"low_rank"`` solves an r×r problem with r ≤ (Q−1)·C
         (needs ``n_components <= r``), ``"full"`` an N×N one; ``"auto"`` picks low-rank when
-        r < N. Both give the same operator up to rounding.
+        r < N. Both give the same operator up to rounding. On CPU the low-rank route factors
+        each cell's system and whitens A's factor in one blocked pass, a few cells at a time;
+        the top components come from a subspace iteration certified by its residual, with
+        ``eigh`` as the fallback (:mod:`skpool._core.geneig`).
     device : str or torch.device, default="auto"
         Where to compute: "auto" (CUDA when available), "cpu", "cuda" or "cuda:<index>".
     dtype : {"float64", "float32"}, default="float64"
@@ -112,7 +115,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Memory budget of the work matrices of one chunk of output cells in the solve (each cell
         needs a few N×N matrices: about (2·N² + 2·N·r + 3·r²)·8 bytes in float64 for the
         low-rank route, (7·N² + 2·N·r)·8 for the full one; n×n with n the largest support
-        when ``support_radius`` is set). At least one cell is solved at a time. The statistics
+        when ``support_radius`` is set). At least one cell is solved at a time; on CPU the
+        low-rank route takes at most 4 cells at a time, or 32 MiB of them (faster: they stay
+        in cache), so it usually needs well under the budget. The statistics
         (N×N), the costs and the operator (k·M·N) come on top; the peak memory of a fit
         does not grow with the number of samples when they come in batches.
     support_radius : float, default=None

@@ -163,6 +163,7 @@ def test_fused_route_matches_scipy_on_a_large_rank(rng, monkeypatch, n_samples, 
     32 over N = 144 (a partial last tile); chunks of 3 locations (a partial last chunk)."""
     monkeypatch.setattr(geneig, "_FUSED_BLOCK", 32)
     monkeypatch.setattr(geneig, "_CPU_CHUNK", 3)
+    monkeypatch.setattr(geneig, "_CPU_CHUNK_BYTES", 0)
     grid, n_classes, n_channels = (12, 12), 6, 10
     labels = np.arange(max(n_samples, n_classes)) % n_classes
     means = rng.normal(size=(n_classes, 144, n_channels))
@@ -201,6 +202,7 @@ def test_fused_route_retries_only_the_failed_locations(rng, monkeypatch):
     ridge; the result is the one of solving every location on its own."""
     monkeypatch.setattr(geneig, "_FUSED_BLOCK", 16)
     monkeypatch.setattr(geneig, "_CPU_CHUNK", 9)
+    monkeypatch.setattr(geneig, "_CPU_CHUNK_BYTES", 0)
     factor = torch.as_tensor(rng.normal(size=(81, 45)))
     half = torch.as_tensor(rng.normal(size=(81, 12)))
     within = half @ half.T + 0.1 * torch.eye(81, dtype=torch.float64)
