@@ -524,7 +524,8 @@ def _factor_and_whiten(problem: _LocalProblems, ridge: float | None, workspace: 
     One blocked right-looking Cholesky of the augmented :math:`(n + r) \times n` matrix
     :math:`[B_m;\ D^\top]` (:func:`_fused_cholesky`): its first n rows become L, its last r
     rows :math:`Y^\top`, and S accumulates from the panels. Returns views into the workspace:
-    ``work`` (b, n + r, n) (L in the lower tiles of its first n rows, :math:`Y^\top` below),
+    ``work`` (b, n + r, n) (L's below-diagonal tiles in its first n rows, :math:`Y^\top`
+    below),
     the inverses of L's diagonal tiles (b, tiles, block, block), and S (b, r, r).
     """
     count, n = problem.count, problem.diagonal.shape[-1]  # a chunk's supports may be smaller
@@ -554,9 +555,10 @@ def _fused_cholesky(work, inverses, gram, n: int):
     r"""Blocked Cholesky of the first n columns of ``work`` (b, n + r, n), in place.
 
     ``work`` holds :math:`[M; D^\top]` with M symmetric (only its lower column tiles are read).
-    Afterwards its first n rows hold L (lower tiles; :math:`M = L L^\top`) and its last r
-    rows :math:`D^\top L^{-\top}`; ``inverses`` (b, tiles, block, block) the inverses of L's
-    diagonal tiles; ``gram`` (b, r, r)
+    Afterwards the tiles below the diagonal of its first n rows hold those of L
+    (:math:`M = L L^\top`; the diagonal tiles are left as scratch: L's diagonal tiles are only
+    needed through their inverses), its last r rows :math:`D^\top L^{-\top}`; ``inverses``
+    (b, tiles, block, block) the inverses of L's diagonal tiles; ``gram`` (b, r, r)
     :math:`D^\top M^{-1} D = (D^\top L^{-\top})(D^\top L^{-\top})^\top`. Each column tile:
     LAPACK Cholesky of the diagonal tile, its triangular inverse, the panel below as one
     matrix product with that inverse, and the trailing update of the lower tiles only, all as
@@ -584,7 +586,7 @@ def _fused_cholesky(work, inverses, gram, n: int):
 
 
 def _factor_tile(tile: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor (in place, upper part zeroed) and its inverse of SPD tiles (b, w, w).
+    """Inverse Cholesky factors of SPD tiles (b, w, w) into ``inverse`` (the tile is scratch).
 
     Tiles above 64 are split in two (LAPACK factors a 64-matrix 6 times faster than a
     128-matrix of 8 times the work); returns the (b,) int info of ``cholesky_ex``.
@@ -592,17 +594,14 @@ def _factor_tile(tile: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     width = tile.shape[-1]
     if width <= _LEAF_TILE:
         factor, info = torch.linalg.cholesky_ex(tile)
-        tile.copy_(factor)
         eye = torch.eye(width, dtype=tile.dtype, device=tile.device)
         inverse.copy_(torch.linalg.solve_triangular(factor, eye, upper=False))
         return info
     half = width // 2
     info = _factor_tile(tile[:, :half, :half], inverse[:, :half, :half])
     lower = tile[:, half:, :half] @ inverse[:, :half, :half].mT  # L21 = A21 L11^-T
-    tile[:, half:, :half] = lower
     tile[:, half:, half:].baddbmm_(lower, lower.mT, alpha=-1)
     second = _factor_tile(tile[:, half:, half:], inverse[:, half:, half:])
-    tile[:, :half, half:] = 0
     inverse[:, :half, half:] = 0
     inverse[:, half:, :half] = -(inverse[:, half:, half:] @ lower) @ inverse[:, :half, :half]
     return torch.where(info > 0, info, torch.where(second > 0, second + half, 0))
@@ -621,7 +620,8 @@ def _lower_gram(rows: torch.Tensor, gram: torch.Tensor) -> None:
 
 
 def _back_substitute(work, inverses, rhs):
-    r""":math:`L^{-\top}` ``rhs`` (b, n, k), L in the lower tiles of ``work``'s first n rows.
+    r""":math:`L^{-\top}` ``rhs`` (b, n, k): L's below-diagonal tiles from ``work``, its
+    diagonal tiles through ``inverses``.
 
     Blocked backward substitution through the inverted diagonal tiles: matrix products only,
     reading L in place (a LAPACK solve would first copy every (n, n) factor).

@@ -131,8 +131,16 @@ def test_fused_cholesky_gives_factor_whitened_factor_and_gram(rng, dtype, rtol, 
     lower = np.linalg.cholesky(systems)
     whitened_t = np.linalg.solve(lower, factor[None]).transpose(0, 2, 1)  # D^T L^-T
     expected_gram = factor.T @ np.linalg.solve(systems, factor[None])
-    got_lower = np.tril(work[:, :n].double().numpy())
-    np.testing.assert_allclose(got_lower, lower, rtol=rtol, atol=rtol * np.abs(lower).max())
+    got = work[:, :n].double().numpy()
+    for tile, start in enumerate(range(0, n, block)):  # L's tiles below the diagonal, and
+        stop = min(start + block, n)  # the inverses of its diagonal tiles
+        expected_tiles = lower[:, stop:, start:stop]
+        np.testing.assert_allclose(got[:, stop:, start:stop], expected_tiles, rtol=rtol, atol=rtol)
+        width = stop - start
+        expected_inverse = np.linalg.inv(lower[:, start:stop, start:stop])
+        scale = np.abs(expected_inverse).max()
+        np.testing.assert_allclose(inverses[:, tile, :width, :width].double().numpy(),
+                                   expected_inverse, rtol=rtol, atol=rtol * scale)
     np.testing.assert_allclose(work[:, n:].double().numpy(), whitened_t, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(gram.double().numpy(), expected_gram, rtol=rtol, atol=rtol)
     rhs = rng.normal(size=(count, n, 2))
