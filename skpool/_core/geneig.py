@@ -523,10 +523,9 @@ def _factor_and_whiten(problem: _LocalProblems, ridge: float | None, workspace: 
 
     One blocked left-looking Cholesky of the augmented :math:`(n + r) \times n` matrix
     :math:`[B_m;\ D^\top]` (:func:`_fused_cholesky`): its first n rows become L, its last r
-    rows :math:`Y^\top`, and S accumulates from the panels. Returns views into the workspace:
+    rows :math:`Y^\top`, then S is their product. Returns views into the workspace:
     ``work`` (b, n + r, n) (L's below-diagonal tiles in its first n rows, :math:`Y^\top`
-    below),
-    the inverses of L's diagonal tiles (b, tiles, block, block), and S (b, r, r).
+    below), the inverses of L's diagonal tiles (b, tiles, block, block), and S (b, r, r).
     """
     count, n = problem.count, problem.diagonal.shape[-1]  # a chunk's supports may be smaller
     rank = problem.factor.shape[-1]
