@@ -56,6 +56,15 @@ def mapped_resident_kib(path) -> int | None:
     return total
 
 
+def read_only_memmap(path, array) -> np.memmap:
+    """``array`` written to a file at ``path``, mapped back read-only (a shared mapping)."""
+    mapped = np.memmap(path, dtype=array.dtype, mode="w+", shape=array.shape)
+    mapped[:] = array
+    mapped.flush()
+    del mapped
+    return np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+
+
 # ------------------------------------------------------------------------------ memmaps
 @pytest.mark.parametrize("normalize", [True, False])
 def test_memmap_is_read_in_batches_and_equals_the_in_memory_fit(
@@ -63,11 +72,7 @@ def test_memmap_is_read_in_batches_and_equals_the_in_memory_fit(
 ):
     maps, labels = make_maps(rng, n_samples=60)
     path = tmp_path / "maps.dat"
-    mapped = np.memmap(path, dtype=np.float64, mode="w+", shape=maps.shape)
-    mapped[:] = maps
-    mapped.flush()
-    del mapped
-    mapped = np.memmap(path, dtype=np.float64, mode="r", shape=maps.shape)
+    mapped = read_only_memmap(path, maps)
 
     reads = []
     original = _validation._to_tensor
@@ -324,11 +329,7 @@ def test_gmp_transform_of_a_memmap_reads_batches_and_releases_pages(rng, tmp_pat
 
     maps = rng.normal(size=(64, 16, 16, 8))
     path = tmp_path / "gmp.dat"
-    mapped = np.memmap(path, dtype=np.float64, mode="w+", shape=maps.shape)
-    mapped[:] = maps
-    mapped.flush()
-    del mapped
-    mapped = np.memmap(path, dtype=np.float64, mode="r", shape=maps.shape)
+    mapped = read_only_memmap(path, maps)
     pool = GeneralizedMaxPooling(lam=1.0, batch_size=8)
     got = pool.fit_transform(mapped)
     resident = mapped_resident_kib(path)
