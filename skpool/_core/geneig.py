@@ -168,8 +168,8 @@ def top_generalized_eigenvectors(
     max_memory_bytes : int, default=1 GiB
         Budget for the per-location work matrices of one chunk of locations (module docstring:
         about ``(2 n^2 + 2 n r + 3 r^2) * itemsize`` per location for the low-rank route
-        (on CPU ``(n^2 + n r + r^2 + 2 n b + (n + r) b + 4 r^2 + 8 r (k + 12)) * itemsize``,
-        with tiles of b = 128), ``(7 n^2 + 2 n r) * itemsize`` for the full route, n = N
+        (on CPU ``((n + r)(n + b) + 5 r^2 + n b + 3 b^2 + 8 r (k + 12)) * itemsize`` with
+        tiles of b = min(n, 128)), ``(7 n^2 + 2 n r) * itemsize`` for the full route, n = N
         without truncation); at least one location is solved at a time.
 
     Returns
@@ -233,8 +233,7 @@ def top_generalized_eigenvectors(
         support = None
         if support_radius is not None:
             support = support_within_radius(chunk_costs, support_radius)
-        problem = _LocalProblems(factor, within, within64, chunk_costs, alpha, support)
-        problem.factor_t = factor_t
+        problem = _LocalProblems(factor, within, within64, chunk_costs, alpha, support, factor_t)
         chunk_vectors, chunk_ratios = _solve_chunk(
             problem, n_components, low_rank, ridge, norm, workspace
         )
@@ -333,10 +332,9 @@ class _LocalProblems:
     eigenvalue and are zeroed explicitly otherwise.
     """
 
-    factor_t = None  # D^T (r, N) contiguous, for fill_augmented; set by the caller
-
-    def __init__(self, factor, within, within64, costs, alpha, support):
+    def __init__(self, factor, within, within64, costs, alpha, support, factor_t=None):
         self.within, self.within64, self.alpha, self.support = within, within64, alpha, support
+        self.factor_t = factor_t  # D^T (r, N) contiguous, for fill_augmented (optional)
         self.count = costs.shape[0]
         if support is None:
             self.factor = factor  # (N, r), shared by the chunk
@@ -536,10 +534,9 @@ def _factor_and_whiten(problem: _LocalProblems, ridge: float | None, workspace: 
         whole = rows.numel() == count and bool((rows == everything).all())
         if whole:
             target = (work, inverses, gram)
-        else:
-            target = (work.new_empty((rows.numel(), *shape[1:])) for shape in
-                      (work.shape, inverses.shape, gram.shape))
-            target = tuple(target)
+        else:  # retries of a few locations: their own buffers, copied back below
+            size = rows.numel()
+            target = tuple(t.new_empty((size, *t.shape[1:])) for t in (work, inverses, gram))
         problem.fill_augmented(rows, relative, target[0])
         info = _fused_cholesky(*target, n)
         if not whole:
