@@ -222,9 +222,11 @@ def _solve(
     if normalize:  # the direction does not depend on the positive factor 1/shrink
         norm = torch.linalg.vector_norm(xi, dim=1, keepdim=True)
         xi = xi / torch.where(norm > 0, norm, torch.ones_like(norm))
+        finite = torch.isfinite(norm.detach()[:, 0])  # inf or NaN anywhere in xi reaches it
     else:
         xi = (xi.double() / shrink[:, None]).to(dtype)
-    trouble = trouble | ~torch.isfinite(xi).all(dim=1)
+        finite = torch.isfinite(xi.detach()).all(dim=1)
+    trouble = trouble | ~finite
     return xi, trouble
 
 
