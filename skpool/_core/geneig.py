@@ -215,7 +215,7 @@ def top_generalized_eigenvectors(
             f"n_components={n_components} needs method='full'."
         )
 
-    fused = low_rank and within.device.type == "cpu"
+    fused = _use_fused_route(low_rank, within.device)
     factor_t = factor.T.contiguous() if fused and support_radius is None else None  # D^T
     per_location = _bytes_per_location(
         size, rank, low_rank, dtype, support_radius is not None, fused, n_components
@@ -243,6 +243,12 @@ def top_generalized_eigenvectors(
     if support_radius is None:  # all rows at once: one product with B instead of one a chunk
         return vectors, rayleigh_ratios(vectors, factor, within64, costs, alpha)
     return vectors, torch.cat(ratios).T
+
+
+def _use_fused_route(low_rank: bool, device: torch.device) -> bool:
+    """The fused factorisation (:func:`_factor_and_whiten`) serves the low-rank route on CPU;
+    GPUs keep batched ``cholesky_ex`` + ``solve_triangular`` (no measurements there yet)."""
+    return low_rank and device.type == "cpu"
 
 
 def rayleigh_ratios(

@@ -168,9 +168,15 @@ def test_fused_cholesky_reports_the_first_failed_pivot(rng):
 
 @pytest.mark.parametrize("n_samples", [40, 6])  # 6 samples on 144 locations: B singular
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-7), (torch.float32, 2e-3)])
-def test_fused_route_matches_scipy_on_a_large_rank(rng, monkeypatch, n_samples, dtype, atol):
+@pytest.mark.parametrize("fused", [True, False])
+def test_low_rank_routes_match_scipy_on_a_large_rank(
+    rng, monkeypatch, n_samples, dtype, atol, fused
+):
     """12x12 grid, C=10, Q=6: r = 50, above 3 (k + 12), so top_eigenpairs iterates; tiles of
-    32 over N = 144 (a partial last tile); chunks of 3 locations (a partial last chunk)."""
+    32 over N = 144 (a partial last tile); chunks of 3 locations (a partial last chunk).
+    ``fused=False`` runs the low-rank route that GPUs take (batched cholesky_ex and
+    solve_triangular) on the CPU."""
+    monkeypatch.setattr(geneig, "_use_fused_route", lambda low_rank, device: fused and low_rank)
     monkeypatch.setattr(geneig, "_FUSED_BLOCK", 32)
     monkeypatch.setattr(geneig, "_CPU_CHUNK", 3)
     monkeypatch.setattr(geneig, "_CPU_CHUNK_BYTES", 0)
