@@ -223,7 +223,8 @@ def top_generalized_eigenvectors(
     chunk = max(1, int(max_memory_bytes) // per_location)
     workspace = None
     if fused:  # one workspace reused by every chunk (no fresh pages per chunk)
-        chunk = min(chunk, max(_CPU_CHUNK, _CPU_CHUNK_BYTES // per_location))
+        cap = max(_CPU_CHUNK, _CPU_CHUNK_BYTES // per_location)
+        chunk = max(1, min(chunk, cap, costs.shape[0]))  # no workspace beyond the M cells
         workspace = _Workspace(within, chunk, size, rank)
     # The ratios are computed in float64: of B itself, or of its gathered sub-blocks.
     within64 = within.to(torch.float64) if support_radius is None else None
