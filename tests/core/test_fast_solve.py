@@ -167,15 +167,20 @@ def test_fused_cholesky_reports_the_first_failed_pivot(rng):
 
 
 @pytest.mark.parametrize("n_samples", [40, 6])  # 6 samples on 144 locations: B singular
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-7), (torch.float32, 2e-3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("fused", [True, False])
-def test_low_rank_routes_match_scipy_on_a_large_rank(
-    rng, monkeypatch, n_samples, dtype, atol, fused
-):
+def test_low_rank_routes_match_scipy_on_a_large_rank(rng, monkeypatch, n_samples, dtype, fused):
     """12x12 grid, C=10, Q=6: r = 50, above 3 (k + 12), so top_eigenpairs iterates; tiles of
     32 over N = 144 (a partial last tile); chunks of 3 locations (a partial last chunk).
     ``fused=False`` runs the low-rank route that GPUs take (batched cholesky_ex and
-    solve_triangular) on the CPU."""
+    solve_triangular) on the CPU.
+
+    Each row is compared within its own first-order error bound
+    (:func:`separability_reference.row_error_bounds`: n eps kappa_s / gap). With 6 samples
+    (one per class) B = 0: the ridge makes the top ratio about 1/eps, and the second
+    component's gap is about eps times it, so that component is only determined to about
+    0.1 by the data; it is compared against that bound, not against a fixed number (an
+    earlier fixed 1e-9 failed at two threads on an AVX2 machine, 5e-5 apart)."""
     monkeypatch.setattr(geneig, "_use_fused_route", lambda low_rank, device: fused and low_rank)
     monkeypatch.setattr(geneig, "_FUSED_BLOCK", 32)
     monkeypatch.setattr(geneig, "_CPU_CHUNK", 3)
@@ -194,22 +199,25 @@ def test_low_rank_routes_match_scipy_on_a_large_rank(
     stats = ScatterStatistics.from_batch(torch.as_tensor(stacks), codes, weights)
     factor = stats.between_factor()
     assert factor.shape[1] == 50
+    costs = locality_costs(grid, out)
     vectors, values = top_generalized_eigenvectors(
-        factor.to(dtype), stats.within.to(dtype), locality_costs(grid, out).to(dtype), 2.0, 2,
-        method="low_rank",
+        factor.to(dtype), stats.within.to(dtype), costs.to(dtype), 2.0, 2, method="low_rank"
     )
-    if n_samples == 40:
+    assert torch.isfinite(vectors).all() and torch.isfinite(values).all()
+    eps = torch.finfo(dtype).eps
+    row_bounds, value_bounds = ref.row_error_bounds(between, within, costs, 2.0, 2, eps)
+    if n_samples == 40:  # against scipy on the unridged problem
         rows, expected_values = ref.operator(between, within, grid, out, 2.0, 2, "l2")
-        ref.assert_same_rows(vectors.numpy(), rows, atol)
-        np.testing.assert_allclose(values.numpy(), expected_values, rtol=10 * atol)
-    else:  # singular B (ridged): finite rows, the same whatever the chunking
-        assert torch.isfinite(vectors).all() and torch.isfinite(values).all()
+        ref.assert_same_rows(vectors.numpy(), rows, row_bounds)
+        np.testing.assert_array_less(np.abs(values.numpy() - expected_values), value_bounds)
+    else:  # singular B (ridged): the same whatever the chunking, within each row's bound
+        assert (row_bounds[0] < 2 * 144 * eps).all() and (row_bounds[1] > 1e-3).all()  # as above
         one_by_one, _ = top_generalized_eigenvectors(
-            factor.to(dtype), stats.within.to(dtype), locality_costs(grid, out).to(dtype), 2.0,
+            factor.to(dtype), stats.within.to(dtype), costs.to(dtype), 2.0,
             2, method="low_rank", max_memory_bytes=1,  # one location at a time, still fused
         )
-        tolerance = 1e-9 if dtype == torch.float64 else 1e-5
-        ref.assert_same_rows(vectors.numpy(), one_by_one.double().numpy(), tolerance)
+        # two computations, each within its bound of the exact rows
+        ref.assert_same_rows(vectors.numpy(), one_by_one.double().numpy(), 2 * row_bounds)
 
 
 def test_fused_route_retries_only_the_failed_locations(rng, monkeypatch):
