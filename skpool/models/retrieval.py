@@ -65,8 +65,8 @@ class HardBatchTripletLoss(nn.Module):
     embeddings the distance's subgradient 0 is used).
 
     Args:
-        margin: :math:`m \ge 0`. Default: 0.2 (Hermans et al. take 0.2 to 0.5 for
-            l2-normalised embeddings, whose distances lie in [0, 2]).
+        margin: :math:`m \ge 0`, in units of embedding distance (l2-normalised embeddings
+            lie within distance 2 of each other). Default: 0.2.
 
     Shape:
         - Input: embeddings :math:`(B, D)`, labels :math:`(B,)` (integers).
@@ -296,7 +296,8 @@ class PoolingEmbedder(NeuralNet):
         ``module__embedding_dim``, ...). It must return one embedding row per image.
     n_labels_per_batch, n_samples_per_label : int, default=18, 4
         P and K of the training batches (Hermans et al.'s values); P is capped at the number
-        of labels with two or more samples. ``batch_size`` applies to ``transform`` only.
+        of labels with two or more samples. ``batch_size`` applies to ``transform`` and a
+        validation split only.
     lam_lr_factor : float, default=1.0
         The learning rate of every parameter named ``*log_lam`` (the learnable λ = exp(θ) of
         generalized max pooling) is ``lr * lam_lr_factor``: an extra group in skorch's
@@ -435,8 +436,9 @@ class PoolingEmbedder(NeuralNet):
         codes = encoder.transform(y).astype(np.int64)
         # Check the sampler's parameters and the labels before any training.
         PKBatchSampler(codes, self.n_labels_per_batch, self.n_samples_per_label)
+        super().fit(X, codes, **fit_params)
         self.classes_ = encoder.classes_
-        return super().fit(X, codes, **fit_params)
+        return self
 
     def transform(self, X) -> np.ndarray:
         """The embeddings of images X: (n, D) float32, rows of unit l2 norm."""
