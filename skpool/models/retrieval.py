@@ -261,7 +261,9 @@ class PoolingEmbeddingNet(nn.Module):
         elif isinstance(embedding_dim, Integral) and embedding_dim >= 1:
             cnn.head = nn.Linear(cnn.head.in_features, int(embedding_dim))
         else:
-            raise ValueError(f"embedding_dim must be None or an integer >= 1, got {embedding_dim!r}.")
+            raise ValueError(
+                f"embedding_dim must be None or an integer >= 1, got {embedding_dim!r}."
+            )
         self.cnn = cnn
 
     @property

@@ -28,6 +28,7 @@ from skpool.retrieval_metrics import (
     top1_accuracy,
     top1_accuracy_scorer,
 )
+from testing_utils import requires_cuda
 
 TINY = {"module__width": 4, "module__n_stages": 2, "random_state": 0}
 
@@ -244,7 +245,7 @@ def test_average_precision_matches_sklearn_per_query_with_ties(rng):
 
 
 def test_metrics_by_hand():
-    well_separated = np.array([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [10.0, 0.1], [20.0, 0.0], [20.1, 0.0]])
+    well_separated = np.array([[0, 0], [0.1, 0], [10, 0], [10, 0.1], [20, 0], [20.1, 0]])
     assert mean_average_precision(well_separated, [1, 1, 2, 2, 3, 3]) == 1.0
     assert top1_accuracy(well_separated, [1, 1, 2, 2, 3, 3]) == 1.0
     # Points 0, 1, 3, 6 labelled a, a, b, a. Query 0 ranks 1(a), 3(b), 6(a): AP (1 + 2/3)/2;
@@ -279,7 +280,8 @@ def test_metrics_are_invariant_to_sample_order_and_blocking(rng, monkeypatch):
     # Tie groups make the result order-free; only the summation order differs.
     np.testing.assert_allclose(permuted, per_query[permutation], rtol=1e-14)
     monkeypatch.setattr(retrieval_metrics, "_BLOCK_ENTRIES", 7)  # one query per block
-    np.testing.assert_allclose(average_precision_per_query(embeddings, labels), per_query, rtol=1e-14)
+    blocked = average_precision_per_query(embeddings, labels)
+    np.testing.assert_allclose(blocked, per_query, rtol=1e-14)
     as_tensor = average_precision_per_query(torch.from_numpy(embeddings), torch.from_numpy(labels))
     np.testing.assert_allclose(as_tensor, per_query, rtol=1e-14)
 
@@ -425,6 +427,21 @@ def test_fit_rejects_bad_input_before_training(X, y, kwargs, match):
     with pytest.raises(ValueError, match=match):
         net.fit(X, y)
     assert not hasattr(net, "module_") and not hasattr(net, "classes_")
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_embedder_and_loss_on_cuda(digits, rng):
+    X_train, X_test, y_train, _ = digits
+    net = DGMPEmbedder(**TINY, max_epochs=1, device="cuda").fit(X_train[:100], y_train[:100])
+    embeddings = net.transform(X_test[:20])
+    assert isinstance(embeddings, np.ndarray) and np.all(np.isfinite(embeddings))
+    batch, labels = random_batch(rng)
+    on_cpu = HardBatchTripletLoss(0.5)(torch.from_numpy(batch), torch.from_numpy(labels))
+    on_cuda = HardBatchTripletLoss(0.5)(
+        torch.from_numpy(batch).cuda(), torch.from_numpy(labels).cuda()
+    )
+    assert float(on_cuda) == pytest.approx(float(on_cpu), abs=1e-12)  # float64, as on CPU
 
 
 @pytest.mark.slow

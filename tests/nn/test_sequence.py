@@ -9,6 +9,7 @@ from torch import nn
 
 from skpool.nn import GeneralizedMaxPool2d, SequenceGeneralizedMaxPool
 from skpool.nn.sequence import generalized_max_pool_sequence
+from testing_utils import DEVICES
 
 EPS64 = np.finfo(np.float64).eps
 EPS32 = np.finfo(np.float32).eps
@@ -42,11 +43,12 @@ def padded_batch(rng, lengths, dim, n_tokens, fill=np.nan):
 LENGTHS = [1, 2, 5, 6, 7, 12]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fill", [np.nan, np.inf, 1e30, 0.0])
-def test_masked_pooling_equals_the_unpadded_reference(rng, fill):
+def test_masked_pooling_equals_the_unpadded_reference(rng, fill, device):
     tokens, mask, samples = padded_batch(rng, LENGTHS, dim=6, n_tokens=12, fill=fill)
     lam = 0.5
-    pooled = generalized_max_pool_sequence(tokens, lam, mask).numpy()
+    pooled = generalized_max_pool_sequence(tokens.to(device), lam, mask.to(device)).cpu().numpy()
     for b, sample in enumerate(samples):
         # cond(Phi Phi^T + lam I) <= (max eigenvalue + lam) / lam, about 1e2 here (N <= 12
         # standard-normal tokens of D = 6); rounding error <= cond * N * eps64 ~ 3e-13.
@@ -168,6 +170,8 @@ def test_replaces_mean_pooling_after_a_transformer_encoder():
         (torch.randn(2, 3, 4), None, float("nan"), ValueError, "lam"),
         (torch.randn(2, 3, 4), None, torch.ones(3), ValueError, "lam"),
         (np.ones((2, 3, 4)), None, 1.0, TypeError, "torch.Tensor"),
+        (torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool, device="meta"), 1.0,
+         ValueError, "mask is on meta"),
     ],
 )
 def test_bad_input_is_a_clear_error(x, mask, lam, error, match):
