@@ -14,6 +14,7 @@ from .modules import (
     MixedMaxAvgPool2d,
     SeparabilityPool2d,
 )
+from .sequence import SequenceGeneralizedMaxPool, generalized_max_pool_sequence
 
 __all__ = [
     "GeneralizedMaxPool2d",

@@ -1,0 +1,494 @@
+r"""Deep Generalized Max Pooling for retrieval (Christlein et al. 2019): an embedding estimator.
+
+A CNN (:class:`~skpool.models.PoolingCNN`'s convolutional trunk) ends in a global pooling
+(average, max, mixed, log-sum-exp, or generalized max pooling with a learnable λ) and an
+l2-normalised embedding; it is trained with the batch-hard triplet loss of Hermans et al.
+(2017) on batches of P labels × K samples, with AMSGrad (β = 0.9, 0.999, weight decay 1e-5,
+learning rate 2e-4) and a larger learning rate for λ, as in the paper's writer-retrieval
+experiments. ``transform`` returns the embeddings; retrieval is then a nearest-neighbour
+search, scored by :mod:`skpool.retrieval_metrics` (mean average precision, top-1), which
+GridSearchCV uses to tune the margin and the initial λ.
+
+- :class:`HardBatchTripletLoss` — the loss, usable on its own.
+- :class:`PKBatchSampler` — the P × K batch sampler, usable with any ``DataLoader``.
+- :class:`PoolingEmbeddingNet` — the network.
+- :class:`PoolingEmbedder`, :class:`DGMPEmbedder` — the skorch estimators.
+"""
+
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatch
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skorch import NeuralNet
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils import column_or_1d
+from torch import nn
+
+from .._device import resolve_device
+from ..retrieval_metrics import mean_average_precision
+from .classifiers import check_images
+from .cnn import PoolingCNN
+
+__all__ = [
+    "HardBatchTripletLoss",
+    "PKBatchSampler",
+    "PoolingEmbeddingNet",
+    "PoolingEmbedder",
+    "DGMPEmbedder",
+]
+
+#: fnmatch pattern of the learnable log-λ parameters (:class:`~skpool.nn.GeneralizedMaxPool2d`,
+#: :class:`~skpool.nn.SequenceGeneralizedMaxPool`) whose learning rate ``lam_lr_factor`` scales.
+LAM_PARAMETER_PATTERN = "*log_lam"
+
+
+class HardBatchTripletLoss(nn.Module):
+    r"""The batch-hard triplet loss (Hermans, Beyer & Leibe 2017).
+
+    For every anchor a of the batch, the hardest positive is the farthest sample with a's
+    label (a itself excluded) and the hardest negative the nearest sample with another label:
+
+    .. math::
+
+        \ell = \frac{1}{|A|} \sum_{a \in A} \big[\, m + \max_{p:\, y_p = y_a,\, p \ne a}
+            d(a, p) - \min_{n:\, y_n \ne y_a} d(a, n) \big]_+ ,
+
+    with :math:`d` the Euclidean distance between embeddings and A the anchors that have both
+    a positive and a negative in the batch (the others are left out of the mean; a batch
+    without any such anchor gives a zero loss, with zero gradients). The hardest samples are
+    chosen without gradient; the loss is then differentiable in the embeddings (at coinciding
+    embeddings the distance's subgradient 0 is used).
+
+    Args:
+        margin: :math:`m \ge 0`, in units of embedding distance (l2-normalised embeddings
+            lie within distance 2 of each other). Default: 0.2.
+
+    Shape:
+        - Input: embeddings :math:`(B, D)`, labels :math:`(B,)` (integers).
+        - Output: a scalar.
+
+    Examples::
+
+        >>> import torch
+        >>> from skpool.models.retrieval import HardBatchTripletLoss
+        >>> embeddings = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> HardBatchTripletLoss(margin=0.3)(embeddings, labels).shape
+        torch.Size([])
+    """
+
+    def __init__(self, margin: float = 0.2) -> None:
+        super().__init__()
+        if not (isinstance(margin, Real) and math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}.")
+        self.margin = float(margin)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
+            raise ValueError(
+                "HardBatchTripletLoss expects embeddings (B, D) and labels (B,), got shapes "
+                f"{tuple(embeddings.shape)} and {tuple(labels.shape)}."
+            )
+        positive, negative, valid = _hardest_pairs(embeddings, labels)
+        if not bool(valid.any()):
+            return embeddings.sum() * 0.0  # keeps the graph: zero gradients, no NaN
+        anchors = embeddings[valid]
+        d_positive = torch.linalg.vector_norm(anchors - embeddings[positive[valid]], dim=1)
+        d_negative = torch.linalg.vector_norm(anchors - embeddings[negative[valid]], dim=1)
+        return F.relu(self.margin + d_positive - d_negative).mean()
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin:g}"
+
+
+@torch.no_grad()
+def _hardest_pairs(embeddings, labels):
+    """Index of each anchor's farthest positive and nearest negative, and which anchors have
+    both. Distances from the differences (no Gram expansion), so near-equal ones stay ordered
+    to working precision."""
+    distances = torch.cdist(
+        embeddings.detach(), embeddings.detach(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    other = labels[:, None] != labels[None, :]
+    positive = distances.masked_fill(~same, -torch.inf).argmax(dim=1)
+    negative = distances.masked_fill(~other, torch.inf).argmin(dim=1)
+    return positive, negative, same.any(dim=1) & other.any(dim=1)
+
+
+class PKBatchSampler(torch.utils.data.Sampler):
+    """Batches of P labels × K samples for the batch-hard triplet loss (Hermans et al. 2017).
+
+    Each batch draws P distinct labels uniformly at random, then K distinct samples of each
+    (all of a label's samples when it has fewer than K), so every anchor has positives and
+    negatives. Only labels with at least two samples are drawn: a label seen once can give no
+    positive pair. P is capped at the number of such labels. Each pass (epoch) draws fresh
+    batches; the randomness comes from ``generator`` or, without one, from torch's global
+    generator (so ``torch.manual_seed`` makes the batches reproducible).
+
+    Args:
+        labels: array-like of shape (n_samples,), any labels (compared for equality).
+        n_labels_per_batch: P >= 2. Default: 18 (Hermans et al.).
+        n_samples_per_label: K >= 2. Default: 4 (Hermans et al.).
+        n_batches: batches per pass. Default: about one pass over the drawable samples,
+            ``ceil(n / (P K))`` with n the number of samples whose label occurs at least twice.
+        generator: optional :class:`torch.Generator`.
+
+    Examples::
+
+        >>> from skpool.models.retrieval import PKBatchSampler
+        >>> sampler = PKBatchSampler([0, 0, 0, 1, 1, 2, 2, 2, 3], 2, 2, n_batches=3)
+        >>> [len(batch) for batch in sampler]
+        [4, 4, 4]
+    """
+
+    def __init__(
+        self,
+        labels,
+        n_labels_per_batch: int = 18,
+        n_samples_per_label: int = 4,
+        *,
+        n_batches: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        for name, value in (
+            ("n_labels_per_batch", n_labels_per_batch),
+            ("n_samples_per_label", n_samples_per_label),
+        ):
+            if not (isinstance(value, Integral) and value >= 2):
+                raise ValueError(f"{name} must be an integer >= 2, got {value!r}.")
+        if n_batches is not None and not (isinstance(n_batches, Integral) and n_batches >= 1):
+            raise ValueError(f"n_batches must be an integer >= 1, got {n_batches!r}.")
+        labels = np.asarray(labels)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {labels.shape}.")
+        _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        drawable = np.flatnonzero(counts >= 2)
+        if len(drawable) < 2:
+            raise ValueError(
+                "The batch-hard triplet loss needs at least two labels with two or more "
+                f"samples each; got {len(drawable)} such label(s) among {len(counts)}."
+            )
+        order = np.argsort(codes.reshape(-1), kind="stable")
+        members = np.split(order, np.cumsum(counts)[:-1])
+        self.groups = [members[code] for code in drawable]
+        self.n_labels_per_batch = min(int(n_labels_per_batch), len(self.groups))
+        self.n_samples_per_label = int(n_samples_per_label)
+        n_drawable = sum(len(group) for group in self.groups)
+        per_batch = self.n_labels_per_batch * self.n_samples_per_label
+        self.n_batches = int(n_batches) if n_batches else max(1, math.ceil(n_drawable / per_batch))
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        rng = np.random.default_rng(seed)
+        for _ in range(self.n_batches):
+            batch = []
+            for label in rng.choice(len(self.groups), self.n_labels_per_batch, replace=False):
+                group = self.groups[label]
+                if len(group) > self.n_samples_per_label:
+                    group = rng.choice(group, self.n_samples_per_label, replace=False)
+                batch.extend(int(index) for index in group)
+            yield batch
+
+
+class PoolingEmbeddingNet(nn.Module):
+    r"""An image embedding network: :class:`~skpool.models.PoolingCNN`'s trunk, a global
+    pooling, an optional linear projection, and l2 normalisation.
+
+    .. math::
+
+        e(x) = \frac{W\, \mathrm{pool}(f(x))}{\|W\, \mathrm{pool}(f(x))\|_2}
+
+    with f the CNN's stem and stages, pool the global pooling and W the projection (the
+    identity with ``embedding_dim=None``; generalized max pooling's output is then the
+    embedding, as in Christlein et al.). A zero vector stays zero.
+
+    Args:
+        in_channels, width, n_stages, stage_pooling: the CNN's, see
+            :class:`~skpool.models.PoolingCNN` (defaults are its own).
+        global_pool: "avg", "max", "gmp", "mixed" or "lse". Default: "avg".
+        lam: initial λ of "gmp" (learned as exp(θ)). Default: 1e3.
+        embedding_dim: output size of a linear projection after the pooling, or None for
+            none (the embedding has the last stage's channels). Default: None.
+        **cnn_kwargs: further :class:`~skpool.models.PoolingCNN` arguments.
+
+    Shape:
+        - Input: :math:`(B, C_{in}, H, W)`, or :math:`(B, H, W)` when ``in_channels == 1``.
+        - Output: :math:`(B, D)`, rows of unit l2 norm.
+
+    Examples::
+
+        >>> import torch
+        >>> from skpool.models.retrieval import PoolingEmbeddingNet
+        >>> net = PoolingEmbeddingNet(width=8, n_stages=2, global_pool="gmp", embedding_dim=16)
+        >>> net(torch.randn(4, 8, 8)).shape
+        torch.Size([4, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = 64,
+        n_stages: int = 3,
+        stage_pooling: str | tuple[str, ...] = "strided",
+        global_pool: str = "avg",
+        lam: float = 1e3,
+        embedding_dim: int | None = None,
+        **cnn_kwargs,
+    ) -> None:
+        super().__init__()
+        cnn = PoolingCNN(
+            in_channels=in_channels,
+            width=width,
+            n_stages=n_stages,
+            stage_pooling=stage_pooling,
+            global_pool=global_pool,
+            lam=lam,
+            **cnn_kwargs,
+        )
+        if embedding_dim is None:
+            cnn.head = nn.Identity()
+        elif isinstance(embedding_dim, Integral) and embedding_dim >= 1:
+            cnn.head = nn.Linear(cnn.head.in_features, int(embedding_dim))
+        else:
+            raise ValueError(
+                f"embedding_dim must be None or an integer >= 1, got {embedding_dim!r}."
+            )
+        self.cnn = cnn
+
+    @property
+    def global_pool(self) -> nn.Module:
+        """The global pooling layer (e.g. a :class:`~skpool.nn.GeneralizedMaxPool2d`)."""
+        return self.cnn.global_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.cnn(x), dim=1)
+
+
+class PoolingEmbedder(NeuralNet):
+    """A retrieval embedding learned with the batch-hard triplet loss, as a scikit-learn
+    transformer (skorch).
+
+    ``fit(X, y)`` trains :class:`PoolingEmbeddingNet` on batches of P labels × K samples
+    (:class:`PKBatchSampler`) with :class:`HardBatchTripletLoss`; ``transform(X)`` returns the
+    l2-normalised embeddings; ``score(X, y)`` is their retrieval mean average precision
+    (:func:`skpool.retrieval_metrics.mean_average_precision`), so GridSearchCV can tune the
+    margin (``criterion__margin``), the initial λ (``module__lam``) and anything else without
+    a ``scoring`` argument (or with ``scoring=top1_accuracy_scorer``).
+
+    The optimiser defaults are the paper's (Christlein et al. 2019): AMSGrad
+    (``torch.optim.Adam`` with ``optimizer__amsgrad=True``, ``optimizer__betas=(0.9, 0.999)``,
+    ``optimizer__weight_decay=1e-5``) at ``lr=2e-4``.
+
+    Parameters
+    ----------
+    module : torch module class, default=PoolingEmbeddingNet
+        Its arguments are set with ``module__<name>`` (``module__width``,
+        ``module__n_stages``, ``module__global_pool``, ``module__lam``,
+        ``module__embedding_dim``, ...). It must return one embedding row per image.
+    n_labels_per_batch, n_samples_per_label : int, default=18, 4
+        P and K of the training batches (Hermans et al.'s values); P is capped at the number
+        of labels with two or more samples. ``batch_size`` applies to ``transform`` and a
+        validation split only.
+    lam_lr_factor : float, default=1.0
+        The learning rate of every parameter named ``*log_lam`` (the learnable λ = exp(θ) of
+        generalized max pooling) is ``lr * lam_lr_factor``: an extra group in skorch's
+        ``optimizer__param_groups``, after any the user gives (the first matching pattern
+        wins). ``set_params(lr=...)`` or ``set_params(lam_lr_factor=...)`` on an initialised
+        net update the optimiser's groups in place (their state kept): groups holding only
+        λ parameters get ``lr * lam_lr_factor``, the others ``lr``.
+    random_state : int or None, default=None
+        Seeds torch before the module is built; the batches are drawn from torch's generator
+        too, so the same seed gives the same embedding on CPU.
+    device : {"auto", "cpu", "cuda", "cuda:<index>"}, default="auto"
+        Resolved in ``initialize`` ("auto": CUDA when available); CUDA without CUDA is a
+        ValueError.
+    criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
+        As in :class:`skorch.NeuralNet` (``criterion__margin`` sets the loss's margin, 0.2 by
+        default). No internal validation split by default.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_labels,)
+        The labels seen in ``fit`` (any labels scikit-learn accepts; encoded internally).
+    module_, criterion_, optimizer_, history_
+        As in skorch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_digits
+    >>> from skpool.models.retrieval import PoolingEmbedder
+    >>> X, y = load_digits(return_X_y=True)
+    >>> images = (X / 16).reshape(-1, 8, 8).astype(np.float32)
+    >>> embedder = PoolingEmbedder(
+    ...     module__width=8, module__n_stages=2, module__global_pool="gmp", max_epochs=1,
+    ...     random_state=0,
+    ... ).fit(images[:300], y[:300])
+    >>> embedder.transform(images[300:310]).shape  # the last stage's 8 * 2**2 channels
+    (10, 32)
+    """
+
+    def __init__(
+        self,
+        module=PoolingEmbeddingNet,
+        *,
+        n_labels_per_batch=18,
+        n_samples_per_label=4,
+        lam_lr_factor=1.0,
+        random_state=None,
+        criterion=HardBatchTripletLoss,
+        optimizer=torch.optim.Adam,
+        lr=2e-4,
+        max_epochs=10,
+        batch_size=128,
+        train_split=None,
+        verbose=0,
+        device="auto",
+        **kwargs,
+    ):
+        kwargs.setdefault("optimizer__amsgrad", True)
+        kwargs.setdefault("optimizer__betas", (0.9, 0.999))
+        kwargs.setdefault("optimizer__weight_decay", 1e-5)
+        super().__init__(
+            module,
+            criterion=criterion,
+            optimizer=optimizer,
+            lr=lr,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            train_split=train_split,
+            verbose=verbose,
+            device=device,
+            **kwargs,
+        )
+        self.n_labels_per_batch = n_labels_per_batch
+        self.n_samples_per_label = n_samples_per_label
+        self.lam_lr_factor = lam_lr_factor
+        self.random_state = random_state
+
+    def initialize(self):
+        self.device = str(resolve_device(self.device))
+        if self.random_state is not None:
+            torch.manual_seed(self.random_state)
+        return super().initialize()
+
+    def get_params_for(self, prefix):
+        params = super().get_params_for(prefix)
+        if prefix == "optimizer":
+            factor = self.lam_lr_factor
+            if not (isinstance(factor, Real) and math.isfinite(factor) and factor > 0):
+                raise ValueError(f"lam_lr_factor must be a finite number > 0, got {factor!r}.")
+            lr = params.get("lr", self.lr)
+            params["param_groups"] = [
+                *params.get("param_groups", []),
+                (LAM_PARAMETER_PATTERN, {"lr": lr * factor}),
+            ]
+        return params
+
+    def set_params(self, **kwargs):
+        super().set_params(**kwargs)
+        changed = {"lr", "optimizer__lr", "lam_lr_factor"} & kwargs.keys()
+        if changed and getattr(self, "initialized_", False):
+            # skorch sets a new lr on every group (a virtual parameter): restore λ's factor.
+            # optimizer__lr is virtual (not stored) on an initialised net: take it from kwargs.
+            lr = kwargs.get("optimizer__lr", kwargs.get("lr"))
+            if lr is None:
+                lr = self.get_params_for("optimizer").get("lr", self.lr)
+            lam_ids = {
+                id(param)
+                for name, param in self.get_all_learnable_params()
+                if fnmatch(name, LAM_PARAMETER_PATTERN)
+            }
+            for group in self.optimizer_.param_groups:
+                if all(id(param) in lam_ids for param in group["params"]):
+                    group["lr"] = lr * self.lam_lr_factor
+        return self
+
+    def get_iterator(self, dataset, training=False):
+        if not training:
+            return super().get_iterator(dataset, training=False)
+        sampler = PKBatchSampler(
+            _dataset_labels(dataset), self.n_labels_per_batch, self.n_samples_per_label
+        )
+        kwargs = self.get_params_for("iterator_train")
+        for batching in ("batch_size", "shuffle", "sampler", "drop_last"):
+            kwargs.pop(batching, None)  # the batch sampler decides these
+        return self.iterator_train(dataset, batch_sampler=sampler, **kwargs)
+
+    def fit(self, X, y=None, **fit_params):
+        """Train on images X (n, H, W) or (n, C, H, W) with labels y (n,), any kind."""
+        X = check_images(X)
+        if y is None:
+            raise ValueError("y is required: the label (writer, class, ...) of every image.")
+        y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else y, warn=True)
+        if len(y) != len(X):
+            raise ValueError(f"y has {len(y)} labels for {len(X)} images; give one per image.")
+        encoder = LabelEncoder().fit(y)
+        codes = encoder.transform(y).astype(np.int64)
+        # Check the sampler's parameters and the labels before any training.
+        PKBatchSampler(codes, self.n_labels_per_batch, self.n_samples_per_label)
+        super().fit(X, codes, **fit_params)
+        self.classes_ = encoder.classes_
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """The embeddings of images X: (n, D) float32, rows of unit l2 norm."""
+        X = check_images(X)
+        return self.forward(X, training=False).numpy()
+
+    def fit_transform(self, X, y=None, **fit_params) -> np.ndarray:
+        return self.fit(X, y, **fit_params).transform(X)
+
+    def score(self, X, y) -> float:
+        """Retrieval mean average precision of the embeddings of X (every image queries all
+        the others; relevant = same label)."""
+        return mean_average_precision(self.transform(X), y)
+
+
+class DGMPEmbedder(PoolingEmbedder):
+    """:class:`PoolingEmbedder` with the Deep Generalized Max Pooling head of Christlein et
+    al. (2019): ``module__global_pool="gmp"`` and λ's learning rate multiplied by
+    ``lam_lr_factor=1000`` (the paper's factor for writer retrieval; 100 for CLaMM17).
+
+    ``module__lam`` is the initial λ (the paper tries 1, 1e3, 1e5 for ResNet-50 features).
+    Everything else is as in :class:`PoolingEmbedder`.
+
+    Examples
+    --------
+    >>> from sklearn.model_selection import GridSearchCV
+    >>> from skpool.models.retrieval import DGMPEmbedder
+    >>> search = GridSearchCV(
+    ...     DGMPEmbedder(module__width=8, module__n_stages=2, max_epochs=2),
+    ...     {"criterion__margin": [0.1, 0.5], "module__lam": [1.0, 1e3]},
+    ...     cv=2,
+    ... )  # search.fit(images, labels) picks the best mean average precision
+    """
+
+    def __init__(self, module=PoolingEmbeddingNet, *, lam_lr_factor=1e3, **kwargs):
+        kwargs.setdefault("module__global_pool", "gmp")
+        super().__init__(module, lam_lr_factor=lam_lr_factor, **kwargs)
+
+
+def _dataset_labels(dataset) -> np.ndarray:
+    """The labels of a skorch Dataset (or a Subset of one, as skorch's validation split
+    makes), for the P × K batch sampler."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return _dataset_labels(dataset.dataset)[np.asarray(dataset.indices)]
+    labels = getattr(dataset, "y", None)
+    if labels is None:
+        raise ValueError(
+            "PoolingEmbedder draws its training batches by label: the training dataset must "
+            f"carry its labels as `.y` (a skorch Dataset does); got {type(dataset).__name__}."
+        )
+    return np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
