@@ -5,6 +5,8 @@ functional forms (:mod:`skpool.nn.functional`).
 - :class:`SeparabilityPool2d` — a fitted separability pooling operator as a layer.
 - :class:`MixedMaxAvgPool2d`, :class:`LogSumExpPool2d` — the Deep GMP paper's baselines, with a
   learnable mix and a learnable sharpness.
+- :class:`SequenceGeneralizedMaxPool` — GMP over ``(B, N, D)`` token sequences with a padding
+  mask, in place of mean or [CLS] pooling.
 """
 
 from . import functional
@@ -21,5 +23,7 @@ __all__ = [
     "SeparabilityPool2d",
     "MixedMaxAvgPool2d",
     "LogSumExpPool2d",
+    "SequenceGeneralizedMaxPool",
+    "generalized_max_pool_sequence",
     "functional",
 ]
