@@ -256,7 +256,8 @@ def estimator_from_arrays(saved, **params):
     try:
         _check_estimator_params(SeparabilityPooling(**stored))
     except (TypeError, ValueError) as exc:
-        raise OperatorFileError(f"{source}: invalid stored parameter: {_error_text(exc)}") from exc
+        message = " ".join(str(exc).split())
+        raise OperatorFileError(f"{source}: invalid stored parameter: {message}") from exc
     estimator = SeparabilityPooling(**{**kept, **params})
     _check_estimator_params(estimator)
     estimator.operator_ = saved.operator
