@@ -562,3 +562,15 @@ def test_help_usage_errors_and_info_do_not_import_torch_or_sklearn(files, capsys
     assert result["codes"] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 0, 0, 1, 1, 1, 1]
     assert result["heavy"] == []
     assert "generalized_eigenvalues" in done.stdout
+
+
+def test_package_shows_its_api_and_imports_lazily():
+    import skpool
+
+    assert set(skpool.__all__) <= set(dir(skpool))
+    assert not [name for name in dir(skpool)
+                if not name.startswith("__") and name not in skpool.__all__
+                and name not in ("cli", "io", "models", "nn", "plotting")]
+    assert skpool.resolve_device("cpu").type == "cpu"  # the lazy name resolves
+    with pytest.raises(AttributeError, match="no attribute 'np'"):
+        skpool.np  # noqa: B018 - the access under test
