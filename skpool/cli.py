@@ -326,9 +326,11 @@ def _run_fit(args) -> int:
         f"fitted SeparabilityPooling on {len(data.labels)} samples "
         f"({len(pooling.classes_)} classes, {_plural(pooling.n_channels_in_, 'channel')}) in "
         f"{seconds:.1f} s: {height}x{width} -> {out_h}x{out_w} grid, "
-        f"{_plural(pooling.operator_.shape[0], 'component')}; saved {args.output}"
-        + _grid_note(pooling.grid_shape_, data.features.ndim, args.grid_shape),
+        f"{_plural(pooling.operator_.shape[0], 'component')}; saved {args.output}",
     )
+    note = _grid_note(pooling.grid_shape_, data.features.ndim, args.grid_shape)
+    if note:
+        _summary(args, f"note: {note}")
     return 0
 
 
@@ -641,13 +643,13 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _grid_note(grid, ndim: int | None, grid_shape) -> str:
-    """A warning to append where a grid is N x 1 because no grid_shape was given: flattened
-    (n, F) maps silently become F single-channel locations in a column."""
+    """A warning where a grid is N x 1 because no grid_shape was given (flattened (n, F) maps
+    silently become F single-channel locations in a column); "" otherwise."""
     if grid_shape is not None or grid[1] != 1 or grid[0] == 1 or ndim == 4:
         return ""
     return (
-        f" (note: a {grid[0]}x1 grid, as 2-D (n, F) or 3-D (n, N, C) input without "
-        "grid_shape gives; for flattened H x W maps refit with --grid-shape H,W)"
+        f"a {grid[0]}x1 grid, as 2-D (n, F) or 3-D (n, N, C) input without grid_shape gives; "
+        "for flattened H x W maps refit with --grid-shape H,W"
     )
 
 
@@ -675,14 +677,16 @@ def _describe_model(model, path: Path) -> dict:
     n_components, n_out, n_in = operator.shape
     description.update(
         {
-            "input_grid": f"{grid[0]}x{grid[1]} ({n_in} locations)"
-            + _grid_note(grid, None, params.get("grid_shape")),
+            "input_grid": f"{grid[0]}x{grid[1]} ({n_in} locations)",
             "output_grid": f"{out[0]}x{out[1]} ({n_out} cells)",
             "n_components": int(n_components),
             "channels": f"{channels} in -> {n_components * channels} out",
             "operator": f"{tuple(operator.shape)} {operator.dtype}",
         }
     )
+    note = _grid_note(grid, None, params.get("grid_shape"))
+    if note:
+        description["note"] = note
     if classes is not None:
         shown = ", ".join(map(str, list(classes)[:10])) + (", ..." if len(classes) > 10 else "")
         description["classes"] = f"{len(classes)}: {shown}"

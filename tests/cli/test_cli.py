@@ -495,7 +495,8 @@ def test_info_names_the_eigenvalues_and_flags_a_column_grid(files, capsys):
     assert code == 0 and "72x1 grid" in out and "--grid-shape H,W" in out
     code, out, _ = run(capsys, "info", tmp / "flat_model.npz", "--json")
     description = json.loads(out)
-    assert description["input_grid"].startswith("72x1 (72 locations) (note: a 72x1 grid")
+    assert description["input_grid"] == "72x1 (72 locations)"
+    assert description["note"].startswith("a 72x1 grid") and "--grid-shape H,W" in description["note"]
     assert description["channels"] == "1 in -> 1 out"
     assert "separability" not in description
     eigen = description["generalized_eigenvalues"]
