@@ -8,33 +8,35 @@
   CNNs as skorch classifiers; :mod:`skpool.io`, :mod:`skpool.plotting`, and the ``skpool``
   command line.
 
-The estimators are imported lazily, so that ``import skpool.nn`` or ``skpool.io`` in a
-torch-only program does not need scikit-learn.
+Every public name is imported lazily, on first use: ``import skpool.nn`` or ``skpool.io`` in a
+torch-only program does not need scikit-learn, and ``import skpool`` itself (what the command
+line's ``--help`` and ``skpool info`` pay for) imports neither torch nor scikit-learn.
 """
 
 from __future__ import annotations
 
-import importlib
-
-from ._device import resolve_device
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "GeneralizedMaxPooling": "skpool._sklearn",
     "SeparabilityPooling": "skpool._sklearn",
+    "resolve_device": "skpool._device",
 }
+#: Subpackages shown by ``dir(skpool)`` (imported by ``import skpool.<name>``, not by ``*``).
+_SUBMODULES = ("cli", "io", "models", "nn", "plotting")
 
 __all__ = ["GeneralizedMaxPooling", "SeparabilityPooling", "resolve_device", "__version__"]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'skpool' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted({*__all__, *_SUBMODULES})

@@ -9,12 +9,19 @@ Subcommands (``skpool <command> --help`` for each):
 
 Feature files are ``.npy`` (memory-mapped, read batch by batch), ``.npz`` (named arrays, the
 features under ``--features-key``, labels under ``--labels-key``; read into memory) or raw
-binary memmaps (``--shape``/``--dtype``, read batch by batch). Outputs are ``.npy`` or ``.npz``, written to a temporary file and
-renamed into place, so a failed or interrupted run never leaves a half-written output. Errors
-about files and data are one line on stderr with exit status 1 (usage errors: 2).
+binary memmaps (``--shape``/``--dtype``, read batch by batch). Outputs are ``.npy`` or ``.npz``,
+written to a temporary file and renamed into place, so a failed or interrupted run never leaves
+a half-written output, and an output that names one of the command's inputs (directly, through
+a symbolic or hard link, or by another relative path) is refused before anything is read.
+
+Exit status: 0 on success; 1 for a problem with the files, the data or an option's value,
+reported as one line on stderr; 2 for a usage error (argparse's convention: the usage and the
+error on stderr); 130 when interrupted.
 
 All pooling is done by the estimators (:class:`~skpool.GeneralizedMaxPooling`,
-:class:`~skpool.SeparabilityPooling`); this module only reads, batches and writes.
+:class:`~skpool.SeparabilityPooling`); this module only reads, batches and writes. It imports
+numpy only: torch and scikit-learn are imported by the commands that compute, so ``--help``,
+usage errors and ``skpool info`` on an ``.npz`` model answer without them.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import textwrap
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,13 @@ __all__ = ["main", "build_parser"]
 
 _MODEL_PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 _OUTPUT_SUFFIXES = (".npy", ".npz")
+
+#: Estimator parameters -> the ``args`` attribute (option) that sets them. Every parameter of
+#: the estimator is an option or listed in ``_NOT_OPTIONS`` with the reason (a test holds the
+#: CLI to the estimators' parameters and defaults). ``dtype`` is ``--precision`` because
+#: ``--dtype`` names the element type of a raw feature file.
+_RENAMED = {"dtype": "precision"}
+_NOT_OPTIONS = {"distributed": "the command line runs one process"}
 
 _EPILOG = """\
 examples:
@@ -50,7 +64,12 @@ examples:
   skpool info model.npz
 
 Feature arrays are (n, H, W, C) maps (channels last), (n, N, C) stacks (use --grid-shape H,W
-for their grid) or (n, F) single-channel locations. --device auto uses CUDA when available.
+for their grid) or (n, F): F single-channel locations on an Fx1 grid, or flattened (H, W, C)
+maps with --grid-shape H,W. --device auto uses CUDA when available (gmp, fit, transform).
+
+exit status: 0 success; 1 bad files, data or option values (one line on stderr); 2 usage
+errors (argparse: usage and error on stderr); 130 interrupted. The output (-o) may not be one
+of the inputs.
 """
 
 
@@ -115,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "values equalise the descriptors like max pooling, large ones approach sum pooling",
     )
     gmp.add_argument(
-        "--no-normalize", action="store_true", help="do not l2-normalise the pooled vectors"
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="do not l2-normalise the pooled vectors",
     )
 
     fit = _add_command(
@@ -155,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = _add_command(
         commands, "info", _run_info, [],
         "describe a saved model",
-        "Print what a saved model holds: grids, components, channels, classes, parameters and "
-        "the separability ratios of its rows.",
+        "Print what a saved model holds: its input and output grids, components, channels, "
+        "classes, parameters and the generalised eigenvalues of its rows on the training data "
+        "(p'Ap / p'(B + alpha C_m)p, the locality term included; not the separability ratios "
+        "p'Ap / p'Bp of SeparabilityPooling.separability_ratios). An .npz model is read with "
+        "numpy alone.",
         ["skpool info model.npz --json"],
     )
     info.add_argument("model", type=Path, help="model file (.npz, .joblib or .pkl)")
@@ -250,28 +275,29 @@ def _separability_options(group) -> None:
                        help="eigenvectors per output cell; K*C output channels (default: 1)")
     group.add_argument("--norm", choices=("l2", "l1"), default="l2",
                        help="norm of each operator row (default: l2)")
-    group.add_argument("--no-normalize-channels", action="store_true",
+    group.add_argument("--no-normalize-channels", dest="normalize_channels",
+                       action="store_false",
                        help="do not standardise the channels before fitting")
     group.add_argument("--precision", choices=("float64", "float32"), default="float64",
-                       help="precision of the statistics and the solve (default: float64)")
+                       help="precision of the statistics and the solve, the estimator's dtype "
+                       "(--dtype is the element type of a raw feature file) (default: float64)")
     group.add_argument("--solver", choices=("auto", "low_rank", "full"), default="auto",
                        help="route of the eigenproblem (default: auto)")
+    group.add_argument("--support-radius", type=_positive_float, default=None, metavar="R",
+                       help="solve each output cell over the input locations within R pixels "
+                       "of its centre only (faster on large grids; default: exact)")
+    group.add_argument("--max-memory-mb", type=_positive_float, default=1024, metavar="MB",
+                       help="memory budget of the solve's work matrices (default: 1024)")
 
 
 # --------------------------------------------------------------------------------------------
 # Commands
 def _run_gmp(args) -> int:
+    _check_paths(args, [args.features], _OUTPUT_SUFFIXES)
     from . import GeneralizedMaxPooling
 
-    _check_output_suffix(args.output, _OUTPUT_SUFFIXES)
     data = _read_features(args)
-    pooling = GeneralizedMaxPooling(
-        lam=args.lam,
-        normalize=not args.no_normalize,
-        device=args.device,
-        batch_size=args.batch_size,
-        grid_shape=args.grid_shape,
-    )
+    pooling = GeneralizedMaxPooling(**_estimator_params(GeneralizedMaxPooling, args))
     start = time.perf_counter()
     shape = _transform_to_file(pooling, data, args)
     _summary(args, f"GMP-pooled {_describe(data.features)} -> {shape} in "
@@ -280,24 +306,13 @@ def _run_gmp(args) -> int:
 
 
 def _run_fit(args) -> int:
+    kind = _check_paths(args, [args.features, args.labels],
+                        (".npz",) + _MODEL_PICKLE_SUFFIXES)
     from . import SeparabilityPooling
     from .io import save_estimator, save_operator
 
-    kind = _check_output_suffix(args.output, (".npz",) + _MODEL_PICKLE_SUFFIXES)
     data = _read_features(args, need_labels=True)
-    pooling = SeparabilityPooling(
-        alpha=args.alpha,
-        stride=args.stride,
-        output_shape=args.output_shape,
-        n_components=args.n_components,
-        norm=args.norm,
-        normalize_channels=not args.no_normalize_channels,
-        grid_shape=args.grid_shape,
-        solver=args.solver,
-        device=args.device,
-        dtype=args.precision,
-        batch_size=args.batch_size,
-    )
+    pooling = SeparabilityPooling(**_estimator_params(SeparabilityPooling, args))
     start = time.perf_counter()
     pooling.fit(data.features, data.labels)
     seconds = time.perf_counter() - start
@@ -313,23 +328,19 @@ def _run_fit(args) -> int:
         f"{seconds:.1f} s: {height}x{width} -> {out_h}x{out_w} grid, "
         f"{_plural(pooling.operator_.shape[0], 'component')}; saved {args.output}",
     )
+    note = _grid_note(pooling.grid_shape_, data.features.ndim, args.grid_shape)
+    if note:
+        _summary(args, f"note: {note}")
     return 0
 
 
 def _run_transform(args) -> int:
-    _check_output_suffix(args.output, _OUTPUT_SUFFIXES)
-    model = _load_model(args.model)
-    if not hasattr(model, "transform"):
-        raise CommandError(f"{args.model}: holds a {type(model).__name__}, not a transformer.")
-    if hasattr(model, "get_params"):  # e.g. a saved model's device may not exist here
-        params = model.get_params(deep=False)
-        options = {"device": args.device, "batch_size": args.batch_size,
-                   "grid_shape": args.grid_shape}
-        model.set_params(**{
-            name: value
-            for name, value in options.items()
-            if name in params and (value is not None or name != "grid_shape")
-        })
+    _check_paths(args, [args.model, args.features], _OUTPUT_SUFFIXES)
+    # The options override what the model was saved with (its device may not exist here).
+    options = {"device": args.device, "batch_size": args.batch_size}
+    if args.grid_shape is not None:
+        options["grid_shape"] = args.grid_shape
+    model = _load_model(args.model, options=options)
     data = _read_features(args)
     start = time.perf_counter()
     shape = _transform_to_file(model, data, args)
@@ -339,6 +350,7 @@ def _run_transform(args) -> int:
 
 
 def _run_info(args) -> int:
+    _check_exists(args.model)
     model = _load_model(args.model, keep_arrays=True)
     description = _describe_model(model, args.model)
     if args.json:
@@ -362,7 +374,6 @@ class _Data:
 
 def _read_features(args, *, need_labels: bool = False) -> _Data:
     path: Path = args.features
-    _check_exists(path)
     labels = None
     if args.shape is not None and path.suffix in (".npy", ".npz"):
         raise CommandError(f"--shape is for raw binary files; {path} is a {path.suffix} file.")
@@ -436,19 +447,23 @@ def _check_exists(path: Path) -> None:
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    from .io import _error_text
+
     _check_magic(path, b"\x93NUMPY", ".npy")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CommandError(f"{path}: not a valid .npy file ({exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file (skpool.io._read_npz)
+        raise CommandError(f"{path}: not a valid .npy file ({_error_text(exc)}).") from exc
 
 
 def _open_npz(path: Path):
+    from .io import _error_text
+
     _check_magic(path, b"PK", ".npz")
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise CommandError(f"{path}: not a valid .npz file ({exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file (skpool.io._read_npz)
+        raise CommandError(f"{path}: not a valid .npz file ({_error_text(exc)}).") from exc
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise CommandError(f"{path}: not an .npz archive.")
     return arrays
@@ -466,10 +481,12 @@ def _npz_array(arrays, path: Path, key: str, option: str) -> np.ndarray:
             f"{path}: no array {key!r} (it holds {', '.join(arrays.files) or 'nothing'}); "
             f"choose one with {option}."
         )
+    from .io import _error_text
+
     try:
         return arrays[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise CommandError(f"{path}: array {key!r} is corrupt ({exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged file (skpool.io._read_npz)
+        raise CommandError(f"{path}: array {key!r} is corrupt ({_error_text(exc)}).") from exc
 
 
 def _open_memmap(path: Path, sample_shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -491,37 +508,84 @@ def _open_memmap(path: Path, sample_shape: tuple[int, ...], dtype: str) -> np.nd
     return np.memmap(path, dtype=dtype, mode="r", shape=(size // per_sample, *sample_shape))
 
 
-def _load_model(path: Path, *, keep_arrays: bool = False):
-    """A transformer from a model file; with ``keep_arrays`` an operator file stays a
-    :class:`~skpool.io.SavedOperator`."""
+def _load_model(path: Path, *, keep_arrays: bool = False, options: dict | None = None):
+    """A transformer from a model file, its parameters in ``options`` overridden; with
+    ``keep_arrays`` an operator file stays a :class:`~skpool.io.SavedOperator` (numpy only)."""
     from .io import estimator_from_arrays, load_estimator, load_operator
 
-    _check_exists(path)
+    options = options or {}
     if path.suffix == ".npz":
-        saved = load_operator(path)
-        return saved if keep_arrays else estimator_from_arrays(saved)
-    if path.suffix in _MODEL_PICKLE_SUFFIXES:
+        return load_operator(path) if keep_arrays else estimator_from_arrays(path, **options)
+    if path.suffix not in _MODEL_PICKLE_SUFFIXES:
+        raise CommandError(
+            f"{path}: unknown model format {path.suffix!r}; expected .npz, .joblib or .pkl."
+        )
+    try:
+        model = load_estimator(path)
+    except Exception as exc:  # unpickling fails in many ways
+        raise CommandError(
+            f"{path}: not a readable joblib/pickle model ({type(exc).__name__}: {exc})."
+        ) from exc
+    if keep_arrays:
+        return model
+    if not hasattr(model, "transform"):
+        raise CommandError(f"{path}: holds a {type(model).__name__}, not a transformer.")
+    if hasattr(model, "get_params"):
+        params = model.get_params(deep=False)
+        model.set_params(**{name: value for name, value in options.items() if name in params})
+    if hasattr(model, "_validate_params"):  # what it was pickled with is checked now
         try:
-            return load_estimator(path)
-        except Exception as exc:  # unpickling fails in many ways
-            raise CommandError(
-                f"{path}: not a readable joblib/pickle model ({type(exc).__name__}: {exc})."
-            ) from exc
-    raise CommandError(
-        f"{path}: unknown model format {path.suffix!r}; expected .npz, .joblib or .pkl."
-    )
+            model._validate_params()
+        except (TypeError, ValueError) as exc:
+            raise CommandError(f"{path}: invalid parameter in the saved model: {exc}") from exc
+    return model
 
 
 # --------------------------------------------------------------------------------------------
 # Writing
-def _check_output_suffix(path: Path, allowed: tuple[str, ...]) -> str:
-    if path.suffix not in allowed:
+def _check_paths(args, inputs: list[Path | None], allowed: tuple[str, ...]) -> str:
+    """Before anything is read: the inputs exist, the output's suffix is one of ``allowed`` (it
+    decides the format; returned) and the output is none of the inputs."""
+    inputs = [path for path in inputs if path is not None]
+    for path in inputs:
+        _check_exists(path)
+    output: Path = args.output
+    if output.suffix not in allowed:
         raise CommandError(
-            f"{path}: the output must end in {' or '.join(allowed)} (it decides the format)."
+            f"{output}: the output must end in {' or '.join(allowed)} (it decides the format)."
         )
-    if not path.parent.is_dir():
-        raise CommandError(f"{path}: no such directory {path.parent}.")
-    return path.suffix
+    if not output.parent.is_dir():
+        raise CommandError(f"{output}: no such directory {output.parent}.")
+    if output.is_dir():
+        raise CommandError(f"{output}: is a directory; name an output file.")
+    for path in inputs:
+        if _same_file(output, path):
+            raise CommandError(
+                f"{output}: is the input file {path}; skpool never writes over its inputs, "
+                "name another output file."
+            )
+    return output.suffix
+
+
+def _same_file(output: Path, source: Path) -> bool:
+    """Whether writing ``output`` would replace ``source``: the same file through any path,
+    symbolic link or hard link (an existing output), or the same resolved path (a new one)."""
+    try:
+        return os.path.samefile(output, source)
+    except OSError:  # the output does not exist (yet), or a dangling link
+        return os.path.realpath(output) == os.path.realpath(source)
+
+
+def _estimator_params(estimator_class, args) -> dict:
+    """The estimator's parameters from the parsed options (``_RENAMED`` maps the names; a
+    parameter without an option keeps the estimator's default)."""
+    names = estimator_class().get_params(deep=False)
+    params = {}
+    for name in names:
+        option = _RENAMED.get(name, name)
+        if name not in _NOT_OPTIONS and hasattr(args, option):
+            params[name] = getattr(args, option)
+    return params
 
 
 def _transform_to_file(transformer, data: _Data, args) -> tuple[int, ...]:
@@ -578,6 +642,17 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _grid_note(grid, ndim: int | None, grid_shape) -> str:
+    """A warning where a grid is N x 1 because no grid_shape was given (flattened (n, F) maps
+    silently become F single-channel locations in a column); "" otherwise."""
+    if grid_shape is not None or grid[1] != 1 or grid[0] == 1 or ndim == 4:
+        return ""
+    return (
+        f"a {grid[0]}x1 grid, as 2-D (n, F) or 3-D (n, N, C) input without grid_shape gives; "
+        "for flattened H x W maps refit with --grid-shape H,W"
+    )
+
+
 def _describe(features) -> str:
     return f"{features.shape[0]} samples of {'x'.join(map(str, features.shape[1:]))}"
 
@@ -609,13 +684,18 @@ def _describe_model(model, path: Path) -> dict:
             "operator": f"{tuple(operator.shape)} {operator.dtype}",
         }
     )
+    note = _grid_note(grid, None, params.get("grid_shape"))
+    if note:
+        description["note"] = note
     if classes is not None:
         shown = ", ".join(map(str, list(classes)[:10])) + (", ..." if len(classes) > 10 else "")
         description["classes"] = f"{len(classes)}: {shown}"
     if eigenvalues is not None and np.size(eigenvalues):
         values = np.asarray(eigenvalues)
-        description["separability"] = (
-            f"min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g}"
+        description["generalized_eigenvalues"] = (
+            f"min {values.min():.4g}, median {np.median(values):.4g}, max {values.max():.4g} "
+            "(p'Ap / p'(B + alpha C_m)p of each row on the training data, locality term "
+            "included; not separability_ratios' p'Ap / p'Bp)"
         )
     description["params"] = ", ".join(f"{key}={value!r}" for key, value in params.items())
     return description
@@ -688,6 +768,11 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, (CommandError, ValueError, TypeError, OSError)):
         return message
     return f"{type(exc).__name__}: {message} (rerun with --traceback for details)"
+
+
+def __dir__():
+    """Only the public API (not the modules this one imports) for ``dir()`` and completion."""
+    return sorted(__all__)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,13 @@ Two formats:
   loaded: load only files you trust.
 
 Every writer here writes to a temporary file in the target directory and renames it into place,
-so an interrupted save never leaves a half-written file under the target name.
+so an interrupted save never leaves a half-written file under the target name. Every reader
+turns a damaged file (a bad zip header, a truncated archive, wrong magic bytes, a member that
+does not decompress) into one :class:`OperatorFileError` naming the file, and checks the
+parameters stored in an operator file when it rebuilds an estimator from them.
+
+This module imports numpy only (scikit-learn and torch are imported by the functions that need
+them), so ``skpool info`` and torch-only programs read operator files without scikit-learn.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ import contextlib
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,23 +188,38 @@ def load_operator(path) -> SavedOperator:
     FileNotFoundError
         If ``path`` does not exist.
     OperatorFileError
-        If the file is not an npz archive, not an skpool operator file, of a newer format
-        version than this skpool reads, or holds inconsistent arrays.
+        If the file is not an npz archive or is damaged (any failure to read the archive or
+        one of its arrays), is not an skpool operator file, is of a newer format version than
+        this skpool reads, or holds inconsistent arrays.
     """
     path = Path(path)
-    with open(path, "rb") as handle:  # FileNotFoundError as usual
-        if handle.read(2) != b"PK":
-            raise OperatorFileError(f"{path}: not an .npz archive (an skpool operator file).")
+    return _saved_from_arrays(_read_npz(path), path)
+
+
+def _read_npz(path) -> dict:
+    """Every array of an ``.npz`` file, read now; a damaged file is one :class:`OperatorFileError`.
+
+    ``FileNotFoundError`` (and other errors of opening the file itself) are raised as usual.
+    Anything raised while the bytes are parsed means a damaged file, and the parsers raise
+    many types: zipfile's BadZipFile, NotImplementedError (flag bit 5, version needed 255, an
+    unknown compression method), RuntimeError (encrypted members), zlib.error and EOFError (a
+    damaged or cut deflate stream), struct.error, KeyError, ValueError (a pickled member, a bad
+    .npy header), SyntaxError and tokenize.TokenError (numpy parses a damaged header's text),
+    OverflowError and MemoryError (absurd declared sizes). Hence ``except Exception``: an
+    interrupt (KeyboardInterrupt) still goes through.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:  # FileNotFoundError, IsADirectoryError as usual
+        magic = handle.read(2)
+    if magic != b"PK":
+        raise OperatorFileError(f"{path}: not an .npz archive (an skpool operator file).")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise OperatorFileError(f"{path}: not a readable .npz file ({exc}).") from exc
-    try:
-        with archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise OperatorFileError(f"{path}: corrupt .npz file ({exc}).") from exc
-    return _saved_from_arrays(arrays, path)
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except Exception as exc:  # noqa: BLE001 - _read_npz's docstring says why
+        raise OperatorFileError(
+            f"{path}: damaged or unreadable .npz file ({_error_text(exc)})."
+        ) from exc
 
 
 def estimator_from_arrays(saved, **params):
@@ -219,14 +239,27 @@ def estimator_from_arrays(saved, **params):
     """
     from . import SeparabilityPooling
 
+    source = saved
     if not isinstance(saved, SavedOperator):
         saved = load_operator(saved)
+        source = Path(source)
+    else:
+        source = "the saved operator"
     known = SeparabilityPooling().get_params()
     kept = {name: value for name, value in saved.params.items() if name in known}
     for name in ("grid_shape", "output_shape"):
-        if kept.get(name) is not None:
+        if isinstance(kept.get(name), list):
             kept[name] = tuple(kept[name])
+    # Every stored parameter the caller does not override is checked now, where it is read,
+    # not when transform first uses it (a batch_size of -1 would give garbage there).
+    stored = {name: value for name, value in kept.items() if name not in params}
+    try:
+        _check_estimator_params(SeparabilityPooling(**stored))
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        raise OperatorFileError(f"{source}: invalid stored parameter: {message}") from exc
     estimator = SeparabilityPooling(**{**kept, **params})
+    _check_estimator_params(estimator)
     estimator.operator_ = saved.operator
     estimator.channel_mean_ = saved.channel_mean
     estimator.channel_scale_ = saved.channel_scale
@@ -237,6 +270,16 @@ def estimator_from_arrays(saved, **params):
     estimator.classes_ = saved.classes
     estimator.eigenvalues_ = saved.eigenvalues
     return estimator
+
+
+def _check_estimator_params(estimator) -> None:
+    """scikit-learn's check of the declared parameter constraints, and of the grid pairs."""
+    from ._sklearn._validation import check_grid_shape
+
+    estimator._validate_params()
+    check_grid_shape(estimator.grid_shape)
+    if estimator.output_shape is not None:
+        check_grid_shape(estimator.output_shape, "output_shape")
 
 
 def _saved_from_estimator(estimator) -> SavedOperator:
@@ -287,16 +330,23 @@ def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> SavedOperator:
         raise OperatorFileError(f"{path}: missing array(s) {', '.join(missing)}.")
     operator = arrays["operator"]
     mean, scale = arrays["channel_mean"], arrays["channel_scale"]
-    grid = tuple(int(v) for v in arrays["grid_shape"].ravel())
-    out = tuple(int(v) for v in arrays["output_shape"].ravel())
+    grid, out = _grid_pair(arrays["grid_shape"]), _grid_pair(arrays["output_shape"])
+    classes, eigenvalues = arrays.get("classes"), arrays.get("eigenvalues")
     problems = []
     if operator.ndim != 3 or operator.dtype.kind != "f":
         problems.append(f"operator must be a float (k, M, N) array, got {operator.shape}")
-    elif len(grid) != 2 or len(out) != 2:
-        problems.append(f"grid_shape {grid} and output_shape {out} must be pairs")
+    elif grid is None or out is None:
+        problems.append(
+            f"grid_shape {arrays['grid_shape'].tolist()} and output_shape "
+            f"{arrays['output_shape'].tolist()} must be pairs of positive integers"
+        )
     elif grid[0] * grid[1] != operator.shape[2] or out[0] * out[1] != operator.shape[1]:
         problems.append(
             f"operator {operator.shape} does not map a {grid} grid to a {out} grid"
+        )
+    elif eigenvalues is not None and eigenvalues.shape != operator.shape[:2]:
+        problems.append(
+            f"eigenvalues {eigenvalues.shape} must be (k, M) = {operator.shape[:2]}"
         )
     if mean.ndim != 1 or mean.shape != scale.shape:
         problems.append(
@@ -311,23 +361,45 @@ def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> SavedOperator:
         problems.append("channel_mean must be finite and channel_scale finite and > 0")
     if operator.dtype.kind == "f" and not np.isfinite(operator).all():
         problems.append("operator contains NaN or infinity")
+    if classes is not None and classes.ndim != 1:
+        problems.append(f"classes must be 1-D, got shape {classes.shape}")
+    if eigenvalues is not None and eigenvalues.dtype.kind not in "fiu":
+        problems.append(f"eigenvalues must be numbers, got {eigenvalues.dtype}")
     if problems:
         raise OperatorFileError(f"{path}: inconsistent operator file: {'; '.join(problems)}.")
     try:
         params = json.loads(str(arrays["params"])) if "params" in arrays else {}
     except json.JSONDecodeError as exc:
         raise OperatorFileError(f"{path}: unreadable params ({exc}).") from exc
+    if not isinstance(params, dict):
+        raise OperatorFileError(
+            f"{path}: params must be a JSON object of parameter names, got "
+            f"{type(params).__name__}."
+        )
     return SavedOperator(
         operator=operator,
         channel_mean=mean,
         channel_scale=scale,
         grid_shape=grid,
         output_shape=out,
-        classes=arrays.get("classes"),
-        eigenvalues=arrays.get("eigenvalues"),
+        classes=classes,
+        eigenvalues=eigenvalues,
         params=params,
         format_version=version,
     )
+
+
+def _grid_pair(values: np.ndarray) -> tuple[int, int] | None:
+    """A stored (H, W) as two positive ints, or None when it is not one."""
+    if values.dtype.kind not in "iu" or values.size != 2 or (values <= 0).any():
+        return None
+    return int(values.flat[0]), int(values.flat[1])
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line: the exception's type and message."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _jsonable(value):
@@ -411,3 +483,8 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def __dir__():
+    """Only the public API (not the modules this one imports) for ``dir()`` and completion."""
+    return sorted(__all__)

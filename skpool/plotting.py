@@ -9,11 +9,14 @@
 Both return a :class:`matplotlib.figure.Figure` (made with pyplot, so notebooks show it) and
 never call ``show()``; save it with ``fig.savefig(...)`` and close it with
 ``matplotlib.pyplot.close(fig)``. The numbers come from the estimators and the core: nothing
-is recomputed here.
+is recomputed here. Figures stay a readable size: :func:`plot_gmp_weights` draws at most
+``max_images`` rows (8 by default) and :func:`plot_operator` at most ``max_panels`` panels
+(64 by default); pass ``None`` to lift either limit.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +29,9 @@ __all__ = ["plot_operator", "plot_gmp_weights"]
 
 #: Output grids up to this size per axis are shown whole by default.
 _ALL_CELLS_UP_TO = 5
+#: Default limits on the figure's size: rows of plot_gmp_weights, panels of plot_operator.
+_MAX_IMAGES = 8
+_MAX_PANELS = 64
 
 
 def plot_operator(
@@ -39,6 +45,7 @@ def plot_operator(
     colorbar: bool = True,
     panel_size: float = 1.6,
     title: str | None = None,
+    max_panels: int | None = _MAX_PANELS,
 ):
     """Heatmaps of a separability pooling operator's rows at evenly spaced output cells.
 
@@ -68,6 +75,10 @@ def plot_operator(
         Size of one panel in inches.
     title : str, optional
         Figure title; by default it names the grids and the component.
+    max_panels : int or None, default=64
+        Most panels (output cells) to draw; asking for more (``"all"`` on a large output grid,
+        a large count or list) is a ValueError, since the figure grows with the panels
+        (``panel_size`` inches each). None: no limit.
 
     Returns
     -------
@@ -82,6 +93,13 @@ def plot_operator(
             "component(s)."
         )
     layout = _cell_layout(locations, out)
+    n_panels = sum(len(row) for row in layout)
+    if max_panels is not None and n_panels > max_panels:
+        raise ValueError(
+            f"locations={locations!r} asks for {n_panels} panels of the {out[0]}x{out[1]} "
+            f"output grid, more than max_panels={max_panels}: pick fewer cells (e.g. "
+            "locations=(8, 8), evenly spaced) or pass max_panels=None."
+        )
     centres = output_centres(grid, out).numpy()
     shown = [weights[component, u * out[1] + v] for row in layout for (u, v) in row]
     limit = max(float(np.abs(np.stack(shown)).max()), np.finfo(float).tiny)
@@ -136,6 +154,7 @@ def plot_gmp_weights(
     colorbar: bool = True,
     panel_size: float = 2.2,
     title: str | None = None,
+    max_images: int | None = _MAX_IMAGES,
 ):
     r"""The weight of every location in generalized max pooling, next to the image.
 
@@ -164,11 +183,16 @@ def plot_gmp_weights(
     panel_size : float, default=2.2
         Size of one panel in inches.
     title : str, optional
+    max_images : int or None, default=8
+        Most images (rows) to draw: of a larger batch only the first ``max_images`` are drawn
+        (and their weights computed), with a warning, so a batch of 200 does not become a
+        440-inch figure. None draws every image.
 
     Returns
     -------
     matplotlib.figure.Figure
-        One row per image: the image, then one weight panel per λ (then the colorbars' axes).
+        One row per drawn image: the image, then one weight panel per λ (then the colorbars'
+        axes).
     """
     plt = _pyplot()
     if torch.is_tensor(feature_map):
@@ -192,6 +216,17 @@ def plot_gmp_weights(
     lams = [float(v) for v in np.atleast_1d(lam)]
     if min(lams) <= 0:
         raise ValueError(f"lam must be > 0, got {lam!r}.")
+    if max_images is not None:
+        if int(max_images) < 1:
+            raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}.")
+        if len(maps) > max_images:
+            warnings.warn(
+                f"plot_gmp_weights draws the first {max_images} of {len(maps)} images "
+                "(max_images); pass max_images=None to draw them all, or a slice.",
+                UserWarning,
+                stacklevel=2,
+            )
+            maps, images = maps[:max_images], images[:max_images]
     n, height, width, channels = maps.shape
     stacks = maps.reshape(n, height * width, channels)
     weights = [
@@ -329,3 +364,8 @@ def _evenly_spaced(size: int, count: int) -> list[int]:
     if count == 1:
         return [(size - 1) // 2]
     return sorted({int(round(i * (size - 1) / (count - 1))) for i in range(count)})
+
+
+def __dir__():
+    """Only the public API (not the modules this one imports) for ``dir()`` and completion."""
+    return sorted(__all__)

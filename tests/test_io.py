@@ -235,3 +235,223 @@ def test_torch_only_program_does_not_import_sklearn(tmp_path):
     code = "import sys, skpool.nn, skpool.io; assert 'sklearn' not in sys.modules, 'sklearn imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged files: whatever is wrong with the archive, one OperatorFileError naming the file
+def patch_central_directory(data: bytes, offset: int, value: bytes) -> bytes:
+    """Overwrite bytes at ``offset`` of every central-directory record (signature PK\\1\\2)."""
+    out = bytearray(data)
+    start = out.find(b"PK\x01\x02")
+    assert start >= 0, "no central directory: not a zip"
+    while start >= 0:
+        out[start + offset : start + offset + len(value)] = value
+        start = out.find(b"PK\x01\x02", start + 4)
+    return bytes(out)
+
+
+def patch_local_headers(data: bytes, offset: int, value: bytes) -> bytes:
+    """Overwrite bytes at ``offset`` of every local file header (signature PK\\3\\4)."""
+    out = bytearray(data)
+    start = out.find(b"PK\x03\x04")
+    while start >= 0:
+        out[start + offset : start + offset + len(value)] = value
+        start = out.find(b"PK\x03\x04", start + 4)
+    return bytes(out)
+
+
+def first_member_data(data: bytes) -> int:
+    """Offset of the first member's data (after its local header, name and extra field)."""
+    start = data.find(b"PK\x03\x04")
+    name_length, extra_length = np.frombuffer(data[start + 26 : start + 30], dtype="<u2")
+    return start + 30 + int(name_length) + int(extra_length)
+
+
+def damaged_versions(good: bytes, compressed: bytes) -> dict[str, bytes]:
+    """One file per way an npz can be damaged (central-directory offsets from the zip spec,
+    APPNOTE 4.3.12: version needed at 6, flags at 8, method at 10, CRC-32 at 16)."""
+    data_at = first_member_data(good)
+    deflate_at = first_member_data(compressed)
+    return {
+        # zipfile raises NotImplementedError for these two (the reviewed failure)
+        "flag bit 5 (patched data)": patch_central_directory(good, 8, b"\x20\x00"),
+        "version needed 255": patch_central_directory(good, 6, b"\xff\x00"),
+        "unknown compression method": patch_central_directory(good, 10, b"\x63\x00"),
+        "encrypted flag (bit 0)": patch_central_directory(good, 8, b"\x01\x00"),
+        "wrong CRC-32": patch_central_directory(good, 16, b"\x00\x00\x00\x00"),
+        "local header signature": patch_local_headers(good, 0, b"PK\x09\x09"),
+        "member is not .npy": good[:data_at] + b"\x00" * 6 + good[data_at + 6 :],
+        "deflate stream": compressed[:deflate_at] + b"\xff" * 12 + compressed[deflate_at + 12 :],
+        "no end of central directory": good[: good.rfind(b"PK\x05\x06")],
+        "PK then random bytes": b"PK" + np.random.default_rng(1).bytes(3000),
+        "cut in the member data": good[: data_at + 40],
+        "cut in the central directory": good[: good.find(b"PK\x01\x02") + 30],
+        "one byte short": good[:-1],
+    }
+
+
+@pytest.fixture(scope="module")
+def operator_bytes(fitted, tmp_path_factory):
+    """A valid operator file's bytes, stored and compressed."""
+    folder = tmp_path_factory.mktemp("damaged")
+    good = save_operator(fitted[0], folder / "good.npz").read_bytes()
+    saved = load_operator(folder / "good.npz")
+    with np.load(folder / "good.npz") as archive:
+        np.savez_compressed(folder / "compressed.npz", **{k: archive[k] for k in archive.files})
+    assert load_operator(folder / "compressed.npz").operator.shape == saved.operator.shape
+    return good, (folder / "compressed.npz").read_bytes()
+
+
+def damaged_cases():
+    return list(damaged_versions(b"PK\x03\x04" + bytes(40) + b"PK\x01\x02" + bytes(60)
+                                 + b"PK\x05\x06" + bytes(18),
+                                 b"PK\x03\x04" + bytes(60)))
+
+
+@pytest.mark.parametrize("damage", damaged_cases())
+def test_damaged_archives_are_one_file_error(operator_bytes, tmp_path, damage):
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(damaged_versions(*operator_bytes)[damage])
+    with pytest.raises(OperatorFileError, match="damaged.npz") as info:
+        load_operator(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(OperatorFileError, match="damaged.npz"):
+        estimator_from_arrays(path)
+
+
+def test_any_flipped_or_cut_byte_loads_or_is_a_file_error(operator_bytes, tmp_path):
+    """Every single-byte change and every cut of a valid file either still loads (a byte the
+    reader does not use, e.g. a timestamp) or is an OperatorFileError: never another
+    exception. Positions: a random sample of the zip structures' bytes and of all bytes (all of
+    them take ~16 s)."""
+    for good in operator_bytes:
+        rng = np.random.default_rng(len(good))
+        structure = [i for i in range(len(good)) if _in_zip_structure(good, i)]
+        positions = sorted(
+            set(rng.choice(structure, 80, replace=False)) | set(rng.choice(len(good), 40))
+        )
+        path = tmp_path / "changed.npz"
+        outcomes = {"loaded": 0, "refused": 0}
+        for position in positions:
+            changed = bytearray(good)
+            changed[position] ^= 0xFF
+            for data in (bytes(changed), good[:position]):
+                path.write_bytes(data)
+                try:
+                    load_operator(path)
+                    outcomes["loaded"] += 1
+                except OperatorFileError:
+                    outcomes["refused"] += 1
+        assert outcomes["refused"] > len(positions)  # most changes are caught (CRC, headers)
+
+
+def _in_zip_structure(data: bytes, index: int) -> bool:
+    """Whether byte ``index`` lies in a local header, the central directory or its end."""
+    for signature, length in ((b"PK\x03\x04", 30), (b"PK\x01\x02", 46), (b"PK\x05\x06", 22)):
+        start = data.find(signature)
+        while start >= 0:
+            if start <= index < start + length:
+                return True
+            start = data.find(signature, start + 4)
+    return False
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not an .npz archive"),
+        (b"\x93NUMPY\x01\x00", "not an .npz archive"),
+        (np.random.default_rng(0).bytes(5000), "not an .npz archive"),
+        (b"PK", "damaged or unreadable"),
+        (b"PK\x03\x04", "damaged or unreadable"),
+    ],
+    ids=["empty", "npy magic", "random bytes", "PK only", "local signature only"],
+)
+def test_wrong_magic_and_tiny_files(tmp_path, content, message):
+    path = tmp_path / "odd.npz"
+    path.write_bytes(content)
+    with pytest.raises(OperatorFileError, match=f"odd.npz.*{message}"):
+        load_operator(path)
+
+
+def test_directory_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_operator(tmp_path / "missing.npz")
+    with pytest.raises(IsADirectoryError):
+        load_operator(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters stored in an operator file are checked when an estimator is built from them
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("batch_size", -1),
+        ("batch_size", 0),
+        ("batch_size", 2.5),
+        ("batch_size", "64"),
+        ("alpha", -1.0),
+        ("n_components", 0),
+        ("norm", "l3"),
+        ("dtype", "float16"),
+        ("solver", "magic"),
+        ("max_memory_mb", 0),
+        ("support_radius", -2.0),
+        ("normalize_channels", "yes"),
+        ("device", 3),
+        ("grid_shape", [0, 5]),
+        ("grid_shape", "ab"),
+        ("output_shape", [3, -3]),
+    ],
+)
+def test_invalid_stored_parameters_are_refused_when_loading(fitted, tmp_path, name, value):
+    path = save_operator(fitted[0], tmp_path / "model.npz")
+    with np.load(path) as archive:
+        params = json.loads(str(archive["params"]))
+    bad = rewrite(path, tmp_path / "bad.npz",
+                  params=np.asarray(json.dumps({**params, name: value})))
+    with pytest.raises(OperatorFileError, match=f"bad.npz: invalid stored parameter.*{name}"):
+        estimator_from_arrays(bad)
+    # A parameter given by the caller replaces the stored one, and is checked as a parameter.
+    rebuilt = estimator_from_arrays(bad, **{name: params[name]})
+    np.testing.assert_array_equal(rebuilt.transform(fitted[1]), fitted[0].transform(fitted[1]))
+    with pytest.raises(ValueError, match=name) as info:
+        estimator_from_arrays(path, **{name: value})
+    assert not isinstance(info.value, OperatorFileError)
+
+
+def test_params_must_be_a_json_object(fitted, tmp_path):
+    path = save_operator(fitted[0], tmp_path / "model.npz")
+    for text in ("[1, 2]", "3", "not json"):
+        bad = rewrite(path, tmp_path / "bad.npz", params=np.asarray(text))
+        with pytest.raises(OperatorFileError, match="params"):
+            load_operator(bad)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grid_shape": np.asarray([-6, -5])}, "pairs of positive integers"),
+        ({"grid_shape": np.asarray([6.0, 5.0])}, "pairs of positive integers"),
+        ({"output_shape": np.asarray([9])}, "pairs of positive integers"),
+        ({"eigenvalues": np.ones((2, 4))}, r"eigenvalues \(2, 4\) must be \(k, M\)"),
+        ({"eigenvalues": np.asarray(["a"] * 18).reshape(2, 9)}, "eigenvalues must be numbers"),
+        ({"classes": np.zeros((3, 2))}, "classes must be 1-D"),
+    ],
+)
+def test_inconsistent_grids_and_records(fitted, tmp_path, changes, message):
+    path = save_operator(fitted[0], tmp_path / "model.npz")
+    with pytest.raises(OperatorFileError, match=message):
+        load_operator(rewrite(path, tmp_path / "bad.npz", **changes))
+
+
+# --------------------------------------------------------------------------------------------
+# The public names
+def test_io_shows_only_its_api():
+    import skpool.io as io
+
+    assert dir(io) == sorted(io.__all__)
+    assert all(hasattr(io, name) for name in io.__all__)
+    namespace: dict = {}
+    exec("from skpool.io import *", namespace)  # noqa: S102 - the import under test
+    assert sorted(set(namespace) - {"__builtins__"}) == sorted(io.__all__)

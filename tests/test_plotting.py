@@ -149,3 +149,49 @@ def test_figures_save(fitted, tmp_path, rng):
     plot_gmp_weights(rng.random((8, 8)), rng.random((4, 4, 3)), 1.0).savefig(tmp_path / "g.png")
     for name in ("operator.png", "g.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gmp_weights_draw_at_most_max_images(rng):
+    """A batch larger than max_images draws its first max_images rows (with a warning), so the
+    figure's height stays bounded; the weights shown are those of the drawn images."""
+    images, maps = rng.random((200, 6, 6)), rng.random((200, 3, 3, 4))
+    with pytest.warns(UserWarning, match="first 8 of 200 images"):
+        fig = plot_gmp_weights(images, maps, [0.1, 10.0], colorbar=False)
+    assert fig.get_size_inches()[1] <= 8 * 2.2 + 0.5
+    panels = [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+    assert len(panels) == 8 * 3
+    last = panels[-1].images[-1].get_array().data  # row 7, lambda = 10
+    expected = gmp_weights_reference(maps[7].reshape(9, 4), 10.0).reshape(3, 3)
+    np.testing.assert_allclose(last, expected, rtol=1e-8)
+
+    with pytest.warns(UserWarning, match="first 3 of 5"):
+        assert len(plot_gmp_weights(images[:5], maps[:5], 1.0, max_images=3,
+                                    colorbar=False).axes) == 3 * 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_gmp_weights(images[:9], maps[:9], 1.0, max_images=None, colorbar=False)
+        assert len(fig.axes) == 9 * 2
+        plot_gmp_weights(images[:8], maps[:8], 1.0, colorbar=False)  # at the limit: no warning
+    with pytest.raises(ValueError, match="max_images"):
+        plot_gmp_weights(images[:2], maps[:2], 1.0, max_images=0)
+
+
+def test_operator_panels_are_limited(rng):
+    """'all' on a 9x9 output grid is 81 panels: refused by default (before drawing); the limit
+    is on the panels drawn, and None lifts it."""
+    with pytest.raises(ValueError, match="81 panels .* max_panels=64"):
+        plot_operator(rng.normal(size=(1, 81, 81)), "all")
+    operator = rng.normal(size=(1, 16, 16))
+    with pytest.raises(ValueError, match="16 panels .* max_panels=10"):
+        plot_operator(operator, "all", max_panels=10)
+    assert len(heatmaps(plot_operator(operator, (3, 3), max_panels=10, colorbar=False))) == 9
+    fig = plot_operator(operator, "all", max_panels=None, colorbar=False, panel_size=0.5)
+    assert len(heatmaps(fig)) == 16
+
+
+def test_plotting_shows_only_its_api():
+    import skpool.plotting as plotting
+
+    assert dir(plotting) == sorted(plotting.__all__)

@@ -103,20 +103,23 @@ class FeatureStacks:
             yield index, batch, mask
 
 
-def check_grid_shape(grid_shape) -> tuple[int, int] | None:
-    """Validate a ``grid_shape`` parameter: None or two positive integers."""
+def check_grid_shape(grid_shape, name: str = "grid_shape") -> tuple[int, int] | None:
+    """Validate a grid parameter (``grid_shape``, ``output_shape``): None or two positive
+    integers (H, W); returns them as a tuple of ints."""
     if grid_shape is None:
         return None
     try:
+        if isinstance(grid_shape, (str, bytes)):
+            raise TypeError
         height, width = (int(v) for v in grid_shape)
         valid = height >= 1 and width >= 1 and all(
             float(v) == int(v) for v in grid_shape
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         valid = False
     if not valid:
         raise ValueError(
-            f"grid_shape must be None or a pair of positive integers (H, W), got {grid_shape!r}."
+            f"{name} must be None or a pair of positive integers (H, W), got {grid_shape!r}."
         )
     return height, width
 
@@ -263,6 +266,7 @@ def _check_arraylike(estimator, X, grid_shape, reset) -> FeatureStacks:
 
 
 def _check_tensor(X: torch.Tensor, grid_shape) -> FeatureStacks:
+    _check_dense_tensor(X, "X")
     _check_ndim(X.ndim)
     dtype = _torch_compute_dtype(X.dtype)
     if X.shape[0] < 1:
@@ -286,6 +290,7 @@ def _check_ragged(X) -> FeatureStacks:
     dtypes = set()
     for i, sample in enumerate(X):
         if isinstance(sample, torch.Tensor):
+            _check_dense_tensor(sample, f"Stack {i}")
             dtypes.add(_torch_compute_dtype(sample.dtype))
         else:
             if sample.dtype.kind == "c":
@@ -298,6 +303,30 @@ def _check_ragged(X) -> FeatureStacks:
         raise ValueError("The stacks have 0 channels.")
     dtype = torch.float32 if dtypes == {torch.float32} else torch.float64
     return FeatureStacks(list(X), "ragged", len(X), n_channels, None, dtype)
+
+
+def _check_dense_tensor(X: torch.Tensor, name: str) -> None:
+    """Refuse tensors whose values cannot be read as one dense array: sparse layouts (COO,
+    CSR, CSC, BSR, BSC), nested/jagged tensors, 'meta' tensors (shape only, no data) and
+    quantized tensors. Inside torch these fail later with a NotImplementedError; here they
+    are a TypeError that says what to do, as scipy sparse matrices are (scikit-learn's)."""
+    if X.is_nested:
+        raise TypeError(
+            f"{name} is a nested (jagged) torch tensor; pass a list of (N_i, C) tensors "
+            "(ragged input, generalized max pooling) or pad it to one dense tensor."
+        )
+    if X.layout != torch.strided:
+        raise TypeError(
+            f"{name} is a sparse torch tensor (layout {X.layout}); skpool needs dense feature "
+            "maps: pass X.to_dense()."
+        )
+    if X.is_meta:
+        raise TypeError(
+            f"{name} is a 'meta' torch tensor: it has a shape but no values. Pass a tensor on "
+            "a real device (cpu or cuda)."
+        )
+    if X.is_quantized:
+        raise TypeError(f"{name} is a quantized torch tensor; pass X.dequantize().")
 
 
 def _torch_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -146,8 +146,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     operator_ : ndarray of shape (n_components, M, N)
         The learned operator, rows normalised (dtype of the solve).
     eigenvalues_ : ndarray of shape (n_components, M)
-        The separability ratios :math:`p^\top A p / p^\top (B + \alpha C_m) p` achieved by the
-        rows of ``operator_`` on the training data (the generalised eigenvalues).
+        The generalised eigenvalues :math:`p^\top A p / p^\top (B + \alpha C_m) p` of the rows
+        of ``operator_`` on the training data, the locality term included (not the ratios
+        :math:`p^\top A p / p^\top B p` of :meth:`separability_ratios`).
     channel_mean_ : ndarray of shape (C,)
         :math:`\mu` (zeros when ``normalize_channels=False``).
     channel_scale_ : ndarray of shape (C,)

@@ -3,6 +3,7 @@ bad input gets one line on stderr, a non-zero exit and no output file (old ones 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -289,3 +290,288 @@ def test_console_script_in_a_real_process(files):
     assert done.stderr == "skpool fit: error: missing.npy: no such file.\n"
     assert done.stdout == ""
     assert not (tmp / "model.npz").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The output is never one of the inputs: refused before anything is read, input untouched
+def same_file_cases(tmp: Path) -> dict[str, tuple[list, str]]:
+    """argv (without -o) and the input it names, for every subcommand and every input."""
+    return {
+        "gmp features": (["gmp", tmp / "X.npy"], "X.npy"),
+        "gmp npz features": (["gmp", tmp / "train.npz"], "train.npz"),
+        "gmp raw features": (["gmp", tmp / "X.f32", "--shape", "6,4,3"], "X.f32"),
+        "fit features": (["fit", tmp / "train.npz"], "train.npz"),
+        "fit labels": (["fit", tmp / "X.npy", "--labels", tmp / "y.npy"], "y.npy"),
+        "fit npz labels": (["fit", tmp / "X.npy", "--labels", tmp / "train.npz"], "train.npz"),
+        "transform model": (["transform", tmp / "model.npz", tmp / "X.npy"], "model.npz"),
+        "transform features": (["transform", tmp / "model.npz", tmp / "X.npy"], "X.npy"),
+    }
+
+
+def output_spellings(tmp: Path, name: str) -> dict[str, Path | str]:
+    """Ways to name the file ``tmp/name`` (or a file that is it) as the output."""
+    os.makedirs(tmp / "sub", exist_ok=True)
+    stem, suffix = os.path.splitext(name)
+    os.symlink(tmp / name, tmp / f"sym_{stem}{suffix}")
+    os.link(tmp / name, tmp / f"hard_{stem}{suffix}")
+    return {
+        "same path": tmp / name,
+        "relative": Path(name),
+        "dot-dot": Path("sub") / ".." / name,
+        "symlink": tmp / f"sym_{stem}{suffix}",
+        "hard link": tmp / f"hard_{stem}{suffix}",
+    }
+
+
+@pytest.mark.parametrize("case", list(same_file_cases(Path("."))))
+def test_output_naming_an_input_is_refused(files, capsys, monkeypatch, case):
+    tmp, _, _ = files
+    assert run(capsys, "fit", tmp / "train.npz", "-o", tmp / "model.npz", "-q")[0] == 0
+    argv, name = same_file_cases(tmp)[case]
+    monkeypatch.chdir(tmp)
+    spellings = output_spellings(tmp, name)
+    contents = {path.name: path.read_bytes() for path in tmp.iterdir() if path.is_file()}
+    listing = sorted(os.listdir(tmp))
+    for spelling, output in spellings.items():
+        code, out, err = run(capsys, *argv, "-o", output)
+        assert code == 1, (spelling, err)
+        assert out == "" and err.count("\n") == 1, (spelling, err)
+        if str(output).endswith(_allowed_suffixes(argv[0])):
+            assert "never writes over its inputs" in err, (spelling, err)
+        else:  # e.g. a raw .f32 input: refused by the output suffix rule first
+            assert "the output must end in" in err, (spelling, err)
+        assert sorted(os.listdir(tmp)) == listing
+        for path in tmp.iterdir():
+            if path.is_file():
+                assert path.read_bytes() == contents[path.name], (spelling, path.name)
+
+
+def _allowed_suffixes(command: str) -> tuple[str, ...]:
+    return (".npz", ".joblib", ".pkl") if command == "fit" else (".npy", ".npz")
+
+
+def test_an_output_that_is_not_an_input_is_fine_next_to_links(files, capsys, monkeypatch):
+    """The check compares files, not names: a new file beside the inputs, or one whose name
+    resembles an input's, is written."""
+    tmp, maps, _ = files
+    monkeypatch.chdir(tmp)
+    os.symlink(tmp / "X.npy", tmp / "alias.npy")
+    code, _, err = run(capsys, "gmp", "alias.npy", "-o", "sub_X.npy", "-q")
+    assert (code, err) == (0, "")
+    code, _, err = run(capsys, "gmp", "X.npy", "-o", tmp / "X.npy.npz", "-q")
+    assert (code, err) == (0, "")
+    np.testing.assert_array_equal(np.load("sub_X.npy"), np.load("X.npy.npz")["X"])
+    assert np.load("X.npy").tobytes() == maps.tobytes()
+
+
+def test_an_existing_directory_is_not_an_output(files, capsys):
+    tmp, _, _ = files
+    (tmp / "out.npy").mkdir()
+    code, _, err = run(capsys, "gmp", tmp / "X.npy", "-o", tmp / "out.npy")
+    assert code == 1 and "is a directory" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged feature and model files: one line, exit 1
+def damage(data: bytes, kind: str) -> bytes:
+    """A zip with a damaged central directory (APPNOTE 4.3.12 offsets), or a damaged .npy."""
+    out = bytearray(data)
+    offsets = {"flag bit 5": (8, b"\x20\x00"), "version 255": (6, b"\xff\x00"),
+               "bad CRC": (16, b"\x00\x00\x00\x00")}
+    if kind in offsets:
+        offset, value = offsets[kind]
+        start = out.find(b"PK\x01\x02")
+        while start >= 0:
+            out[start + offset : start + offset + len(value)] = value
+            start = out.find(b"PK\x01\x02", start + 4)
+        return bytes(out)
+    if kind == "npy header text":  # numpy parses the header's dict with the tokenizer
+        start = out.find(b"{")
+        out[start + 40] = 0x82
+        return bytes(out)
+    if kind == "cut":
+        return data[: len(data) // 3]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["flag bit 5", "version 255", "bad CRC", "cut"])
+@pytest.mark.parametrize("target", ["features", "labels", "model", "info"])
+def test_damaged_npz_files_are_one_line(files, capsys, kind, target):
+    tmp, _, _ = files
+    assert run(capsys, "fit", tmp / "train.npz", "-o", tmp / "model.npz", "-q")[0] == 0
+    source = {"features": "train.npz", "labels": "train.npz", "model": "model.npz",
+              "info": "model.npz"}[target]
+    (tmp / "bad.npz").write_bytes(damage((tmp / source).read_bytes(), kind))
+    argv = {
+        "features": ["gmp", tmp / "bad.npz", "-o", tmp / "out.npy"],
+        "labels": ["fit", tmp / "X.npy", "--labels", tmp / "bad.npz", "-o", tmp / "m.npz"],
+        "model": ["transform", tmp / "bad.npz", tmp / "X.npy", "-o", tmp / "out.npy"],
+        "info": ["info", tmp / "bad.npz"],
+    }[target]
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == "", err
+    assert err.count("\n") == 1 and "bad.npz" in err and "Traceback" not in err
+    assert not (tmp / "out.npy").exists() and not (tmp / "m.npz").exists()
+
+
+@pytest.mark.parametrize("kind", ["npy header text", "cut"])
+def test_damaged_npy_files_are_one_line(files, capsys, kind):
+    tmp, _, _ = files
+    (tmp / "bad.npy").write_bytes(damage((tmp / "X.npy").read_bytes(), kind))
+    code, _, err = run(capsys, "gmp", tmp / "bad.npy", "-o", tmp / "out.npy")
+    assert code == 1 and err.count("\n") == 1 and "bad.npy: not a valid .npy file" in err
+
+
+def test_stored_parameters_are_checked_unless_the_options_replace_them(files, capsys):
+    tmp, maps, labels = files
+    assert run(capsys, "fit", tmp / "train.npz", "-o", tmp / "model.npz", "-q")[0] == 0
+    with np.load(tmp / "model.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    params = json.loads(str(arrays["params"]))
+    for name, value, replaced in [("batch_size", -1, True), ("device", "tpu:9", True),
+                                  ("alpha", -1.0, False), ("norm", "l7", False)]:
+        changed = {**arrays, "params": np.asarray(json.dumps({**params, name: value}))}
+        np.savez(tmp / "odd.npz", **changed)
+        code, _, err = run(capsys, "transform", tmp / "odd.npz", tmp / "X.npy",
+                           "-o", tmp / "out.npy", "-q", "--device", "cpu")
+        if replaced:  # --batch-size and --device always replace the stored values
+            assert (code, err) == (0, ""), name
+            np.testing.assert_allclose(np.load(tmp / "out.npy"),
+                                       fit_reference(maps, labels).transform(maps),
+                                       rtol=1e-6, atol=1e-6)
+        else:
+            assert code == 1 and f"invalid stored parameter: The '{name}' parameter" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Options: every estimator parameter, with the estimator's default
+def subcommand_parser(name: str):
+    from skpool.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+@pytest.mark.parametrize("command, estimator",
+                         [("gmp", GeneralizedMaxPooling), ("fit", SeparabilityPooling)])
+def test_every_estimator_parameter_is_an_option_with_its_default(command, estimator):
+    """A parameter added to an estimator fails this test until the CLI has an option for it
+    (or cli._NOT_OPTIONS says why not)."""
+    from skpool.cli import _NOT_OPTIONS, _RENAMED
+
+    options = {action.dest: action for action in subcommand_parser(command)._actions}
+    for name, default in estimator().get_params().items():
+        if name in _NOT_OPTIONS:
+            continue
+        dest = _RENAMED.get(name, name)
+        assert dest in options, f"{estimator.__name__}({name}=...) has no option in '{command}'"
+        assert options[dest].default == default, name
+
+
+def test_support_radius_and_memory_options_reach_the_estimator(files, capsys):
+    tmp, maps, labels = files
+    code, _, err = run(capsys, "fit", tmp / "train.npz", "-o", tmp / "model.npz", "-q",
+                       "--support-radius", "1.5", "--max-memory-mb", "8", "--stride", "1",
+                       "--device", "cpu")
+    assert (code, err) == (0, "")
+    saved = load_operator(tmp / "model.npz")
+    assert saved.params["support_radius"] == 1.5 and saved.params["max_memory_mb"] == 8
+    reference = fit_reference(maps, labels, support_radius=1.5, stride=1)
+    np.testing.assert_allclose(saved.operator, reference.operator_, rtol=0, atol=1e-12)
+    # rows are zero outside the radius: the option changed the fit
+    assert (saved.operator == 0).any()
+    assert run(capsys, "fit", tmp / "train.npz", "-o", tmp / "m.npz", "--support-radius",
+               "0")[0] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# info: the grid, and the eigenvalues named for what they are
+def test_info_names_the_eigenvalues_and_flags_a_column_grid(files, capsys):
+    tmp, maps, labels = files
+    np.savez(tmp / "flat.npz", X=maps.reshape(N_SAMPLES, -1), y=labels)  # (n, F): a mistake
+    code, out, _ = run(capsys, "fit", tmp / "flat.npz", "-o", tmp / "flat_model.npz")
+    assert code == 0 and "72x1 grid" in out and "--grid-shape H,W" in out
+    code, out, _ = run(capsys, "info", tmp / "flat_model.npz", "--json")
+    description = json.loads(out)
+    assert description["input_grid"] == "72x1 (72 locations)"
+    assert description["note"].startswith("a 72x1 grid") and "--grid-shape H,W" in description["note"]
+    assert description["channels"] == "1 in -> 1 out"
+    assert "separability" not in description
+    eigen = description["generalized_eigenvalues"]
+    assert "B + alpha C_m" in eigen and "not separability_ratios" in eigen
+    values = load_operator(tmp / "flat_model.npz").eigenvalues
+    assert f"median {np.median(values):.4g}" in eigen
+
+    code, out, _ = run(capsys, "fit", tmp / "flat.npz", "-o", tmp / "grid_model.npz",
+                       "--grid-shape", "6,4")
+    assert code == 0 and "note" not in out and "6x4 -> 3x2 grid" in out
+    code, out, _ = run(capsys, "info", tmp / "grid_model.npz")
+    assert "input_grid" in out and "6x4 (24 locations)\n" in out and "note" not in out
+
+
+def test_info_rejects_computation_options_as_documented(files, capsys):
+    tmp, _, _ = files
+    run(capsys, "fit", tmp / "train.npz", "-o", tmp / "model.npz", "-q")
+    code, _, err = run(capsys, "info", tmp / "model.npz", "--device", "cpu")
+    assert code == 2 and "unrecognized arguments: --device" in err
+    for command in ("gmp", "fit", "transform"):
+        assert "--device" in run(capsys, command, "--help")[1]
+
+
+def test_cli_shows_only_its_api():
+    import skpool.cli as cli
+
+    assert dir(cli) == sorted(cli.__all__)
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up: help, usage errors and info import neither torch nor scikit-learn
+_PROBE = """
+import json, sys
+from skpool.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        codes.append(main(argv))
+    except SystemExit as exc:
+        codes.append(exc.code)
+heavy = sorted(name for name in ("torch", "sklearn", "scipy", "skorch") if name in sys.modules)
+print(json.dumps({"codes": codes, "heavy": heavy}))
+"""
+
+
+def test_help_usage_errors_and_info_do_not_import_torch_or_sklearn(files, capsys):
+    """Checked in a fresh process through sys.modules (not by timing): these answers must
+    not pay the seconds torch and scikit-learn take to import."""
+    tmp, _, _ = files
+    assert run(capsys, "fit", tmp / "train.npz", "-o", tmp / "model.npz", "-q")[0] == 0
+    (tmp / "junk.npz").write_bytes(b"PK not really")
+    argvs = [["--help"], ["--version"], ["gmp", "--help"], ["fit", "--help"],
+             ["transform", "--help"], ["info", "--help"], ["gmp"], ["fit", "X.npy", "-o"],
+             ["frobnicate"], ["info", "model.npz"], ["info", "model.npz", "--json"],
+             ["info", "junk.npz"], ["info", "missing.npz"],
+             ["gmp", "X.npy", "-o", "X.npy"], ["gmp", "missing.npy", "-o", "out.npy"]]
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argvs)],
+        cwd=tmp, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 0, 0, 1, 1, 1, 1]
+    assert result["heavy"] == []
+    assert "generalized_eigenvalues" in done.stdout
+
+
+def test_package_shows_its_api_and_imports_lazily():
+    import skpool
+
+    assert set(skpool.__all__) <= set(dir(skpool))
+    assert not [name for name in dir(skpool)
+                if not name.startswith("__") and name not in skpool.__all__
+                and name not in ("cli", "io", "models", "nn", "plotting")]
+    assert skpool.resolve_device("cpu").type == "cpu"  # the lazy name resolves
+    with pytest.raises(AttributeError, match="no attribute 'np'"):
+        skpool.np  # noqa: B018 - the access under test
