@@ -172,6 +172,12 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
 
     # -- the plan: every parameter checked before any training ---------------------------------
     def _plan(self, X, labels) -> _Plan:
+        if isinstance(self.module, torch.nn.Module):
+            raise TypeError(
+                "SeparabilityPoolingClassifier builds a new network for every stage: give the "
+                f"module class ({type(self.module).__name__}) and its arguments as module__<name>,"
+                " not an instance."
+            )
         probe = PoolingCNNClassifier(**self._net_params())
         probe._learn_data(X, labels)
         module = probe.initialized_instance(probe.module, probe.module_params())
@@ -282,7 +288,8 @@ class _StageMaps:
         self.module = net.module_
         self.device = net.device
         self.batch_size = net.batch_size
-        self.images = torch.as_tensor(X)[torch.as_tensor(indices)]
+        self.images = X  # indexed batch by batch: no copy of the selected images
+        self.indices = indices
         self.codes = net.label_encoder_.transform(labels[indices])
         self.point = point
         self.shape = None
@@ -290,8 +297,9 @@ class _StageMaps:
     @torch.no_grad()
     def __iter__(self):
         self.module.eval()
-        for start in range(0, len(self.images), self.batch_size):
-            images = self.images[start : start + self.batch_size].to(self.device)
+        for start in range(0, len(self.indices), self.batch_size):
+            batch = self.indices[start : start + self.batch_size]
+            images = torch.as_tensor(self.images[batch]).to(self.device)
             maps = self.module.stage_maps(images, self.point)
             self.shape = tuple(maps.shape[1:])
             yield maps.permute(0, 2, 3, 1), self.codes[start : start + self.batch_size]

@@ -19,8 +19,6 @@ from .cnn import PoolingCNN
 
 #: The parameters of λ (``GeneralizedMaxPool2d.log_lam``), as a skorch param-group pattern.
 LAM_PARAMETERS = "*log_lam"
-#: Module arguments a classifier takes from the training data when they are not set.
-DATA_MODULE_PARAMS = ("n_classes", "in_channels", "input_size")
 
 
 def check_images(X) -> np.ndarray | torch.Tensor:
@@ -172,7 +170,7 @@ class PoolingCNNClassifier(NeuralNetClassifier):
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         X = check_images(X)
-        if not hasattr(self, "label_encoder_") and not self.initialized_:
+        if "label_encoder_" not in self.__dict__:  # not fitted with labels before
             self._learn_data(X, y)
         return super().partial_fit(X, y, classes=classes, **fit_params)
 
@@ -221,8 +219,9 @@ class PoolingCNNClassifier(NeuralNetClassifier):
         return self
 
     def module_params(self) -> dict:
-        """The module's arguments: ``module__<name>`` parameters, and from the training data
-        the arguments of :data:`DATA_MODULE_PARAMS` that the module takes and are not set."""
+        """The module's arguments: the ``module__<name>`` parameters, and from the training
+        data ``n_classes``, ``in_channels`` and ``input_size`` where the module takes them and
+        they are not set."""
         params = self.get_params_for("module")
         if isinstance(self.module, torch.nn.Module):  # an instance: used as it is
             return params

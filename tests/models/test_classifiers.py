@@ -106,6 +106,9 @@ def test_labels_as_scikit_learn_classifiers_take_them(small, names):
     assert [int(dataset[i][1]) for i in range(6)] == expected[:6]
     np.testing.assert_array_equal(data_from_dataset(dataset)[1], expected)
     assert net.score(X, y) == np.mean(net.predict(X) == y)
+    partial = PoolingCNNClassifier(**TINY).partial_fit(X, y)  # without fit first
+    np.testing.assert_array_equal(partial.classes_, order)
+    assert set(partial.predict(X)) <= set(names)
 
 
 @pytest.mark.parametrize("use_caching", [True, False])
@@ -210,6 +213,12 @@ def test_procedure_checks_its_parameters_before_training(small, params, message,
     monkeypatch.setattr(PoolingCNNClassifier, "fit", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match=message):
         net.fit(X, y)
+
+
+def test_procedure_needs_a_module_class(small):
+    X, y = small
+    with pytest.raises(TypeError, match="give the module class"):
+        SeparabilityPoolingClassifier(ResNet18(in_channels=1, width_multiplier=1 / 16)).fit(X, y)
 
 
 def test_procedure_parameters_come_from_one_place():
