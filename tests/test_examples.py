@@ -77,4 +77,4 @@ def test_table1_protocol_runs_in_miniature():
         "table1_digits.py", "--seeds", "1", "--epochs", "1", "--train-size", "100", "--device", "cpu"
     )
     rows = [line for line in out.splitlines() if line.startswith("| ") and "±" in line]
-    assert len(rows) == 7
+    assert len(rows) == 9

@@ -1,5 +1,45 @@
-"""Deep models: the Birodkar et al. CNN and skorch classifiers running the papers' procedures."""
+"""Deep models: the Birodkar et al. CNN, a CIFAR-style ResNet-18, the SGD-learned pooling layer,
+skorch classifiers running the papers' procedures, and the retrieval embedders (triplet loss).
 
-from .cnn import GLOBAL_POOLINGS, STAGE_POOLINGS, PoolingCNN
+The classifiers and embedders import skorch, so they load on first use:
+``from skpool.models import DGMPClassifier`` works, and ``import skpool.models`` alone does not
+import skorch.
+"""
 
-__all__ = ["PoolingCNN", "STAGE_POOLINGS", "GLOBAL_POOLINGS"]
+from __future__ import annotations
+
+import importlib
+
+from .cnn import PoolingCNN
+from .pooling import GLOBAL_POOLINGS, STAGE_POOLINGS, LearnedPool2d
+from .resnet import ResNet18
+
+_CLASSIFIERS = ("PoolingCNNClassifier", "DGMPClassifier", "SeparabilityPoolingClassifier")
+_RETRIEVAL = (
+    "PoolingEmbedder", "DGMPEmbedder", "PoolingEmbeddingNet", "HardBatchTripletLoss",
+    "PKBatchSampler",
+)
+_LAZY = {**dict.fromkeys(_CLASSIFIERS, "skpool.models.classifiers"),
+         **dict.fromkeys(_RETRIEVAL, "skpool.models.retrieval")}
+
+__all__ = [
+    "PoolingCNN",
+    "ResNet18",
+    "LearnedPool2d",
+    "STAGE_POOLINGS",
+    "GLOBAL_POOLINGS",
+    *_CLASSIFIERS,
+    *_RETRIEVAL,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'skpool.models' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,39 +1,98 @@
-"""The deep models: the CNN, and the skorch classifiers trained for real on digits."""
+"""The CNN and the SGD-learned pooling layer: shapes, widths, gradients, references."""
 
+import doctest
+import importlib
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from sklearn.base import clone
-from sklearn.datasets import load_digits
-from sklearn.model_selection import GridSearchCV, train_test_split
+import torch.nn.functional as torch_F
 
-from skpool.models import PoolingCNN
-from skpool.models.classifiers import (
-    DGMPClassifier,
-    PoolingCNNClassifier,
-    SeparabilityPoolingClassifier,
-)
-from skpool.nn import GeneralizedMaxPool2d, SeparabilityPool2d
-from testing_utils import CUDA_AVAILABLE
-
-SMALL = {"module__width": 16, "module__n_stages": 2, "random_state": 0}
+from skpool.models import GLOBAL_POOLINGS, STAGE_POOLINGS, LearnedPool2d, PoolingCNN
+from models.helpers import random_layer
 
 
-@pytest.fixture(scope="module")
-def digits():
-    X, y = load_digits(return_X_y=True)
-    X = (X / 16.0).reshape(-1, 8, 8).astype(np.float32)
-    return train_test_split(X, y, train_size=500, random_state=0, stratify=y)
-
-
-@pytest.mark.parametrize("stage_pooling", ["strided", "avg", "max"])
-@pytest.mark.parametrize("global_pool", ["avg", "max", "gmp", "mixed", "lse"])
+@pytest.mark.parametrize("stage_pooling", ["strided", "avg", "max", "sgd"])
+@pytest.mark.parametrize("global_pool", GLOBAL_POOLINGS)
 def test_cnn_shapes(stage_pooling, global_pool):
-    net = PoolingCNN(width=4, n_stages=2, stage_pooling=stage_pooling, global_pool=global_pool)
+    net = PoolingCNN(width=4, n_stages=2, stage_pooling=stage_pooling, global_pool=global_pool,
+                     input_size=(8, 8))
     assert net(torch.randn(3, 8, 8)).shape == (3, 10)
-    assert net.stage_maps(torch.randn(3, 1, 8, 8), 1).shape[:2] == (3, 16)
+    # stage 1 outputs 16 channels; before a 2-component pooling its conv gives 16 / 2
+    assert net.stage_maps(torch.randn(3, 1, 8, 8), 1).shape[1] == (8 if stage_pooling == "sgd"
+                                                                   else 16)
+
+
+def stage_outputs(net, x):
+    """Channels and grid after every stage (stem included), via forward hooks."""
+    shapes = []
+    hooks = [pool.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
+             for pool in net.pools]
+    net(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "separability", "sgd"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_cnn_keeps_the_strided_widths(pooling, k):
+    """Width-true components: every stage's output has the strided network's channels and grid,
+    and the layers after each pooling have the same parameters; only the convolution before a
+    k-component pooling is narrower (out/k channels)."""
+    config = {"width": 4, "n_stages": 3, "input_size": (8, 8)}
+    strided = PoolingCNN(**config, stage_pooling="strided")
+    other = PoolingCNN(**config, stage_pooling=pooling, n_components=k)
+    if pooling == "separability":
+        for stage, grid in enumerate([(8, 8), (4, 4), (2, 2)]):
+            other.set_separability_pool(stage, random_layer(k, grid, seed=stage))
+    x = torch.randn(2, 8, 8)
+    assert stage_outputs(other, x) == stage_outputs(strided, x) == [(8, 4, 4), (16, 2, 2),
+                                                                    (32, 1, 1)]
+    k_eff = k if pooling in ("separability", "sgd") else 1
+    expected = {}
+    for name, value in strided.named_parameters():
+        shape = tuple(value.shape)
+        if name.startswith("convs.") and name.endswith(("0.weight", "1.weight", "1.bias")):
+            shape = (shape[0] // k_eff, *shape[1:])  # the narrower conv (and its batch norm)
+        expected[name] = shape
+    if pooling == "sgd":
+        for stage, grid in enumerate([(8, 8), (4, 4), (2, 2)]):
+            m = (-(-grid[0] // 2)) * (-(-grid[1] // 2))
+            expected[f"pools.{stage}.operator"] = (k, m, grid[0] * grid[1])
+    assert {name: tuple(v.shape) for name, v in other.named_parameters()} == expected
+
+
+def test_cnn_separability_width_must_divide():
+    with pytest.raises(ValueError, match="not divisible by its n_components=3"):
+        PoolingCNN(width=4, n_stages=1, stage_pooling="separability", n_components=3)
+    with pytest.raises(ValueError, match="n_components must be one value or 2"):
+        PoolingCNN(width=4, n_stages=2, stage_pooling="sgd", n_components=(1, 2, 2),
+                   input_size=(8, 8))
+
+
+def test_cnn_per_stage_components():
+    net = PoolingCNN(width=4, n_stages=2, stage_pooling=("sgd", "separability"),
+                     n_components=(1, 4), input_size=(8, 8))
+    assert net.convs[0][0].out_channels == 8 and net.convs[1][0].out_channels == 4
+    with pytest.raises(ValueError, match="built for 4"):
+        net.set_separability_pool(1, random_layer(2, (4, 4)))
+    net.set_separability_pool(1, random_layer(4, (4, 4)))
+    assert net(torch.randn(2, 8, 8)).shape == (2, 10)
+
+
+def test_cnn_separability_stage_applies_the_operator():
+    """Against a float64 reference: out[j*C + c, m] = sum_n P[j, m, n] x[c, n]."""
+    net = PoolingCNN(width=4, n_stages=1, stage_pooling="separability", n_components=2).double()
+    layer = random_layer(2, (8, 8)).double()
+    net.set_separability_pool(0, layer)
+    net.eval()
+    x = torch.randn(3, 8, 8, dtype=torch.float64)
+    maps = net.stage_maps(x, 0)  # (3, 4, 8, 8)
+    pooled = torch.einsum("jmn,bcn->bjcm", layer.operator, maps.flatten(2))
+    reference = net.head(net.global_pool(pooled.reshape(3, 8, 4, 4)).flatten(1))
+    # float64, sums of at most 64 terms: rounding ~1e-14 relative
+    torch.testing.assert_close(net(x), reference, rtol=1e-12, atol=1e-12)
 
 
 def test_cnn_rejects_bad_configuration_and_input():
@@ -43,91 +102,96 @@ def test_cnn_rejects_bad_configuration_and_input():
         PoolingCNN(global_pool="median")
     with pytest.raises(ValueError, match="expects images"):
         PoolingCNN(width=4)(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="input_size"):
+        PoolingCNN(width=4, stage_pooling="sgd")
+    with pytest.raises(ValueError, match="takes no options"):
+        PoolingCNN(width=4, global_pool="avg", global_pool_options={"lam": 1.0})
+    with pytest.raises(ValueError, match="Give λ as lam"):
+        PoolingCNN(width=4, global_pool="gmp", global_pool_options={"lam": 1.0})
     net = PoolingCNN(width=4, stage_pooling=("separability", "strided", "strided"))
     with pytest.raises(RuntimeError, match="no fitted operator"):
         net(torch.randn(2, 8, 8))
     with pytest.raises(ValueError, match="not separability"):
-        net.set_separability_pool(1, None)
+        net.set_separability_pool(1, random_layer(2, (4, 4)))
+    with pytest.raises(TypeError, match="SeparabilityPool2d"):
+        net.set_separability_pool(0, torch.nn.Identity())
+    with pytest.raises(ValueError, match="statistics are for 5 channels"):
+        net.set_separability_pool(0, random_layer(2, (8, 8), stats_channels=5))
+    with pytest.raises(IndexError, match="stage must be in 0..2"):
+        net.stage_maps(torch.randn(2, 8, 8), 3)
 
 
-@pytest.mark.parametrize(
-    "X, y, error, match",
-    [
-        (np.zeros((10, 64)), np.zeros(10, dtype=int), ValueError, "Reshape flat digits"),
-        (np.full((10, 8, 8), np.nan), np.zeros(10, dtype=int), ValueError, "NaN"),
-        (np.zeros((10, 8, 8)), np.zeros(9, dtype=int), ValueError, "one label per image"),
-        (np.zeros((10, 8, 8)), np.zeros(10), ValueError, "integer class indices"),
-    ],
-)
-def test_classifiers_reject_bad_input(X, y, error, match):
-    with pytest.raises(error, match=match):
-        PoolingCNNClassifier(max_epochs=1, **SMALL).fit(X, y)
+def test_global_pool_options_reach_the_layer():
+    net = PoolingCNN(width=4, n_stages=1, global_pool="gmp", lam=5.0,
+                     global_pool_options={"learnable": False})
+    assert not net.global_pool.learnable and float(net.global_pool.lam) == pytest.approx(5.0)
+    assert STAGE_POOLINGS == ("strided", "avg", "max", "separability", "sgd")
 
 
-@pytest.mark.skipif(CUDA_AVAILABLE, reason="checks the error raised without CUDA")
-def test_cuda_without_cuda_is_a_clear_error(digits):
-    X_train, _, y_train, _ = digits
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        PoolingCNNClassifier(device="cuda", max_epochs=1, **SMALL).fit(X_train[:20], y_train[:20])
+# -- LearnedPool2d -------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid", [(8, 8), (5, 7), (1, 3)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_learned_pool_starts_as_average_pooling(grid, k):
+    pool = LearnedPool2d(grid, n_components=k)
+    x = torch.randn(2, 4, *grid, dtype=torch.float64)
+    average = torch_F.avg_pool2d(x, 2, ceil_mode=True)  # torch's reference (partial windows too)
+    out = pool.double()(x)
+    assert out.shape == (2, k * 4, *average.shape[2:])
+    for j in range(k):  # component-major channels: j * C + c
+        # float64 means of at most 4 numbers
+        torch.testing.assert_close(out[:, 4 * j : 4 * j + 4], average, rtol=1e-13, atol=1e-13)
 
 
-def test_same_seed_same_network(digits):
-    X_train, X_test, y_train, _ = digits
-    first = PoolingCNNClassifier(max_epochs=2, **SMALL).fit(X_train[:200], y_train[:200])
-    second = PoolingCNNClassifier(max_epochs=2, **SMALL).fit(X_train[:200], y_train[:200])
-    np.testing.assert_array_equal(first.predict_proba(X_test), second.predict_proba(X_test))
+def test_learned_pool_gradcheck_and_is_trained():
+    pool = LearnedPool2d((4, 5), n_components=2).double()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    operator = pool.operator.detach().clone().requires_grad_(True)
+
+    def apply(x, operator):
+        return torch.func.functional_call(pool, {"operator": operator}, (x,))
+
+    assert torch.autograd.gradcheck(apply, (x, operator))
+    optimizer = torch.optim.SGD(pool.parameters(), lr=0.1)
+    start = pool.operator.detach().clone()
+    pool(x).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(pool.operator.detach(), start)
 
 
-@pytest.mark.slow
-def test_dgmp_learns_digits_and_lambda_moves(digits):
-    X_train, X_test, y_train, y_test = digits
-    net = DGMPClassifier(max_epochs=10, module__lam=10.0, lam_lr_factor=10.0, **SMALL)
-    net.fit(X_train, y_train)
-    assert isinstance(net.module_.global_pool, GeneralizedMaxPool2d)
-    assert np.mean(net.predict(X_test) == y_test) >= 0.9
-    assert abs(float(net.module_.global_pool.lam.detach()) - 10.0) > 0.1
-    groups = net.optimizer_.param_groups
-    assert groups[-1]["lr"] == pytest.approx(10.0 * net.lr)  # λ's own learning rate
-
-
-@pytest.mark.slow
-def test_separability_classifier_runs_the_papers_procedure(digits):
-    X_train, X_test, y_train, y_test = digits
-    net = SeparabilityPoolingClassifier(max_epochs=10, stage=0, alpha=1.0, **SMALL)
-    net.fit(X_train, y_train)
-    assert np.mean(net.predict(X_test) == y_test) >= 0.9
-
-    layer = net.module_.pools[0]
-    assert isinstance(layer, SeparabilityPool2d)
-    np.testing.assert_allclose(
-        layer.operator.double().numpy(), net.separability_pooling_.operator_, rtol=1e-6, atol=1e-7
-    )
-    # The learned pooling separates the classes better than the average pooling it replaced,
-    # on the stage's training maps of the first network.
-    baseline = net.baseline_net_.module_.eval()
+def test_learned_pool_state_dict_pickle_and_errors():
+    pool = LearnedPool2d((6, 6), n_components=2)
     with torch.no_grad():
-        maps = baseline.stage_maps(torch.from_numpy(X_train), 0).permute(0, 2, 3, 1).numpy()
-    ratios = net.separability_pooling_.separability_ratios(maps, y_train)
-    assert np.all(ratios.learned[0] > ratios.average)
+        pool.operator.add_(torch.randn_like(pool.operator))
+    fresh = LearnedPool2d((6, 6), n_components=2)
+    fresh.load_state_dict(pool.state_dict())
+    torch.testing.assert_close(fresh.operator, pool.operator, rtol=0, atol=0)
+    restored = pickle.loads(pickle.dumps(pool))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(restored(x), pool(x), rtol=0, atol=0)
+    assert "n_components=2, grid_shape=6x6, output_shape=3x3" in repr(pool)
+    with pytest.raises(ValueError, match="grid_shape must be two positive integers"):
+        LearnedPool2d((0, 4))
+    with pytest.raises(ValueError, match="n_components must be an integer >= 1"):
+        LearnedPool2d((4, 4), n_components=0)
+    with pytest.raises(ValueError, match="fitted on a 6x6 grid"):
+        pool(torch.randn(1, 3, 4, 9))
 
-    restored = pickle.loads(pickle.dumps(net))
-    np.testing.assert_allclose(restored.predict_proba(X_test), net.predict_proba(X_test))
-    assert clone(net).get_params()["alpha"] == 1.0 and not hasattr(clone(net), "module_")
+
+@pytest.mark.parametrize("module", ["skpool.models.pooling", "skpool.models.cnn",
+                                    "skpool.models.resnet"])
+def test_docstring_examples(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.slow
-def test_grid_searches_with_plain_sklearn_syntax(digits):
-    X_train, _, y_train, _ = digits
-    X, y = X_train[:300], y_train[:300]
-    separability = GridSearchCV(
-        SeparabilityPoolingClassifier(max_epochs=3, stage=0, **SMALL),
-        {"alpha": [0.1, 10.0], "norm": ["l1", "l2"]},
-        cv=2,
-    ).fit(X, y)
-    assert set(separability.best_params_) == {"alpha", "norm"}
-    assert len(separability.cv_results_["mean_test_score"]) == 4
-    dgmp = GridSearchCV(
-        DGMPClassifier(max_epochs=3, **SMALL), {"module__lam": [1.0, 100.0]}, cv=2
-    ).fit(X, y)
-    assert dgmp.best_params_["module__lam"] in (1.0, 100.0)
-    assert float(dgmp.best_estimator_.module_.global_pool.lam.detach()) != dgmp.best_params_["module__lam"]
+@pytest.mark.slow  # a fresh interpreter importing torch and skorch: seconds on a loaded machine
+def test_models_has_the_public_names_without_importing_skorch():
+    import subprocess
+    import sys
+
+    code = ("import sys, skpool.models as m; assert 'skorch' not in sys.modules; "
+            "from skpool.models import DGMPClassifier, ResNet18, SeparabilityPoolingClassifier; "
+            "assert 'skorch' in sys.modules; print(sorted(m.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "ResNet18" in out and "PoolingCNNClassifier" in out

@@ -603,17 +603,12 @@ BAD_TRAINING_DATA = {
     "strings": (np.full((20, 8, 8), "a"), None, TypeError, "got dtype <U1"),
     "objects": (IMAGES.astype(object), None, TypeError, "got dtype object"),
     "ragged-list": ([np.zeros((8, 8)), np.zeros((7, 8))], DIGITS[:2], ValueError, "inhomogeneous"),
-    "wrong-channels": (np.zeros((20, 3, 8, 8), np.float32), None, ValueError,
-                       r"expects images \(B, 1, H, W\) or \(B, H, W\), got shape \(\d+, 3, 8, 8\)"),
     "y-wrong-length": (None, DIGITS[:19], ValueError,
                        r"y must be 1-D with one label per image: got shape \(19,\) for 20"),
     "y-2d": (None, np.stack([DIGITS, DIGITS], 1), ValueError, "y must be 1-D"),
-    "y-float": (None, DIGITS.astype(float), ValueError, "integer class indices"),
-    "y-strings": (None, np.array(list("ab") * 10), ValueError, "integer class indices"),
-    "y-out-of-range": (None, DIGITS + 10, ValueError,
-                       "y must hold class indices 0..9, got labels from 10 to 19"),
-    "y-negative": (None, DIGITS - 1, ValueError,
-                   "y must hold class indices 0..9, got labels from -1"),
+    # labels are anything scikit-learn classifiers take (strings, any integers); not these:
+    "y-continuous": (None, DIGITS + 0.5, ValueError, "Unknown label type: continuous"),
+    "y-nan": (None, np.where(DIGITS == 3, np.nan, DIGITS), ValueError, "Input y contains NaN"),
 }
 
 
@@ -628,6 +623,10 @@ def test_classifiers_refuse_bad_training_data(classifier, case):
 
 
 CLASSIFIER_CASES = [
+    ("pooling-wrong-channels",
+     lambda: PoolingCNNClassifier(**TINY_NET, module__in_channels=1)
+     .fit(np.zeros((20, 3, 8, 8), np.float32), DIGITS),
+     ValueError, r"expects images \(B, 1, H, W\) or \(B, H, W\), got shape \(\d+, 3, 8, 8\)"),
     ("pooling-y-none", lambda: PoolingCNNClassifier(**TINY_NET).fit(IMAGES, None), ValueError,
      r"No y-values are given \(y=None\)"),
     ("separability-y-none", lambda: SeparabilityPoolingClassifier(**TINY_NET).fit(IMAGES, None),
