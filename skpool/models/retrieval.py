@@ -31,7 +31,7 @@ from torch import nn
 
 from .._device import resolve_device
 from ..retrieval_metrics import mean_average_precision
-from .classifiers import check_images
+from ._skorch import check_images
 from .cnn import PoolingCNN
 
 __all__ = [
