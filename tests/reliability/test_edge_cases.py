@@ -89,7 +89,7 @@ def test_gmp_matches_the_float64_reference_on_degenerate_data(kind, dtype, relat
     fallback), to about n * cond * eps64 < 1e-6."""
     maps = _edge_maps(kind).astype(dtype)
     lam = relative_lam * max(mean_squared_norm(maps), 1.0)
-    pooled = GeneralizedMaxPooling(lam=lam, device="cpu").fit_transform(maps)
+    pooled = GeneralizedMaxPooling(lam_scale="absolute", lam=lam, device="cpu").fit_transform(maps)
     assert pooled.dtype == dtype and np.all(np.isfinite(pooled))
     if kind == "all-zero":
         np.testing.assert_array_equal(pooled, 0.0)
@@ -126,7 +126,7 @@ def test_gmp_float32_refinement_that_cannot_converge_falls_back_to_float64(monke
         gmp_module, "_solve_float64",
         lambda phi, *a: solved_in_float64.append(len(phi)) or original(phi, *a),
     )
-    pooled = GeneralizedMaxPooling(lam=lam, device="cpu").fit_transform(maps)
+    pooled = GeneralizedMaxPooling(lam_scale="absolute", lam=lam, device="cpu").fit_transform(maps)
     assert pooled.dtype == np.float32
     assert sum(solved_in_float64) == len(maps)
     # Bound: a float64 Cholesky solve of the normal equations errs by at most about
@@ -148,12 +148,12 @@ def test_gmp_is_scale_equivariant_in_float32_at_extreme_magnitudes(magnitude, re
     lam = relative_lam * mean_squared_norm(maps)
     scaled = maps * np.float32(magnitude)
     assert np.all(np.isfinite(scaled)) and np.all(scaled[maps != 0] != 0)
-    pooled = GeneralizedMaxPooling(lam=lam * magnitude**2, device="cpu").fit_transform(scaled)
+    pooled = GeneralizedMaxPooling(lam_scale="absolute", lam=lam * magnitude**2, device="cpu").fit_transform(scaled)
     assert np.all(np.isfinite(pooled))
     np.testing.assert_allclose(pooled, gmp_reference(_stacks(maps), lam), atol=1e-4)
     if relative_lam < 1e-4:
         return  # the rescaled solve's documented ridge floor, eps32 * trace(G), is near lam
-    raw = GeneralizedMaxPooling(lam=lam * magnitude**2, normalize=False, device="cpu")
+    raw = GeneralizedMaxPooling(lam_scale="absolute", lam=lam * magnitude**2, normalize=False, device="cpu")
     unnormalised = raw.fit_transform(scaled).astype(np.float64) * magnitude
     expected = gmp_reference(_stacks(maps), lam, normalize=False)
     np.testing.assert_allclose(unnormalised, expected, rtol=1e-4,
@@ -165,13 +165,13 @@ def test_gmp_lambda_limits():
     similarities (Phi xi = 1 up to the normalisation)."""
     maps = np.abs(_edge_maps("plain"))
     stacks = _stacks(maps)
-    big = GeneralizedMaxPooling(lam=1e8 * mean_squared_norm(maps), device="cpu")
+    big = GeneralizedMaxPooling(lam_scale="absolute", lam=1e8 * mean_squared_norm(maps), device="cpu")
     sums = stacks.sum(axis=1)
     np.testing.assert_allclose(
         big.fit_transform(maps), sums / np.linalg.norm(sums, axis=1, keepdims=True), atol=1e-6
     )
     wide = _edge_maps("fewer-locations-than-channels")  # N = 3, C = 6
-    tiny = GeneralizedMaxPooling(lam=1e-8 * mean_squared_norm(wide), normalize=False,
+    tiny = GeneralizedMaxPooling(lam_scale="absolute", lam=1e-8 * mean_squared_norm(wide), normalize=False,
                                  device="cpu").fit_transform(wide)
     similarities = np.einsum("bnc,bc->bn", _stacks(wide), tiny)
     np.testing.assert_allclose(similarities, 1.0, atol=1e-6)
