@@ -378,23 +378,22 @@ def _refine(phi, target, ridge, factor, solution, dual, steps, first_contraction
         change = torch.linalg.vector_norm((new_xi - xi).detach(), dim=1) / torch.where(
             size > 0, size, torch.ones_like(size)
         )
-        rho = first_contraction if previous is None else change / previous.clamp_min(1e-300)
+        first = previous is None
+        rho = first_contraction if first else change / previous.clamp_min(1e-300)
         previous = change
         # torch.where, not a product: a sample stopped early keeps its (finite) value and
         # gets no gradient through the later steps.
         current = torch.where(active[:, None], new_current, current)
         xi = torch.where(active[:, None], new_xi, xi)
-        left = steps - step_number - 1
         contracting = rho < 1
-        remaining = change * rho / (1 - rho).clamp_min(1e-300)
+        remaining = change * rho / (1 - rho).clamp_min(1e-300)  # error left, if contracting
         done = active & ((change == 0) | (contracting & (remaining <= REFINE_TARGET)))
-        hopeless = active & ~done & (previous is not None) & (
-            ~contracting | (remaining * rho.clamp(max=1.0) ** left > REFINE_TARGET)
-        )
-        if step_number == 0:
-            hopeless = torch.zeros_like(hopeless)  # one change says nothing about rho
+        if not first:  # one change says nothing about rho: give up from the second step on
+            left = steps - step_number - 1
+            out_of_reach = remaining * rho.clamp(max=1.0) ** left > REFINE_TARGET
+            active = active & ~(~done & (~contracting | out_of_reach))
         converged = converged | done
-        active = active & ~done & ~hopeless
+        active = active & ~done
         if not bool(active.any()):
             break
     return xi.to(phi.dtype), (converged if adaptive else None)

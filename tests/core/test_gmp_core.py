@@ -358,3 +358,35 @@ def test_plain_float32_is_right_where_scales_are_a_diagonal_scaling(rng, shape, 
         bound = 2 * len(gram) * EPS32 * np.linalg.cond(system * d[:, None] * d[None, :])
         assert bound < 5e-3  # equilibrated, well conditioned at every ratio (old errors: >= 1e-2)
         assert np.abs(out - ref).max() <= bound + 2 * EPS32
+
+
+@pytest.mark.parametrize("axis", ["channel", "location"])
+def test_refinement_converges_without_float64_where_float32_can(monkeypatch, rng, axis):
+    """Where cond * eps32 is well below 1 (N = C = 64 Gaussian descriptors at lam = 1e-5 of
+    the mean squared norm, cond ~ 1e5; or a 1e2 diagonal scaling of G on top), the adaptive
+    refinement converges and no sample needs the float64 solve; the result meets the bound."""
+    from skpool._core import gmp as gmp_module
+
+    calls = {"refined": [], "float64": 0}
+    refine, solve64 = gmp_module._refine, gmp_module._solve_float64
+
+    def spy_refine(*args, **kwargs):
+        xi, converged = refine(*args, **kwargs)
+        calls["refined"].append(converged)
+        return xi, converged
+
+    def spy_float64(*args):
+        calls["float64"] += 1
+        return solve64(*args)
+
+    monkeypatch.setattr(gmp_module, "_refine", spy_refine)
+    monkeypatch.setattr(gmp_module, "_solve_float64", spy_float64)
+    stacks = rng.standard_normal((4, 64, 64))
+    stacks[..., 0] *= 1e2 if axis == "channel" else 1.0
+    stacks[:, 0] *= 1e2 if axis == "location" else 1.0
+    stacks = stacks.astype(np.float32)
+    lams = [1e-5 * mean_squared_norm(phi) for phi in stacks]
+    got = generalized_max_pool(torch.from_numpy(stacks), torch.tensor(lams), refine_steps="auto")
+    assert calls["float64"] == 0 and len(calls["refined"]) == 1
+    assert bool(calls["refined"][0].all())
+    _assert_within_bound(got.numpy(), stacks, lams)
