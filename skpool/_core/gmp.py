@@ -19,7 +19,6 @@ This module is the only place in skpool where that formula is computed.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -139,14 +138,7 @@ def generalized_max_pool(
         raise ValueError(
             f"features must have shape (B, N, C), got a {features.ndim}-D tensor."
         )
-    if lam_scale not in ("absolute", "relative"):
-        raise ValueError(f"lam_scale must be 'absolute' or 'relative', got {lam_scale!r}.")
-    if not (
-        refine_steps == "auto"
-        or (isinstance(refine_steps, int) and not isinstance(refine_steps, bool)
-            and refine_steps >= 0)
-    ):
-        raise ValueError(f"refine_steps must be 'auto' or an int >= 0, got {refine_steps!r}.")
+    check_options(lam_scale, refine_steps)
     out_dtype = features.dtype
     compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     batch, n_locations, n_channels = features.shape
@@ -185,6 +177,19 @@ def generalized_max_pool(
                     xi, trouble, phi, target, lam, normalize, refine_steps, relative
                 )
     return xi.to(out_dtype)
+
+
+def check_options(lam_scale, refine_steps) -> None:
+    """ValueError unless ``lam_scale`` is "absolute" or "relative" and ``refine_steps`` is
+    "auto" or an int >= 0 (shared with the layer, which checks them at construction)."""
+    if lam_scale not in ("absolute", "relative"):
+        raise ValueError(f"lam_scale must be 'absolute' or 'relative', got {lam_scale!r}.")
+    if not (
+        refine_steps == "auto"
+        or (isinstance(refine_steps, int) and not isinstance(refine_steps, bool)
+            and refine_steps >= 0)
+    ):
+        raise ValueError(f"refine_steps must be 'auto' or an int >= 0, got {refine_steps!r}.")
 
 
 def _empty_result(features: torch.Tensor, lam) -> torch.Tensor:

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from .._core.gmp import check_options
 from . import functional as F
 
 __all__ = [
@@ -131,14 +132,7 @@ class GeneralizedMaxPool2d(nn.Module):
     ) -> None:
         super().__init__()
         lam = _check_positive("lam", lam)
-        if lam_scale not in ("absolute", "relative"):
-            raise ValueError(f"lam_scale must be 'absolute' or 'relative', got {lam_scale!r}.")
-        if not (
-            refine_steps == "auto"
-            or (isinstance(refine_steps, int) and not isinstance(refine_steps, bool)
-                and refine_steps >= 0)
-        ):
-            raise ValueError(f"refine_steps must be 'auto' or an int >= 0, got {refine_steps!r}.")
+        check_options(lam_scale, refine_steps)
         log_lam = math.log(lam)
         if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
             raise ValueError(
