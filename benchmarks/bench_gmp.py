@@ -3,8 +3,9 @@
 Compared, per (N, C) shape and batch size B:
 - ``dual LU f32``: the deep-GMP reference layer's way: solve (ΦΦᵀ + λI) α = 1 by batched LU in
   float32, whatever N and C, then ξ = Φᵀα;
-- ``skpool``: :func:`skpool._core.generalized_max_pool` (Cholesky on the smaller Gram matrix,
-  refinement only where its error bound needs it);
+- ``skpool``: :func:`skpool._core.generalized_max_pool` with ``lam_scale="relative"`` and
+  ``refine_steps="auto"``, the estimator's and the layer's defaults (Cholesky on the smaller
+  Gram matrix, refinement or a float64 solve only where its error bound needs it);
 - ``Gram only``: just the batched Gram matrix of the smaller side (a floor for any exact method);
 - ``average``: average pooling, for scale.
 
@@ -61,7 +62,15 @@ def main():
         phi = torch.randn(batch, n, c, device=device).clamp_min_(0)
         lam = args.lam_relative * float(phi.square().sum(-1).mean())
         t_lu = median_time(lambda: dual_lu(phi, lam), device, repeats)
-        t_sk = median_time(lambda: generalized_max_pool(phi, lam, refine_steps="auto"), device, repeats)
+        # skpool as the estimator and the layer run it by default: λ relative to each
+        # sample's mean squared norm, float32 refined (or solved in float64) where needed.
+        t_sk = median_time(
+            lambda: generalized_max_pool(
+                phi, args.lam_relative, lam_scale="relative", refine_steps="auto"
+            ),
+            device,
+            repeats,
+        )
         t_gram = median_time(lambda: gram_only(phi), device, repeats)
         t_avg = median_time(lambda: phi.mean(dim=1), device, repeats)
         ms = [f"{1e3 * t:9.2f}" for t in (t_lu, t_sk, t_gram, t_avg)]

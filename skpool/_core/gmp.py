@@ -19,7 +19,6 @@ This module is the only place in skpool where that formula is computed.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -29,16 +28,24 @@ __all__ = [
     "generalized_max_pool_weights",
     "lengths_to_mask",
     "AUTO_REFINE_TOLERANCE",
+    "REFINE_TARGET",
 ]
 
 #: With ``refine_steps="auto"``, float32 solves are refined when the bound
 #: ``eps32 * (lambda_max(G) + lam) / lam`` on their relative error exceeds this tolerance
 #: (``lambda_max`` bounded above by the trace and by the largest absolute row sum of G).
 AUTO_REFINE_TOLERANCE = 1e-4
-_MAX_AUTO_STEPS = 5
-#: With ``refine_steps="auto"``, samples whose last refinement step still corrected the solution
-#: by more than this (relative) did not converge; they are solved again in float64.
-_REFINE_FAILED = 10 * AUTO_REFINE_TOLERANCE
+#: With ``refine_steps="auto"``, a refined sample stops once the error left after its last
+#: correction, estimated as ``correction * rho / (1 - rho)`` from the observed contraction
+#: ``rho`` (ratio of successive corrections), is below this relative to xi; samples that cannot
+#: get there within ``_MAX_AUTO_STEPS`` steps are solved in float64.
+REFINE_TARGET = 1e-6
+_MAX_AUTO_STEPS = 6
+#: A Cholesky pivot ``r_kk**2`` below this many ``eps32 * A_kk`` is at the rounding level of the
+#: diagonal entry (the factor floor puts it near ``eps32 * A_kk``): the float32 factor holds no
+#: correct digit in that direction, refinement would contract by 1/2 per step at best, and the
+#: sample is solved in float64 directly.
+_HOPELESS_PIVOT = 2.0
 
 
 def lengths_to_mask(lengths: torch.Tensor, n_locations: int) -> torch.Tensor:
@@ -51,6 +58,7 @@ def generalized_max_pool(
     features: torch.Tensor,
     lam: float | torch.Tensor,
     *,
+    lam_scale: Literal["absolute", "relative"] = "absolute",
     normalize: bool = True,
     mask: torch.Tensor | None = None,
     refine_steps: int | Literal["auto"] = 0,
@@ -62,12 +70,20 @@ def generalized_max_pool(
     features : Tensor of shape (B, N, C)
         B samples, each N local descriptors of C channels. Any floating dtype and device.
     lam : float or Tensor of shape () or (B,)
-        The ridge :math:`\lambda > 0`, in the units of a squared descriptor norm: with
-        ``lam << mean ||phi||^2`` every descriptor's similarity to the result is equalised
-        (the "max-pooling-like" regime), with ``lam >> mean ||phi||^2`` the result points like
-        sum pooling. A tensor ``lam`` may require grad (the deep layer learns it). A value
-        that is not finite and positive raises ValueError (checked in the same device
-        synchronisation as the overflow check below, so not while :mod:`torch.compile` traces).
+        The ridge :math:`\lambda > 0` (see ``lam_scale``). With ``lam << mean ||phi||^2``
+        every descriptor's similarity to the result is equalised (the "max-pooling-like"
+        regime), with ``lam >> mean ||phi||^2`` the result points like sum pooling. A tensor
+        ``lam`` may require grad (the deep layer learns it). A value that is not finite and
+        positive raises ValueError (checked in the same device synchronisation as the overflow
+        check below, so not while :mod:`torch.compile` traces).
+    lam_scale : {"absolute", "relative"}, default="absolute"
+        ``"absolute"``: the ridge is ``lam`` itself, in the units of a squared descriptor norm
+        (the papers' λ). ``"relative"``: the ridge of each sample is ``lam`` times its mean
+        squared descriptor norm, :math:`\lambda = \mathrm{lam}\cdot\mathrm{trace}(\Phi^\top
+        \Phi)/N` (N the real locations under ``mask``), which makes the pooled direction
+        invariant to :math:`\Phi \to s\Phi`; the ridge is then a differentiable function of
+        the descriptors too (gradients include it). A sample of all-zero descriptors pools
+        to zero either way.
     normalize : bool, default=True
         Divide each pooled vector by its l2 norm; a zero vector (e.g. all-zero descriptors)
         stays zero, never NaN, and its gradient stays finite.
@@ -75,21 +91,20 @@ def generalized_max_pool(
         True at the real locations of a padded batch; padded locations are ignored exactly
         (the result equals pooling the unpadded sample alone).
     refine_steps : int or "auto", default=0
-        Steps of mixed-precision iterative refinement for float32 (or lower) input: the
-        residual of the ridge system is recomputed in float64 from the descriptors and corrected
-        with the float32 Cholesky factor. It removes the :math:`\mathrm{cond}(G)\,\epsilon_{32}`
-        error of a plain float32 solve (a relative error of 3e-2 at
-        ``lam = 1e-6 mean ||phi||^2`` with N = C becomes 1e-5 after 3 steps) at the price of a
-        float64 copy of the batch and two float64 passes over it per step. ``"auto"`` refines
-        only batches whose error bound ``q = eps32 * (lambda_max(G) + lam) / lam`` (with
-        ``lambda_max`` bounded by the trace and the largest absolute row sum of G) exceeds
-        :data:`AUTO_REFINE_TOLERANCE`, with the fewest steps k such that ``q**(k+1)`` is below
-        it (at most 5; one device synchronisation, two when the trace alone does not settle it).
-        Samples whose last refinement step still
-        changed the solution by more than ``10 * AUTO_REFINE_TOLERANCE`` (relative) did not
-        converge (``cond(G) * eps32`` near 1 or above, e.g. nearly rank-deficient descriptors
-        at a small ``lam``) and are solved again in float64 (one more synchronisation).
-        Ignored for float64.
+        Mixed-precision iterative refinement for float32 (or lower) input: the residual of the
+        ridge system is recomputed in float64 from the descriptors and corrected with the
+        float32 Cholesky factor. An int runs that many steps. ``"auto"`` makes the result
+        agree with the float64 solution of the same descriptors: it refines only the samples
+        whose error bound ``q = eps32 * (lambda_max(G) + lam) / lam`` (``lambda_max`` bounded
+        by the trace and the largest absolute row sum of G) exceeds
+        :data:`AUTO_REFINE_TOLERANCE`, until the error estimated from the observed
+        contraction is below :data:`REFINE_TARGET` (at most 6 steps, one synchronisation
+        each); samples whose refinement cannot get there (``cond * eps32`` near 1 or above:
+        nearly rank-deficient descriptors at a small ``lam``, or one channel or one location
+        orders of magnitude above the rest, so that one direction dominates G), and those
+        whose float32 factor has a pivot at the rounding level of its diagonal, are solved in
+        float64. Ignored for float64 input; ``"auto"`` means 0 steps while
+        :mod:`torch.compile` traces (compiled code has no data-dependent branches).
 
     Returns
     -------
@@ -99,26 +114,37 @@ def generalized_max_pool(
 
     Notes
     -----
-    The ridge is compared with the largest diagonal entry :math:`s^2` of the Gram matrix. The
-    effective ridge is floored at
-    ``eps(dtype) * mean(diag(G))`` so that the factor stays finite for exactly singular Gram
-    matrices (dead or duplicated descriptors); below that floor the result is the
-    ``lam -> 0`` limit to working precision. Samples whose Gram matrix overflows or underflows
-    (descriptors of magnitude beyond about 1e±15 in float32) or whose factorisation fails are
-    detected (one device synchronisation) and solved again from descriptors rescaled by their
-    largest entry, with a ridge floor of ``eps * trace(G)``. The detection is skipped while
-    :mod:`torch.compile` traces, so compiled code assumes moderate magnitudes.
+    **Accuracy.** A Cholesky solve's error does not depend on a diagonal scaling of the
+    system (van der Sluis): the float32 solve is accurate to about ``eps32 * cond(D A D)``
+    for the best diagonal ``D``, so channels (primal system, ``N > C``) or locations (dual
+    system, ``N <= C``) of very different magnitudes cost nothing by themselves. What float32
+    cannot represent is one *direction* dominating the Gram matrix (one location far above
+    the rest with ``N > C``, one channel far above the rest with ``N <= C``): ``"auto"``
+    detects it and solves those samples in float64.
+
+    **Singular Gram matrices.** The factor's diagonal is floored entry by entry at
+    ``eps(dtype) * (G_ii + eps * max_j G_jj)``, a perturbation within Cholesky's own
+    backward error (``|dA_ij| <= c n eps sqrt(A_ii A_jj)``), so that it stays finite for
+    exactly singular Gram matrices (dead or duplicated descriptors) without changing the
+    accuracy of any other solve. Refinement and the float64 solve use the same floor with
+    ``eps64``: below it the result is the ``lam -> 0`` limit to working precision. Samples
+    whose Gram matrix overflows or underflows (descriptors of magnitude beyond about 1e±15 in
+    float32) or whose factorisation fails are detected (one device synchronisation) and
+    solved again from descriptors rescaled by their largest entry, with the floor multiplied
+    by ``n``. The detection is skipped while :mod:`torch.compile` traces, so compiled code
+    assumes moderate magnitudes.
     """
     if features.ndim != 3:
         raise ValueError(
             f"features must have shape (B, N, C), got a {features.ndim}-D tensor."
         )
+    check_options(lam_scale, refine_steps)
     out_dtype = features.dtype
     compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     batch, n_locations, n_channels = features.shape
     device = features.device
-    if batch == 0 or n_channels == 0:
-        return features.new_zeros((batch, n_channels))
+    if batch == 0 or n_channels == 0 or n_locations == 0:
+        return _empty_result(features, lam)
 
     with torch.autocast(device_type=device.type, enabled=False):
         phi = features.to(compute_dtype)
@@ -130,8 +156,9 @@ def generalized_max_pool(
         if not isinstance(lam, torch.Tensor):
             lam = torch.tensor(float(lam), dtype=torch.float64, device=device)
         lam = lam.double().reshape(-1).expand(batch)
+        relative = lam_scale == "relative"
 
-        xi, trouble = _solve(phi, target, lam, normalize, refine_steps, robust=False)
+        xi, trouble = _solve(phi, target, lam, normalize, refine_steps, False, relative)
         if not torch.compiler.is_compiling():
             invalid_lam = ~(torch.isfinite(lam) & (lam > 0))
             if bool((trouble | invalid_lam).any()):  # one device synchronisation for both
@@ -145,9 +172,44 @@ def generalized_max_pool(
                     # gradient its backward gives NaN (0 * inf). Solve the batch again without
                     # them (zero descriptors are finite and differentiable), then replace them.
                     clean = phi.masked_fill(trouble[:, None, None], 0.0)
-                    xi, _ = _solve(clean, target, lam, normalize, refine_steps, robust=False)
-                xi = _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps)
+                    xi, _ = _solve(clean, target, lam, normalize, refine_steps, False, relative)
+                xi = _resolve_troubled(
+                    xi, trouble, phi, target, lam, normalize, refine_steps, relative
+                )
     return xi.to(out_dtype)
+
+
+def check_options(lam_scale, refine_steps) -> None:
+    """ValueError unless ``lam_scale`` is "absolute" or "relative" and ``refine_steps`` is
+    "auto" or an int >= 0 (shared with the layer, which checks them at construction)."""
+    if lam_scale not in ("absolute", "relative"):
+        raise ValueError(f"lam_scale must be 'absolute' or 'relative', got {lam_scale!r}.")
+    if not (
+        refine_steps == "auto"
+        or (isinstance(refine_steps, int) and not isinstance(refine_steps, bool)
+            and refine_steps >= 0)
+    ):
+        raise ValueError(f"refine_steps must be 'auto' or an int >= 0, got {refine_steps!r}.")
+
+
+def _empty_result(features: torch.Tensor, lam) -> torch.Tensor:
+    """Zeros (B, C) for a batch without samples, channels or locations, still connected to the
+    autograd graph of ``features`` and ``lam`` (so ``backward`` works, with zero gradients)."""
+    out = features.sum(dim=1) * 0  # (B, C); an empty sum, so no 0 * inf
+    if isinstance(lam, torch.Tensor) and lam.requires_grad:
+        out = out + (lam.sum() * 0).to(out.dtype)
+    return out
+
+
+def _mean_squared_norm(gram: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """trace(G) / (real locations) per sample, (B,) float64, differentiable; 1 where it is 0 or
+    not finite (all-zero samples pool to zero whatever the ridge; overflowing ones are
+    re-solved rescaled, where it is computed again)."""
+    trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1).double()
+    count = target.detach().sum(dim=1).double().clamp_min(1.0)
+    mean = trace / count
+    usable = torch.isfinite(mean.detach()) & (mean.detach() > 0)
+    return torch.where(usable, mean, torch.ones_like(mean))
 
 
 def _solve(
@@ -157,12 +219,14 @@ def _solve(
     normalize: bool,
     refine_steps: int | str,
     robust: bool,
+    relative: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve the ridge system on the smaller Gram matrix.
 
     ``phi`` (B, N, C), ``target`` (B, N) (1 at real locations, 0 at padding), ``lam`` (B,)
-    float64. Returns the pooled (B, C) vectors and a (B,) bool flag of samples whose numbers
-    cannot be trusted (overflow, underflow, failed factorisation).
+    float64 (times the mean squared norm when ``relative``). Returns the pooled (B, C) vectors
+    and a (B,) bool flag of samples whose numbers cannot be trusted (overflow, underflow,
+    failed factorisation).
     """
     dtype = phi.dtype
     finfo = torch.finfo(dtype)
@@ -171,23 +235,27 @@ def _solve(
     phi_t = phi.transpose(1, 2)
     gram = phi @ phi_t if dual else phi_t @ phi  # (B, n, n), n = min(N, C)
     n = gram.shape[-1]
+    if relative:
+        lam = lam * _mean_squared_norm(gram, target)
 
-    diag = gram.detach().diagonal(dim1=1, dim2=2)
-    scale2 = diag.amax(dim=1).double()  # s^2, largest squared descriptor (or column) norm
-    trace = diag.sum(dim=1).double() if refine_steps == "auto" else None
+    diag = gram.detach().diagonal(dim1=1, dim2=2).double()  # (B, n)
+    scale2 = diag.amax(dim=1)  # s^2, largest squared descriptor (or column) norm
     trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
+    underflow_or_zero = scale2 == 0  # all-zero descriptors, or a Gram matrix that underflowed
     scale2 = torch.where(torch.isfinite(scale2) & (scale2 > 0), scale2, torch.ones_like(scale2))
+    unit_diag = diag / scale2[:, None]  # G_ii / s^2, in [0, 1]
 
-    # Ridge in units of s^2, floored for singular Gram matrices and capped where the Gram
-    # matrix no longer matters (xi is then proportional to 1/lam: shrink it exactly).
+    # The problem's ridge in units of s^2, capped where the Gram matrix no longer matters (xi
+    # is then proportional to 1/lam: shrink it exactly). The factor's diagonal is floored entry
+    # by entry within Cholesky's own backward error (see the Notes), never by a mean: one
+    # large channel or location must not raise the ridge of the others.
     lam_scaled = lam / scale2
-    floor = diag.mean(dim=1).double() / scale2 * (finfo.eps * (n if robust else 1))
-    lam_cap = n / finfo.eps
-    shrink = (lam_scaled / lam_cap).clamp_min(1.0)
-    ridge = torch.maximum(lam_scaled / shrink, floor)  # (B,) float64, in units of s^2
+    shrink = (lam_scaled * (finfo.eps / n)).clamp_min(1.0)
+    ridge = lam_scaled / shrink  # (B,) float64, may require grad
+    factor_ridge = torch.maximum(ridge[:, None], _ridge_floor(unit_diag, finfo.eps, n, robust))
     # G + ridge s^2 I, in place: bmm saved its inputs, not its output, for backward.
     system = gram
-    system.diagonal(dim1=1, dim2=2).add_((ridge * scale2).to(dtype)[:, None])
+    system.diagonal(dim1=1, dim2=2).add_((factor_ridge * scale2[:, None]).to(dtype))
     factor, info = torch.linalg.cholesky_ex(system)
     trouble = trouble | (info > 0)
 
@@ -195,27 +263,21 @@ def _solve(
     rhs = target if dual else _weighted_sum(phi, target)
     solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
 
-    steps = refine_steps
+    steps = 0 if dtype == torch.float64 else refine_steps
+    if steps == "auto" and torch.compiler.is_compiling():
+        steps = 0
+    if steps:
+        # Refinement and the float64 solve aim at the problem with the float64 floor.
+        exact_ridge = torch.maximum(
+            ridge[:, None], _ridge_floor(unit_diag, torch.finfo(torch.float64).eps, n, robust)
+        ) * scale2[:, None]
     if steps == "auto":
-        # The error bound eps * (lambda_max(G) / s^2 + ridge) / ridge, with lambda_max(G)
-        # bounded by the trace; only where that is not enough, by the smaller of the trace and
-        # the largest absolute row sum (Gershgorin; tight for ReLU features, whose Gram matrices
-        # are entrywise positive), which costs a pass over G and a second synchronisation.
-        bound = (finfo.eps * (trace / scale2 + ridge) / ridge).masked_fill(trouble, 0.0)
-        worst = float(bound.max()) if bound.numel() else 0.0
-        if worst > AUTO_REFINE_TOLERANCE:  # |G + ridge s^2 I| row sums = |G| row sums + ridge s^2
-            rows = system.detach().abs().sum(dim=2).amax(dim=1).double() / scale2
-            bound = torch.minimum(bound, finfo.eps * rows / ridge).masked_fill(trouble, 0.0)
-            worst = float(bound.max())
-        steps = _auto_steps(worst)
-    if steps and dtype != torch.float64:
-        xi, last = _refine(phi, target, ridge * scale2, factor, solution, dual, steps)
-        if refine_steps == "auto":  # refinement that did not converge: solve in float64
-            failed = ~(last <= _REFINE_FAILED) & ~trouble
-            if bool(failed.any()):
-                index = failed.nonzero()[:, 0]
-                fixed = _solve_float64(phi[index], target[index], (ridge * scale2)[index], dual)
-                xi = xi.index_copy(0, index, fixed)
+        xi = _auto_refine(
+            phi, target, exact_ridge, factor, solution, dual, diag, scale2,
+            ridge.detach(), system, trouble, finfo.eps,
+        )
+    elif steps:
+        xi, _ = _refine(phi, target, exact_ridge, factor, solution, dual, steps)
     else:
         xi = _weighted_sum(phi, solution) if dual else solution
 
@@ -226,18 +288,57 @@ def _solve(
     else:
         xi = (xi.double() / shrink[:, None]).to(dtype)
         finite = torch.isfinite(xi.detach()).all(dim=1)
-    trouble = trouble | ~finite
+    # All-zero descriptors pool to exactly zero; a nonzero result there means G underflowed.
+    trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
     return xi, trouble
 
 
-def _auto_steps(error_bound: float) -> int:
-    """Refinement steps that bring a first error ``q`` below the tolerance: q**(k+1) <= tol."""
-    if error_bound <= AUTO_REFINE_TOLERANCE:
-        return 0
-    if not error_bound < 0.5:  # also NaN: refine as much as allowed rather than crash
-        return _MAX_AUTO_STEPS
-    needed = math.ceil(math.log(AUTO_REFINE_TOLERANCE) / math.log(error_bound)) - 1
-    return min(max(needed, 1), _MAX_AUTO_STEPS)
+def _ridge_floor(unit_diag: torch.Tensor, eps: float, n: int, robust: bool) -> torch.Tensor:
+    """The factor's diagonal floor, (B, n) in units of s^2: ``eps * (G_ii + eps s^2)`` (times
+    n for the rescaled re-solve of troubled samples)."""
+    return (n if robust else 1) * eps * (unit_diag + eps)
+
+
+def _auto_refine(
+    phi, target, exact_ridge, factor, solution, dual, diag, scale2, ridge, system, trouble, eps
+):
+    """``refine_steps="auto"``: refine where the bound asks for it, float64 where refinement
+    cannot reach :data:`REFINE_TARGET`. Returns the (B, C) vectors in the dtype of ``phi``."""
+    # The error bound eps * (lambda_max(G) / s^2 + ridge) / ridge, with lambda_max(G)
+    # bounded by the trace; only where that is not enough, by the smaller of the trace and
+    # the largest absolute row sum (Gershgorin; tight for ReLU features, whose Gram matrices
+    # are entrywise positive), which costs a pass over G and a second synchronisation.
+    bound = (eps * (diag.sum(dim=1) / scale2 + ridge) / ridge).masked_fill(trouble, 0.0)
+    if bool((bound > AUTO_REFINE_TOLERANCE).any()):
+        rows = system.detach().abs().sum(dim=2).amax(dim=1).double() / scale2
+        bound = torch.minimum(bound, eps * rows / ridge).masked_fill(trouble, 0.0)
+        needed = bound > AUTO_REFINE_TOLERANCE
+    else:
+        needed = None
+    xi = _weighted_sum(phi, solution) if dual else solution
+    if needed is None or not bool(needed.any()):
+        return xi
+    # Pivots at the rounding level of their diagonal entry: no correct digit to refine.
+    pivots = factor.detach().diagonal(dim1=1, dim2=2).double().square()
+    system_diag = system.detach().diagonal(dim1=1, dim2=2).double()
+    hopeless = (pivots <= _HOPELESS_PIVOT * eps * system_diag).any(dim=1)
+    to_refine = needed & ~hopeless
+    to_float64 = needed & hopeless
+    if bool(to_refine.any()):
+        index = to_refine.nonzero()[:, 0]
+        every = len(index) == len(to_refine)
+        pick = (lambda t: t) if every else (lambda t: t[index])
+        refined, converged = _refine(
+            pick(phi), pick(target), pick(exact_ridge), pick(factor), pick(solution), dual,
+            _MAX_AUTO_STEPS, first_contraction=pick(bound),
+        )
+        xi = refined if every else xi.index_copy(0, index, refined)
+        to_float64 = to_float64.index_put((index,), ~converged)
+    if bool(to_float64.any()):
+        index = to_float64.nonzero()[:, 0]
+        fixed = _solve_float64(phi[index], target[index], exact_ridge[index], dual)
+        xi = xi.index_copy(0, index, fixed)
+    return xi
 
 
 def _weighted_sum(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -245,40 +346,72 @@ def _weighted_sum(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights[:, None, :] @ phi)[:, 0, :]
 
 
-def _refine(phi, target, ridge, factor, solution, dual, steps):
+def _refine(phi, target, ridge, factor, solution, dual, steps, first_contraction=None):
     """Mixed-precision iterative refinement of the ridge system (see the docstring).
 
-    Returns the refined (B, C) vectors and, per sample (B,), the size of the last correction
-    relative to the solution: small once the refinement has converged (or stagnates at the
-    rounding level), large where it does not converge (cond(G) * eps of the factor's dtype near
-    1 or above, e.g. a nearly rank-deficient Gram matrix at a small ridge).
+    ``ridge`` (B, n) float64 is the diagonal added to G in the residual. Runs ``steps`` steps;
+    with ``first_contraction`` (the a priori bound of the contraction, (B,)) it is adaptive:
+    a sample stops once its estimated remaining error ``change * rho / (1 - rho)`` is below
+    :data:`REFINE_TARGET` (``change`` the last correction of xi relative to xi, ``rho`` the
+    ratio of the last two changes, the a priori bound for the first), and is given up when
+    ``rho >= 1`` or when the steps left cannot get it there at its observed ``rho``.
+
+    Returns the refined (B, C) vectors in the dtype of ``phi`` and the (B,) bool flag of the
+    samples that converged (None unless adaptive).
     """
     phi64 = phi.double()
-    ridge = ridge[:, None]
-    rhs = target.double() if dual else _weighted_sum(phi64, target.double())
-    current = solution.double()
-    for _ in range(steps):
-        if dual:  # (Phi Phi^T + ridge) alpha
-            applied = (phi64 @ _weighted_sum(phi64, current)[:, :, None])[..., 0]
-        else:  # (Phi^T Phi + ridge) xi
-            applied = _weighted_sum(phi64, (phi64 @ current[:, :, None])[..., 0])
-        residual = rhs - applied - ridge * current
-        correction = torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)
-        step = correction[..., 0].double()
-        current = current + step
-    size = torch.linalg.vector_norm(current, dim=1)
-    last = torch.linalg.vector_norm(step, dim=1) / torch.where(size > 0, size, 1.0)
+    target64 = target.double()
+    rhs = target64 if dual else _weighted_sum(phi64, target64)
+    current = solution.double()  # alpha (dual) or xi (primal)
     xi = _weighted_sum(phi64, current) if dual else current
-    return xi.to(phi.dtype), last
+    adaptive = first_contraction is not None
+    if adaptive:
+        previous = None
+        active = torch.ones(len(phi), dtype=torch.bool, device=phi.device)
+        converged = torch.zeros_like(active)
+    for step_number in range(steps):
+        similarities = (phi64 @ xi[:, :, None])[..., 0]  # Phi xi, (B, N)
+        applied = similarities if dual else _weighted_sum(phi64, similarities)
+        residual = rhs - applied - ridge * current
+        step = torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)[..., 0].double()
+        new_current = current + step
+        new_xi = _weighted_sum(phi64, new_current) if dual else new_current
+        if not adaptive:
+            current, xi = new_current, new_xi
+            continue
+        size = torch.linalg.vector_norm(new_xi.detach(), dim=1)
+        change = torch.linalg.vector_norm((new_xi - xi).detach(), dim=1) / torch.where(
+            size > 0, size, torch.ones_like(size)
+        )
+        first = previous is None
+        rho = first_contraction if first else change / previous.clamp_min(1e-300)
+        previous = change
+        # torch.where, not a product: a sample stopped early keeps its (finite) value and
+        # gets no gradient through the later steps.
+        current = torch.where(active[:, None], new_current, current)
+        xi = torch.where(active[:, None], new_xi, xi)
+        contracting = rho < 1
+        remaining = change * rho / (1 - rho).clamp_min(1e-300)  # error left, if contracting
+        done = active & ((change == 0) | (contracting & (remaining <= REFINE_TARGET)))
+        if not first:  # one change says nothing about rho: give up from the second step on
+            left = steps - step_number - 1
+            out_of_reach = remaining * rho.clamp(max=1.0) ** left > REFINE_TARGET
+            active = active & ~(~done & (~contracting | out_of_reach))
+        converged = converged | done
+        active = active & ~done
+        if not bool(active.any()):
+            break
+    return xi.to(phi.dtype), (converged if adaptive else None)
 
 
 def _solve_float64(phi, target, ridge, dual):
-    """The unrefined ridge solution (B, C) computed in float64 (for samples whose float32
-    refinement did not converge), returned in the dtype of ``phi``."""
+    """The ridge solution (B, C) computed in float64 (for samples that float32 refinement
+    cannot bring to :data:`REFINE_TARGET`), ``ridge`` (B, n) the diagonal added to G, returned
+    in the dtype of ``phi``."""
     phi64 = phi.double()
     phi64_t = phi64.transpose(1, 2)
     system = phi64 @ phi64_t if dual else phi64_t @ phi64
-    system.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+    system = system + torch.diag_embed(ridge)
     factor, _ = torch.linalg.cholesky_ex(system)
     rhs = target.double() if dual else _weighted_sum(phi64, target.double())
     solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
@@ -286,20 +419,25 @@ def _solve_float64(phi, target, ridge, dual):
     return xi.to(phi.dtype)
 
 
-def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps):
-    """Solve the flagged samples again from descriptors rescaled by their largest entry."""
+def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, relative):
+    """Solve the flagged samples again from descriptors rescaled by the power of two nearest
+    their largest entry: an exact rescaling (a nearly singular Gram matrix would turn the
+    rounding of a division by the entry itself into an O(1) change of the result)."""
     index = trouble.nonzero()[:, 0]
     sub = phi[index]
     amax = sub.detach().abs().amax(dim=(1, 2)).double()
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-    sub = sub / amax.to(sub.dtype)[:, None, None]
+    _, exponent = torch.frexp(torch.where(amax > 0, amax, torch.ones_like(amax)))
+    amax = torch.ldexp(torch.ones_like(amax), exponent)  # amax <= 2**e < 2 amax
+    sub = sub * (1.0 / amax).to(sub.dtype)[:, None, None]
+    # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
+    sub_lam = lam[index] if relative else lam[index] / amax.square()
     fixed, still = _solve(
-        sub, target[index], lam[index] / amax.square(), normalize, refine_steps, robust=True
+        sub, target[index], sub_lam, normalize, refine_steps, True, relative
     )
     if bool(still.any()):
         raise FloatingPointError(
             "generalized_max_pool: the ridge system could not be solved even after rescaling "
-            "and a ridge of eps*trace(G); are the descriptors finite?"
+            "and a ridge floor of n * eps * G_ii; are the descriptors finite?"
         )
     if not normalize:
         fixed = (fixed.double() / amax[:, None]).to(fixed.dtype)
@@ -310,6 +448,7 @@ def generalized_max_pool_weights(
     features: torch.Tensor,
     lam: float | torch.Tensor,
     *,
+    lam_scale: Literal["absolute", "relative"] = "absolute",
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""The weight of every location in the pooled vector: :math:`\xi = \sum_i w_i \phi_i`.
@@ -323,6 +462,8 @@ def generalized_max_pool_weights(
     ----------
     features : Tensor of shape (B, N, C)
     lam : float or Tensor of shape () or (B,)
+    lam_scale : {"absolute", "relative"}, default="absolute"
+        As in :func:`generalized_max_pool`.
     mask : bool Tensor of shape (B, N), optional
         Padded locations get weight 0.
 
@@ -334,6 +475,10 @@ def generalized_max_pool_weights(
     if mask is not None:
         phi = phi.masked_fill(~mask[:, :, None], 0.0)
     target = phi.new_ones(phi.shape[:2]) if mask is None else mask.double()
-    xi = generalized_max_pool(phi, lam, normalize=False, mask=mask)
-    lam = torch.as_tensor(lam, dtype=torch.float64, device=phi.device).reshape(-1, 1)
-    return (target - (phi @ xi[:, :, None])[..., 0]) / lam
+    xi = generalized_max_pool(phi, lam, lam_scale=lam_scale, normalize=False, mask=mask)
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=phi.device).reshape(-1)
+    if lam_scale == "relative":
+        squared = phi.square().sum(dim=(1, 2))
+        mean = squared / target.sum(dim=1).clamp_min(1.0)
+        lam = lam * torch.where(mean > 0, mean, torch.ones_like(mean))
+    return (target - (phi @ xi[:, :, None])[..., 0]) / lam[:, None]

@@ -301,8 +301,16 @@ def _check_ragged(X) -> FeatureStacks:
     (n_channels,) = channels
     if n_channels < 1:
         raise ValueError("The stacks have 0 channels.")
+    empty = [i for i, sample in enumerate(X) if sample.shape[0] == 0]
+    if empty:  # one behaviour for every batch_size: nothing to pool is an error, not zeros
+        raise ValueError(
+            f"Stack {empty[0]} has no locations (shape {tuple(X[empty[0]].shape)}); every stack "
+            f"needs at least one descriptor ({len(empty)} empty stack(s) in all)."
+        )
     dtype = torch.float32 if dtypes == {torch.float32} else torch.float64
-    return FeatureStacks(list(X), "ragged", len(X), n_channels, None, dtype)
+    # Tensors that require grad are read like plain ones (the estimators compute no gradients).
+    samples = [s.detach() if isinstance(s, torch.Tensor) else s for s in X]
+    return FeatureStacks(samples, "ragged", len(X), n_channels, None, dtype)
 
 
 def _check_dense_tensor(X: torch.Tensor, name: str) -> None:

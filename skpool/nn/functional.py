@@ -36,7 +36,8 @@ def generalized_max_pool2d(
     mask: torch.Tensor | None = None,
     *,
     keepdim: bool = False,
-    refine_steps: int = 0,
+    lam_scale: str = "absolute",
+    refine_steps: int | str = "auto",
 ) -> torch.Tensor:
     r"""Global generalized max pooling (Murray & Perronnin 2014) of a batch of feature maps.
 
@@ -51,8 +52,15 @@ def generalized_max_pool2d(
         normalize: l2-normalise each pooled vector (a zero vector stays zero).
         mask: optional bool tensor of shape :math:`(B, H, W)`, True at real locations.
         keepdim: return :math:`(B, C, 1, 1)` instead of :math:`(B, C)`.
-        refine_steps: float64 iterative-refinement steps for float32 input (see the core);
-            0 keeps the forward free of device synchronisations.
+        lam_scale: ``"absolute"`` (λ = ``lam``, the papers' convention) or ``"relative"``
+            (λ = ``lam`` times each sample's mean squared descriptor norm over its real
+            locations, differentiable; the pooled direction is then invariant to
+            :math:`x \to s x`).
+        refine_steps: float64 iterative refinement of float32 solves (see the core):
+            ``"auto"`` (the default) makes float32 agree with the float64 solution, refining
+            or solving in float64 only the samples whose error bound asks for it (device
+            synchronisations; 0 steps while :mod:`torch.compile` traces); an int runs that
+            many steps; 0 keeps the forward free of synchronisations.
 
     Returns:
         Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`), in the dtype of ``x``; the
@@ -70,6 +78,7 @@ def generalized_max_pool2d(
     pooled = generalized_max_pool(
         _to_stacks(x),
         lam,
+        lam_scale=lam_scale,
         normalize=normalize,
         mask=None if mask is None else mask.flatten(1),
         refine_steps=refine_steps,
@@ -179,12 +188,23 @@ def log_sum_exp_pool2d(
 ) -> torch.Tensor:
     r"""Global log-sum-exp pooling: :math:`\frac1r \log \frac1N \sum_i e^{r x_i}`.
 
-    Average pooling as :math:`r \to 0`, max pooling as :math:`r \to \infty`. Computed as
-    :math:`m + \frac1r \operatorname{log1p}\big(\frac1N \sum_i
-    \operatorname{expm1}(r(x_i - m))\big)`
-    with :math:`m = \max_i x_i`: no overflow at large r, and no cancellation at small r (the
-    textbook ``(logsumexp(r x) - log N) / r`` loses all digits as :math:`r \to 0`). Computed in
-    float32 at least; the result has the dtype of ``x``.
+    Average pooling as :math:`r \to 0`, max pooling as :math:`r \to \infty`. With
+    :math:`m = \max_i x_i`, :math:`d_i = x_i - m \le 0` and :math:`z_i = r d_i`, it is
+    computed as
+
+    .. math::
+
+        m + T\,\psi(S), \qquad T = \frac1N \sum_i d_i\,\varphi(z_i), \quad
+        S = \frac1N \sum_i \operatorname{expm1}(z_i) = r T,
+
+    with :math:`\varphi(z) = \operatorname{expm1}(z)/z` and
+    :math:`\psi(S) = \operatorname{log1p}(S)/S` (both 1 at 0, evaluated by their Taylor
+    polynomials near 0 and :math:`\psi(S) = \log(\frac1N\sum_i e^{z_i})/S` away from it). r
+    never divides anything: no overflow at large r, no cancellation at small r (the textbook
+    ``(logsumexp(r x) - log N) / r`` loses all digits as :math:`r \to 0`), and an r so small
+    that :math:`r d_i` underflows (e.g. 1e-300 in float32) gives the average exactly, its
+    limit to working precision. Computed in float32 at least; the result has the dtype of
+    ``x``.
 
     Args:
         x: feature maps of shape :math:`(B, C, H, W)`.
@@ -204,10 +224,52 @@ def log_sum_exp_pool2d(
     flat, valid, count = _masked_flat(x, mask)
     # The result does not depend on the shift m (its derivative in m is exactly 0): detach it.
     shift = _masked_max(flat, valid).detach()
-    excess = torch.expm1(_per_location(r) * _fill_padding(flat - shift[..., None], valid))
-    pooled = shift + torch.log1p(excess.sum(dim=-1) / count) / r
+    gaps = _fill_padding(flat - shift[..., None], valid)  # d <= 0; 0 at padding
+    largest = torch.finfo(x.dtype).max  # an r beyond it would round to inf: inf * 0 = NaN
+    r = r.clamp(max=largest) if isinstance(r, torch.Tensor) else min(float(r), largest)
+    # z = r d <= 0; an overflowing product is held at the dtype's lowest finite value, where
+    # every term has its limit already and no gradient meets 0 * inf.
+    scaled = (_per_location(r) * gaps).clamp_min(torch.finfo(gaps.dtype).min)
+    excess = torch.expm1(scaled)  # 0 at padding
+    weighted = (gaps * _expm1_ratio(scaled)).sum(dim=-1) / count  # T
+    mean_excess = excess.sum(dim=-1) / count  # S = r T, in (-1, 0]
+    mean_exp = _fill_padding(torch.exp(scaled), valid).sum(dim=-1) / count  # 1 + S, >= 1/N
+    pooled = shift + weighted * _log1p_ratio(mean_excess, mean_exp)
     pooled = pooled.to(out_dtype)
     return pooled[:, :, None, None] if keepdim else pooled
+
+
+# Below these |arguments| the Taylor polynomials of expm1(z)/z (to z^3) and log1p(S)/S (to
+# S^3) are exact to the dtype's rounding: truncation z^4/120 and S^4/5 below eps/2.
+_EXPM1_RATIO_TAYLOR = {torch.float32: 0.05, torch.float64: 3e-4}
+_LOG1P_RATIO_TAYLOR = {torch.float32: 0.02, torch.float64: 1.5e-4}
+
+
+def _expm1_ratio(z: torch.Tensor) -> torch.Tensor:
+    """expm1(z)/z, 1 at 0, smooth and finite (with its gradient) everywhere, also at z = 0."""
+    small = z.abs() < _EXPM1_RATIO_TAYLOR[z.dtype]
+    # Each branch sees only arguments it handles: no 0/0 and no overflowing z^3, whose
+    # gradients would be NaN even where torch.where discards them.
+    safe = torch.where(small, torch.ones_like(z), z)
+    tiny = torch.where(small, z, torch.zeros_like(z))
+    taylor = 1 + tiny * (1 / 2 + tiny * (1 / 6 + tiny / 24))
+    return torch.where(small, taylor, torch.expm1(safe) / safe)
+
+
+def _log1p_ratio(excess: torch.Tensor, mean_exp: torch.Tensor) -> torch.Tensor:
+    """log1p(S)/S, 1 at 0: its Taylor polynomial near 0, log1p(S)/S for S > -1/2, and below
+    that log(1 + S)/S with 1 + S given as ``mean_exp`` (a mean of exponentials, >= 1/N, so its
+    log stays finite where S rounds to -1; no cancellation there since 1 + S <= 1/2)."""
+    small = excess.abs() < _LOG1P_RATIO_TAYLOR[excess.dtype]
+    near_minus_one = excess <= -0.5
+    safe = torch.where(small, -torch.ones_like(excess), excess)  # no 0/0 in unused branches
+    safe_log1p = torch.where(near_minus_one, -torch.full_like(excess, 0.5), safe)
+    safe_exp = torch.where(near_minus_one, mean_exp, torch.full_like(mean_exp, 0.5))
+    tiny = torch.where(small, excess, torch.zeros_like(excess))
+    taylor = 1 - tiny * (1 / 2 - tiny * (1 / 3 - tiny / 4))
+    moderate = torch.log1p(safe_log1p) / safe
+    return torch.where(small, taylor, torch.where(near_minus_one, torch.log(safe_exp) / safe,
+                                                  moderate))
 
 
 def _per_location(value):

@@ -220,3 +220,82 @@ def test_extra_repr():
     assert repr(LogSumExpPool2d(r=2.0, flatten=False)) == (
         "LogSumExpPool2d(r=2, learnable=True, r_min=0.001, flatten=False)"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Log-sum-exp at every r (issue 14, item 10)
+LSE_RS = [1e-300, 1e-100, 1e-30, 1e-8, 1e-3, 0.05, 0.5, 3.0, 50.0, 1e3, 1e8, 1e30, 1e300]
+
+
+def lse_mpmath(flat, r):
+    """(1/r) log mean exp(r x) per row of (rows, N) in 60-digit arithmetic, as
+    m + log1p(mean(expm1(r (x - m)))) / r (exact for any r at that precision)."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    out = []
+    for row in np.asarray(flat, dtype=np.float64):
+        m = mpmath.mpf(float(row.max()))
+        rate = mpmath.mpf(r)
+        excess = mpmath.fsum(mpmath.expm1(rate * (mpmath.mpf(float(v)) - m)) for v in row)
+        out.append(float(m + mpmath.log1p(excess / len(row)) / rate))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("r", LSE_RS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lse_accurate_for_every_r(dtype, r):
+    """Against a 60-digit reference on the same (rounded) values. Bound: the evaluation rounds
+    each term a few times and sums N of them: (8 + log2 N) eps * (|max| + spread) in the
+    compute dtype (float32 for bfloat16, which then adds half an ulp of bfloat16 of |result|).
+    A float r beyond the dtype's range acts as its largest finite value (max pooling to
+    working precision); one below it as 0 (average pooling to working precision)."""
+    maps = torch.from_numpy(np.random.default_rng(11).standard_normal((2, 3, 4, 5)) * 3)
+    x = maps.to(dtype)
+    got = log_sum_exp_pool2d(x, r)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    flat = x.double().flatten(2).reshape(6, -1).numpy()
+    expected = lse_mpmath(flat, r)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.finfo(compute).eps
+    scale = np.abs(flat.max(axis=1)) + (flat.max(axis=1) - flat.min(axis=1))
+    bound = (8 + np.log2(flat.shape[1])) * eps * scale
+    if dtype == torch.bfloat16:
+        bound = bound + 0.5 * torch.finfo(dtype).eps * np.abs(expected)
+    errors = np.abs(got.double().flatten().numpy() - expected)
+    assert np.all(errors <= bound), (errors / bound).max()
+
+
+@pytest.mark.parametrize("r", [1e-300, 1e-8, 0.5, 3.0, 1e3])
+def test_lse_gradcheck_at_every_r(r):
+    """gradcheck's finite differences in x and r (r perturbed by 1e-6 even at r = 1e-300,
+    where the formula is the average pooling's plus r var/2: it stays defined for r < 0)."""
+    maps = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    rate = torch.tensor(r, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(log_sum_exp_pool2d, (maps, rate))
+    if r <= 3.0:  # at r = 1e3 second differences of a near-max are below the check's resolution
+        assert gradgradcheck(log_sum_exp_pool2d, (maps, rate))
+
+
+def test_lse_gradient_in_r_at_tiny_r_is_half_the_variance():
+    """d/dr (1/r) log mean exp(r x) -> var(x) / 2 as r -> 0 (the second cumulant): the
+    gradient keeps its meaning where r x underflows. Bound: first order in r, 1e-12 in float64."""
+    maps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    rate = torch.tensor(1e-300, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(log_sum_exp_pool2d(maps, rate).sum(), (rate,))
+    expected = maps.flatten(2).var(dim=-1, unbiased=False).sum() / 2
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=0)
+
+
+def test_lse_layer_r_min_must_be_representable_in_its_dtype():
+    """r_min = 1e-300 underflows to 0 in float32 (the floor would vanish): a clear error;
+    float64 parameters hold it, and r near such a floor still gives the average, not NaN."""
+    with pytest.raises(ValueError, match=r"r_min=1e-300 underflows in torch.float32"):
+        LogSumExpPool2d(r=1.0, r_min=1e-300)
+    layer = LogSumExpPool2d(r=2e-300, r_min=1e-300, dtype=torch.float64)
+    assert layer.r.item() == pytest.approx(2e-300, rel=1e-6)
+    maps = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out = layer(maps)
+    out.sum().backward()
+    torch.testing.assert_close(out, maps.detach().mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    assert torch.isfinite(maps.grad).all() and torch.isfinite(layer.r_raw.grad)

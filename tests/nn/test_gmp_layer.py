@@ -41,7 +41,9 @@ def test_matches_float64_reference(device, dtype, shape, normalize):
     rng = np.random.default_rng(0)
     maps = rng.standard_normal(shape)
     lam = 0.5 * mean_sq_norm(torch.from_numpy(maps))
-    layer = GeneralizedMaxPool2d(lam=lam, normalize=normalize, device=device, dtype=dtype)
+    layer = GeneralizedMaxPool2d(
+        lam=lam, normalize=normalize, lam_scale="absolute", device=device, dtype=dtype
+    )
     out = layer(torch.as_tensor(maps, dtype=dtype, device=device))
     assert out.shape == shape[:2] and out.dtype == dtype and out.device.type == device
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -68,15 +70,18 @@ def test_flatten_false_gives_adaptive_pool_shape():
     torch.testing.assert_close(out[:, :, 0, 0], GeneralizedMaxPool2d(lam=1.0)(maps))
 
 
+@pytest.mark.parametrize("lam_scale", ["absolute", "relative"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("lam", [1e-2, 1.0, 1e2])
-def test_equals_estimator_transform(dtype, lam):
+def test_equals_estimator_transform(dtype, lam, lam_scale):
     """Channels-first layer on x == channels-last estimator on x.permute(0, 2, 3, 1)."""
     rng = np.random.default_rng(1)
     maps_last = np.maximum(rng.standard_normal((6, 5, 4, 7)), 0).astype(dtype)  # (n, H, W, C)
-    expected = GeneralizedMaxPooling(lam=lam, device="cpu").fit_transform(maps_last)
+    expected = GeneralizedMaxPooling(
+        lam=lam, lam_scale=lam_scale, device="cpu"
+    ).fit_transform(maps_last)
     torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
-    layer = GeneralizedMaxPool2d(lam=lam, dtype=torch_dtype)
+    layer = GeneralizedMaxPool2d(lam=lam, lam_scale=lam_scale, dtype=torch_dtype)
     got = layer(torch.from_numpy(maps_last).permute(0, 3, 1, 2)).detach().numpy()
     assert got.dtype == expected.dtype
     tol = 1e-12 if dtype == np.float64 else 1e-5
@@ -94,7 +99,7 @@ def test_masked_padded_batch_equals_each_image_alone():
         h, w = image.shape[1:]
         padded[b, :, :h, :w] = torch.from_numpy(image)
         mask[b, :h, :w] = True
-    layer = GeneralizedMaxPool2d(lam=lam, dtype=torch.float64)
+    layer = GeneralizedMaxPool2d(lam=lam, lam_scale="absolute", dtype=torch.float64)
     batched = layer(padded, mask=mask).detach()
     for b, image in enumerate(images):
         alone = layer(torch.from_numpy(image)[None]).detach()
@@ -167,8 +172,7 @@ def test_gradients_finite_small_lam_and_zero_descriptors(dtype, shape, relative_
     maps[1] = 0  # all descriptors zero
     maps[2, :, :2] = 0  # dead locations
     maps.requires_grad_(True)
-    lam = relative_lam * mean_sq_norm(maps.detach())
-    layer = GeneralizedMaxPool2d(lam=lam, dtype=dtype)
+    layer = GeneralizedMaxPool2d(lam=relative_lam, lam_scale="relative", dtype=dtype)
     for normalize in (True, False):
         layer.normalize = normalize
         out = layer(maps)
@@ -235,7 +239,8 @@ def test_invalid_input_raises():
 def test_extra_repr():
     text = repr(GeneralizedMaxPool2d(lam=10.0, learnable=False, flatten=False))
     assert text == (
-        "GeneralizedMaxPool2d(lam=10, learnable=False, normalize=True, flatten=False)"
+        "GeneralizedMaxPool2d(lam=10, lam_scale='relative', learnable=False, normalize=True, "
+        "flatten=False, refine_steps='auto')"
     )
 
 
@@ -314,7 +319,7 @@ def test_learns_digits_and_moves_lam():
     labels = torch.tensor(labels)
     order = torch.randperm(len(labels))
     train, test = order[:1400], order[1400:]
-    pool = GeneralizedMaxPool2d(lam=1e3)
+    pool = GeneralizedMaxPool2d()  # lam = 1 x the mean squared descriptor norm
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1),
         torch.nn.ReLU(),
@@ -333,19 +338,21 @@ def test_learns_digits_and_moves_lam():
     with torch.no_grad():
         accuracy = (model(images[test]).argmax(dim=1) == labels[test]).float().mean().item()
     assert accuracy > 0.8  # chance: 0.1
-    assert abs(math.log(pool.lam.item() / 1e3)) > 1e-3
+    assert abs(math.log(pool.lam.item())) > 1e-3
 
 
 def test_refine_steps_recover_float64_accuracy_at_tiny_lambda():
-    """The module's refine_steps="auto" matches the float64 layer where plain float32 does not."""
+    """The module's refine_steps="auto" (the default) matches the float64 layer where plain
+    float32 (refine_steps=0) does not."""
     from skpool.nn import GeneralizedMaxPool2d
 
     torch.manual_seed(1)
     x = torch.randn(4, 64, 8, 8)  # N = C = 64
     lam = 1e-6 * float(x.double().square().sum(1).mean())
-    exact = GeneralizedMaxPool2d(lam, learnable=False, dtype=torch.float64)(x.double())
-    plain = GeneralizedMaxPool2d(lam, learnable=False)(x)
-    refined = GeneralizedMaxPool2d(lam, learnable=False, refine_steps="auto")(x)
+    kwargs = {"learnable": False, "lam_scale": "absolute"}
+    exact = GeneralizedMaxPool2d(lam, dtype=torch.float64, **kwargs)(x.double())
+    plain = GeneralizedMaxPool2d(lam, refine_steps=0, **kwargs)(x)
+    refined = GeneralizedMaxPool2d(lam, **kwargs)(x)  # refine_steps="auto", the default
     assert (plain.double() - exact).norm(dim=1).max() > 1e-4
     assert (refined.double() - exact).norm(dim=1).max() < 1e-4
     with pytest.raises(ValueError, match="refine_steps"):

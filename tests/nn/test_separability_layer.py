@@ -197,6 +197,53 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("saved_with_stats", [True, False])
+def test_state_dict_loads_into_a_layer_built_from_the_operator_shape_alone(
+    saved_with_stats, trainable
+):
+    """Issue 16: a layer built with the operator's shape and no statistics (their length C is
+    not known then) accepts the state_dict of a layer fitted with or without them, through a
+    file, and then computes what the saved layer computes (buffers or parameters, as asked)."""
+    maps, operator, mean, scale = random_layer_inputs()
+    stats = (mean, scale) if saved_with_stats else (None, None)
+    layer = SeparabilityPool2d(operator, *stats, output_shape=(2, 3), grid_shape=(4, 5))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = SeparabilityPool2d(
+        np.zeros_like(operator), trainable=trainable, output_shape=(2, 3), grid_shape=(4, 5)
+    )
+    result = fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert not result.missing_keys and not result.unexpected_keys
+    assert set(fresh.state_dict()) == set(layer.state_dict())
+    if trainable:
+        assert {name for name, _ in fresh.named_parameters()} == set(layer.state_dict())
+    x = torch.as_tensor(maps, dtype=torch.float32)
+    # Parameters and buffers may take different kernels: compare within the rounding of a
+    # float32 sum of N products, N eps32 sum|terms| (x2 for the mean taken off and put back).
+    n_in = operator.shape[-1]
+    terms = np.abs(operator).sum(axis=-1).max() * (np.abs(maps).max() + np.abs(mean).max())
+    tolerance = 2 * n_in * np.finfo(np.float32).eps * terms
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=tolerance)
+    again = SeparabilityPool2d(np.zeros_like(operator), output_shape=(2, 3))
+    again.load_state_dict(fresh.state_dict())  # and its own state, once more
+    torch.testing.assert_close(again(x), layer(x), rtol=0, atol=tolerance)
+
+
+def test_state_dict_with_bad_statistics_is_refused():
+    _, operator, mean, scale = random_layer_inputs()
+    state = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3)).state_dict()
+    state["channel_scale"] = -state["channel_scale"]
+    with pytest.raises(RuntimeError, match="channel_scale must be > 0"):
+        SeparabilityPool2d(np.zeros_like(operator), output_shape=(2, 3)).load_state_dict(state)
+    state = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3)).state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for channel_mean"):
+        SeparabilityPool2d(operator, np.zeros(5), np.ones(5), output_shape=(2, 3)).load_state_dict(
+            state
+        )
+
+
 def test_autocast_cpu_bfloat16_and_compile():
     maps, operator, mean, scale = random_layer_inputs()
     layer = SeparabilityPool2d(operator, mean, scale, output_shape=(2, 3), grid_shape=(4, 5))

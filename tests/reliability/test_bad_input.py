@@ -385,19 +385,18 @@ def test_a_class_with_one_sample_is_allowed():
         assert np.all(np.isfinite(pool.transform(MAPS)))
 
 
-def test_ragged_stack_without_locations_pools_to_zero():
-    """Decision: in a GMP list input, a stack with no locations (an image without descriptors)
-    pools to the zero vector (the empty sum), like a fully masked sample of the layer; the other
-    samples are unaffected. (3-D/4-D arrays with N = 0 have no sample at all and are refused.)"""
-    stacks = [RNG.random((5, 3)), np.zeros((0, 3)), RNG.random((2, 3))]
-    pooled = GeneralizedMaxPooling(device="cpu").fit_transform(stacks)
-    np.testing.assert_array_equal(pooled[1], np.zeros(3))
-    np.testing.assert_allclose(
-        pooled[[0, 2]],
-        np.concatenate([GeneralizedMaxPooling(device="cpu").transform(s[None]) for s in
-                        (stacks[0], stacks[2])]),
-        rtol=1e-12,
-    )
+@pytest.mark.parametrize("batch_size", [1, 2, 256])
+@pytest.mark.parametrize("face", ["fit", "transform"])
+def test_ragged_stack_without_locations_is_an_error(face, batch_size):
+    """Decision (issue 14): a stack with no locations in a GMP list input has nothing to pool;
+    it is refused with a ValueError naming its index, for every batch_size (it was zeros with
+    the default batch size and an IndexError with batch_size=1). 3-D/4-D arrays with N = 0 are
+    refused too."""
+    stacks = [RNG.random((5, 3)), RNG.random((2, 3)), np.zeros((0, 3)), RNG.random((4, 3))]
+    pool = GeneralizedMaxPooling(device="cpu", batch_size=batch_size)
+    call = pool.fit if face == "fit" else pool.transform
+    with pytest.raises(ValueError, match=r"Stack 2 has no locations"):
+        call(stacks)
 
 
 # ============================================================================================

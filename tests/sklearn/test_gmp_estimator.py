@@ -27,18 +27,18 @@ def reference_gmp(phi, lam):
 
 def test_layouts_agree(rng):
     maps = rng.random((6, 4, 5, 3))
-    gmp = GeneralizedMaxPooling(lam=0.2, device="cpu")
+    gmp = GeneralizedMaxPooling(lam=0.2, lam_scale="absolute", device="cpu")
     expected = reference_gmp(maps.reshape(6, 20, 3), 0.2)
     np.testing.assert_allclose(gmp.fit_transform(maps), expected, rtol=1e-10)
     np.testing.assert_allclose(gmp.fit_transform(maps.reshape(6, 20, 3)), expected, rtol=1e-10)
-    flat = GeneralizedMaxPooling(lam=0.2, device="cpu", grid_shape=(4, 5))
+    flat = GeneralizedMaxPooling(lam=0.2, lam_scale="absolute", device="cpu", grid_shape=(4, 5))
     np.testing.assert_allclose(flat.fit_transform(maps.reshape(6, 60)), expected, rtol=1e-10)
     assert flat.n_features_in_ == 60 and flat.n_channels_in_ == 3
 
 
 def test_two_d_input_is_locations_with_one_channel(rng):
     X = rng.standard_normal((5, 9))
-    out = GeneralizedMaxPooling(lam=0.5, device="cpu").fit_transform(X)
+    out = GeneralizedMaxPooling(lam=0.5, lam_scale="absolute", device="cpu").fit_transform(X)
     assert out.shape == (5, 1)
     np.testing.assert_allclose(out, reference_gmp(X[:, :, None], 0.5))
 
@@ -54,14 +54,15 @@ def test_dtype_is_preserved(rng, dtype):
 def test_float32_small_lambda_matches_float64_reference(rng):
     maps = rng.standard_normal((4, 6, 6, 36)).astype(np.float32)  # N = C = 36
     lam = 1e-6 * float(np.mean(np.sum(maps.astype(np.float64) ** 2, axis=-1)))
-    out = GeneralizedMaxPooling(lam=lam, device="cpu").fit_transform(maps)
+    out = GeneralizedMaxPooling(lam=lam, lam_scale="absolute", device="cpu").fit_transform(maps)
     expected = reference_gmp(maps.reshape(4, 36, 36), lam)
     assert np.max(np.linalg.norm(out - expected, axis=1)) < 1e-4
 
 
 def test_ragged_list_equals_each_sample_alone(rng):
     stacks = [rng.standard_normal((n, 5)) for n in (3, 17, 8, 1, 17, 30)]
-    gmp = GeneralizedMaxPooling(lam=0.3, device="cpu", batch_size=4).fit(stacks)
+    gmp = GeneralizedMaxPooling(lam=0.3, lam_scale="absolute", device="cpu", batch_size=4)
+    gmp.fit(stacks)
     pooled = gmp.transform(stacks)
     for stack, row in zip(stacks, pooled):
         np.testing.assert_allclose(row, gmp.transform(stack[None])[0], rtol=1e-10, atol=1e-12)
@@ -192,5 +193,5 @@ def test_pipeline_with_logistic_regression_on_digits():
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_parameter(rng, device):
     maps = rng.random((5, 4, 4, 8)).astype(np.float32)
-    out = GeneralizedMaxPooling(device=device).fit_transform(maps)
+    out = GeneralizedMaxPooling(lam_scale="absolute", device=device).fit_transform(maps)
     np.testing.assert_allclose(out, reference_gmp(maps.reshape(5, 16, 8), 1.0), atol=1e-5)
