@@ -59,7 +59,7 @@ def models(seed: int, epochs: int, device: str):
         "global mixed max/avg": PoolingCNNClassifier(module__global_pool="mixed", **common),
         "global log-sum-exp": PoolingCNNClassifier(module__global_pool="lse", **common),
         "global DGMP (λ0=1e3, learned)": DGMPClassifier(
-            module__lam=1e3, lam_lr_factor=100.0, **common
+            module__lam=1e3, module__lam_scale="absolute", lam_lr_factor=100.0, **common
         ),
     }
 

@@ -130,8 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--lam",
         type=_positive_float,
         default=1.0,
-        help="ridge lambda > 0, in units of a squared descriptor norm (default: 1.0); small "
-        "values equalise the descriptors like max pooling, large ones approach sum pooling",
+        help="ridge lambda > 0 (default: 1.0); small values equalise the descriptors like max "
+        "pooling, large ones approach sum pooling",
+    )
+    gmp.add_argument(
+        "--lam-scale",
+        dest="lam_scale",
+        choices=("relative", "absolute"),
+        default="relative",
+        help="relative (default): lambda in units of each sample's mean squared descriptor "
+        "norm, trace(Phi^T Phi)/N, so the result does not depend on the features' scale; "
+        "absolute: the papers' lambda",
     )
     gmp.add_argument(
         "--no-normalize",

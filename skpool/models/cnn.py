@@ -42,7 +42,10 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
         stage_pooling: one of :data:`STAGE_POOLINGS` per stage (a string applies to all).
             Default: "strided".
         global_pool: one of :data:`GLOBAL_POOLINGS`. Default: "avg".
-        lam: initial λ of the "gmp" global pooling. Default: 1e3.
+        lam: initial λ of the "gmp" global pooling. Default: 1.0.
+        lam_scale: "relative" (λ in units of the sample's mean squared descriptor norm,
+            trace(ΦᵀΦ)/N: scale-free) or "absolute" (the papers' λ, e.g. λ₀ = 1e3).
+            Default: "relative" (see :class:`~skpool.nn.GeneralizedMaxPool2d`).
         n_components: components k of the "separability" and "sgd" stages, one value or one
             per stage (ignored at the other stages). Their convolution gives ``2c/k``
             channels, so the pooled output has the strided stage's 2c. Default: 2 (the
@@ -76,7 +79,8 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
         n_stages: int = N_STAGES,
         stage_pooling: str | tuple[str, ...] = "strided",
         global_pool: str = "avg",
-        lam: float = 1e3,
+        lam: float = 1.0,
+        lam_scale: str = "relative",
         n_components: int | tuple[int, ...] = 2,
         input_size: tuple[int, int] | None = None,
         global_pool_options: dict | None = None,
@@ -104,7 +108,7 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
             )
             self.pools.append(self._make_pool(stage))
             channels = out_channels
-        self.global_pool = make_global_pool(global_pool, lam, global_pool_options)
+        self.global_pool = make_global_pool(global_pool, lam, global_pool_options, lam_scale)
         self.head = nn.Linear(channels, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

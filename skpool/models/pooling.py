@@ -254,10 +254,12 @@ class StagedPoolingMixin:
         return x
 
 
-def make_global_pool(kind: str, lam: float, options: dict | None) -> nn.Module:
+def make_global_pool(
+    kind: str, lam: float, options: dict | None, lam_scale: str = "relative"
+) -> nn.Module:
     """The global pooling ``kind`` (one of :data:`GLOBAL_POOLINGS`).
 
-    ``lam`` is the initial λ of "gmp"; ``options`` are further keyword arguments of the layer
+    ``lam`` is the initial λ of "gmp" and ``lam_scale`` its scale; ``options`` are further keyword arguments of the layer
     (:class:`~skpool.nn.GeneralizedMaxPool2d`, :class:`~skpool.nn.MixedMaxAvgPool2d`,
     :class:`~skpool.nn.LogSumExpPool2d`), so a new keyword of a layer needs no change here.
     """
@@ -269,9 +271,9 @@ def make_global_pool(kind: str, lam: float, options: dict | None) -> nn.Module:
             raise ValueError(f"global_pool={kind!r} takes no options, got {sorted(options)}.")
         return nn.AdaptiveAvgPool2d(1) if kind == "avg" else nn.AdaptiveMaxPool2d(1)
     if kind == "gmp":
-        if "lam" in options:
-            raise ValueError("Give λ as lam, not in global_pool_options.")
-        return GeneralizedMaxPool2d(lam=lam, **options)
+        if {"lam", "lam_scale"} & options.keys():
+            raise ValueError("Give λ as lam and lam_scale, not in global_pool_options.")
+        return GeneralizedMaxPool2d(lam=lam, lam_scale=lam_scale, **options)
     return (MixedMaxAvgPool2d if kind == "mixed" else LogSumExpPool2d)(**options)
 
 

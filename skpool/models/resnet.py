@@ -98,7 +98,10 @@ class ResNet18(StagedPoolingMixin, nn.Module):
             point (3 points: the first blocks of layer2–4; a string applies to all).
             Default: "strided".
         global_pool: one of :data:`~skpool.models.pooling.GLOBAL_POOLINGS`. Default: "avg".
-        lam: initial λ of the "gmp" global pooling. Default: 1e3.
+        lam: initial λ of the "gmp" global pooling. Default: 1.0.
+        lam_scale: "relative" (λ in units of the sample's mean squared descriptor norm,
+            trace(ΦᵀΦ)/N: scale-free) or "absolute" (the papers' λ, e.g. λ₀ = 1e3).
+            Default: "relative" (see :class:`~skpool.nn.GeneralizedMaxPool2d`).
         n_components: components k of the "separability" and "sgd" points, one value or one per
             point (ignored elsewhere). Their conv1 gives ``out/k`` channels, so the pooled maps
             have the strided block's ``out``. Default: 2 (the paper's choice).
@@ -129,7 +132,8 @@ class ResNet18(StagedPoolingMixin, nn.Module):
         width_multiplier: float = 1.0,
         stage_pooling: str | tuple[str, ...] = "strided",
         global_pool: str = "avg",
-        lam: float = 1e3,
+        lam: float = 1.0,
+        lam_scale: str = "relative",
         n_components: int | tuple[int, ...] = 2,
         input_size: tuple[int, int] | None = None,
         global_pool_options: dict | None = None,
@@ -162,7 +166,7 @@ class ResNet18(StagedPoolingMixin, nn.Module):
             )
             layers.append(nn.Sequential(first, BasicBlock(width_out, width_out)))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.global_pool = make_global_pool(global_pool, lam, global_pool_options)
+        self.global_pool = make_global_pool(global_pool, lam, global_pool_options, lam_scale)
         self.head = nn.Linear(widths[-1], n_classes)
 
     @property

@@ -217,7 +217,9 @@ class PoolingEmbeddingNet(nn.Module):
         in_channels, width, n_stages, stage_pooling: the CNN's, see
             :class:`~skpool.models.PoolingCNN` (defaults are its own).
         global_pool: "avg", "max", "gmp", "mixed" or "lse". Default: "avg".
-        lam: initial λ of "gmp" (learned as exp(θ)). Default: 1e3.
+        lam: initial λ of "gmp" (learned as exp(θ)). Default: 1.0.
+        lam_scale: "relative" (scale-free, in units of trace(ΦᵀΦ)/N) or "absolute" (the
+            paper's λ₀ ∈ {1, 1e3, 1e5}). Default: "relative".
         embedding_dim: output size of a linear projection after the pooling, or None for
             none (the embedding has the last stage's channels). Default: None.
         **cnn_kwargs: further :class:`~skpool.models.PoolingCNN` arguments.
@@ -242,7 +244,8 @@ class PoolingEmbeddingNet(nn.Module):
         n_stages: int = 3,
         stage_pooling: str | tuple[str, ...] = "strided",
         global_pool: str = "avg",
-        lam: float = 1e3,
+        lam: float = 1.0,
+        lam_scale: str = "relative",
         embedding_dim: int | None = None,
         **cnn_kwargs,
     ) -> None:
@@ -254,6 +257,7 @@ class PoolingEmbeddingNet(nn.Module):
             stage_pooling=stage_pooling,
             global_pool=global_pool,
             lam=lam,
+            lam_scale=lam_scale,
             **cnn_kwargs,
         )
         if embedding_dim is None:
@@ -470,7 +474,7 @@ class DGMPEmbedder(PoolingEmbedder):
     >>> from skpool.models.retrieval import DGMPEmbedder
     >>> search = GridSearchCV(
     ...     DGMPEmbedder(module__width=8, module__n_stages=2, max_epochs=2),
-    ...     {"criterion__margin": [0.1, 0.5], "module__lam": [1.0, 1e3]},
+    ...     {"criterion__margin": [0.1, 0.5], "module__lam": [0.1, 1.0]},
     ...     cv=2,
     ... )  # search.fit(images, labels) picks the best mean average precision
     """

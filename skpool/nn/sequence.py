@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .._core.gmp import generalized_max_pool
+from .._core.gmp import check_options, generalized_max_pool
 from .modules import LOG_LAM_RANGE, _at_least_float32, _check_positive, _register_scalar
 
 __all__ = ["generalized_max_pool_sequence", "SequenceGeneralizedMaxPool"]
@@ -28,6 +28,7 @@ def generalized_max_pool_sequence(
     mask: torch.Tensor | None = None,
     normalize: bool = True,
     *,
+    lam_scale: str = "absolute",
     refine_steps: int | str = 0,
 ) -> torch.Tensor:
     r"""Generalized max pooling of a batch of token sequences.
@@ -50,9 +51,12 @@ def generalized_max_pool_sequence(
         x: tokens of shape :math:`(B, N, D)`, floating point. The solve runs in float32 at
             least (float64 for float64 input); the result has the dtype of ``x``.
         lam: the ridge :math:`\lambda > 0`, a float or a tensor of shape ``()`` or ``(B,)``
-            (which may require grad), in units of a squared token norm.
+            (which may require grad): absolute, or with ``lam_scale="relative"`` in units of
+            each sequence's mean squared valid-token norm (scale-free).
         mask: optional bool tensor of shape :math:`(B, N)`, True at valid tokens.
         normalize: l2-normalise each pooled vector (a zero vector stays zero).
+        lam_scale: ``"absolute"`` or ``"relative"``, as for
+            :func:`skpool.nn.functional.generalized_max_pool2d`. Default: "absolute".
         refine_steps: float64 refinement steps for float32 solves (0, an int, or ``"auto"``;
             see :func:`skpool._core.gmp.generalized_max_pool`).
 
@@ -78,7 +82,7 @@ def generalized_max_pool_sequence(
     elif not (math.isfinite(float(lam)) and float(lam) > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}.")
     return generalized_max_pool(
-        x, lam, normalize=normalize, mask=mask, refine_steps=refine_steps
+        x, lam, normalize=normalize, mask=mask, lam_scale=lam_scale, refine_steps=refine_steps
     )
 
 
@@ -102,11 +106,14 @@ class SequenceGeneralizedMaxPool(nn.Module):
     :class:`~skpool.nn.GeneralizedMaxPool2d`; both call the same core solve.
 
     Args:
-        lam: initial λ > 0. Default: 1e3.
+        lam: initial λ > 0 (a factor of the mean squared token norm with
+            ``lam_scale="relative"``). Default: 1.0.
+        lam_scale: ``"relative"`` (scale-free) or ``"absolute"``, as for
+            :class:`~skpool.nn.GeneralizedMaxPool2d`. Default: "relative".
         learnable: learn λ (θ is an ``nn.Parameter``); otherwise θ is a buffer. Default: True.
         normalize: l2-normalise the pooled vectors (zero stays zero). Default: True.
         refine_steps: float64 refinement of float32 solves (0, an int, or ``"auto"``; see
-            :func:`skpool._core.gmp.generalized_max_pool`). Default: 0.
+            :func:`skpool._core.gmp.generalized_max_pool`). Default: "auto", as the 2-D layer.
 
     Shape:
         - Input: :math:`(B, N, D)` tokens; optional ``mask`` :math:`(B, N)` bool, True at valid
@@ -136,16 +143,18 @@ class SequenceGeneralizedMaxPool(nn.Module):
 
     def __init__(
         self,
-        lam: float = 1e3,
+        lam: float = 1.0,
         learnable: bool = True,
         normalize: bool = True,
         *,
-        refine_steps: int | str = 0,
+        lam_scale: str = "relative",
+        refine_steps: int | str = "auto",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         lam = _check_positive("lam", lam)
+        check_options(lam_scale, refine_steps)
         if not (refine_steps == "auto" or (isinstance(refine_steps, int) and refine_steps >= 0)):
             raise ValueError(f"refine_steps must be 'auto' or an int >= 0, got {refine_steps!r}.")
         log_lam = math.log(lam)
@@ -157,6 +166,7 @@ class SequenceGeneralizedMaxPool(nn.Module):
         self.learnable = learnable
         self.normalize = normalize
         self.refine_steps = refine_steps
+        self.lam_scale = lam_scale
         _register_scalar(self, "log_lam", log_lam, learnable, device, dtype)
 
     @property
@@ -166,13 +176,14 @@ class SequenceGeneralizedMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return generalized_max_pool_sequence(
-            x, self.lam, mask, self.normalize, refine_steps=self.refine_steps
+            x, self.lam, mask, self.normalize, lam_scale=self.lam_scale,
+            refine_steps=self.refine_steps,
         )
 
     def extra_repr(self) -> str:
         return (
             f"lam={float(self.lam.detach()):.4g}, learnable={self.learnable}, "
-            f"normalize={self.normalize}"
+            f"normalize={self.normalize}, lam_scale={self.lam_scale!r}"
         )
 
 

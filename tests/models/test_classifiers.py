@@ -50,7 +50,10 @@ def test_classifiers_module_exposes_only_its_classes():
 
 def test_dgmp_lists_its_module_defaults():
     params = DGMPClassifier().get_params()
-    assert params["module__lam"] == 1e3 and params["module__global_pool"] == "gmp"
+    assert params["module__lam"] == 1.0 and params["module__global_pool"] == "gmp"
+    assert params["module__lam_scale"] == "relative"
+    layer = DGMPClassifier(module__lam_scale="absolute", module__lam=5.0).initialize()
+    assert layer.module_.global_pool.lam_scale == "absolute"
     net = clone(DGMPClassifier(module__lam=3.0))
     assert net.get_params()["module__lam"] == 3.0
     assert net.set_params(module__lam=7.0).get_params()["module__lam"] == 7.0

@@ -116,7 +116,7 @@ def test_gradcheck_tokens_and_lambda(rng):
 def test_dtypes(rng, dtype):
     tokens, mask, samples = padded_batch(rng, [3, 8], dim=6, n_tokens=8, fill=0.0)
     with torch.no_grad():
-        pooled = SequenceGeneralizedMaxPool(lam=2.0)(tokens.to(dtype), mask)
+        pooled = SequenceGeneralizedMaxPool(lam=2.0, lam_scale="absolute")(tokens.to(dtype), mask)
     assert pooled.dtype == dtype
     eps = max(torch.finfo(dtype).eps, EPS32)  # the solve runs in float32 at least
     for b, sample in enumerate(samples):
@@ -183,3 +183,19 @@ def test_bad_input_is_a_clear_error(x, mask, lam, error, match):
 def test_bad_layer_arguments(kwargs):
     with pytest.raises(ValueError):
         SequenceGeneralizedMaxPool(**kwargs)
+
+
+def test_relative_lambda_is_scale_free_and_ignores_padding(rng):
+    """lam_scale="relative": lambda = lam * trace(Phi^T Phi) / N_b over the valid tokens only,
+    so padding does not change it and scaling a sequence does not change its pooled direction.
+    Reference: the absolute reference at that lambda (float64, cond ~1e2, N = 6: 1e-11)."""
+    tokens = torch.from_numpy(rng.standard_normal((2, 8, 5)))
+    mask = torch.tensor([[True] * 6 + [False] * 2, [True] * 8])
+    tokens[0, 6:] = 1e6  # padding that would dominate the trace if it were counted
+    pooled = generalized_max_pool_sequence(tokens, 0.5, mask, lam_scale="relative")
+    for b, n_valid in enumerate((6, 8)):
+        phi = tokens[b, :n_valid].numpy()
+        lam = 0.5 * np.trace(phi.T @ phi) / n_valid
+        np.testing.assert_allclose(pooled[b].numpy(), reference_gmp(phi, lam), rtol=0, atol=1e-11)
+    scaled = generalized_max_pool_sequence(tokens * 1e3, 0.5, mask, lam_scale="relative")
+    torch.testing.assert_close(scaled, pooled, rtol=0, atol=1e-11)  # same bound as above
