@@ -316,6 +316,7 @@ def rayleigh_ratios(
     within: torch.Tensor,
     costs: torch.Tensor | None = None,
     alpha: float = 0.0,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Separability ratios :math:`p^\top A p \,/\, p^\top (B + \alpha C_m) p`, in float64.
 
@@ -330,6 +331,13 @@ def rayleigh_ratios(
     costs : Tensor of shape (M, N), optional
         Diagonals of :math:`C_m`; ignored (the plain ratio :math:`p^\top A p / p^\top B p`)
         when None or ``alpha == 0``.
+    noise : Tensor of shape (N,), optional
+        A bound on the rounding error of D's rows from its computation
+        (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`): rows whose numerator
+        is consistent with an exact :math:`D^\top p = 0`
+        (:func:`rows_without_class_information`) get ratio 0, so data without class
+        information (identical samples: A and B both zero up to rounding) give 0, not the
+        ratio of two rounding errors.
 
     Returns
     -------
@@ -348,7 +356,7 @@ def rayleigh_ratios(
     locality = torch.zeros_like(p[..., 0])
     if costs is not None and alpha:
         locality = alpha * (costs.to(torch.float64) * p.square()).sum(dim=-1)
-    return _rounded_ratio(
+    ratios = _rounded_ratio(
         (p @ factor).square().sum(dim=-1),
         (p.abs() @ factor.abs()).square().sum(dim=-1),
         ((p @ within) * p).sum(dim=-1),
@@ -356,6 +364,9 @@ def rayleigh_ratios(
         locality,
         p.shape[-1],
     )
+    if noise is None:
+        return ratios
+    return torch.where(rows_without_class_information(p, factor, noise), 0.0, ratios)
 
 
 def _rounded_ratio(numerator, numerator_abs, spread, spread_abs, locality, size):

@@ -409,7 +409,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         normalisation; for every row p the ratio :math:`p^\top A p / p^\top B p` (no locality
         term) says how well the pooled value separates the classes, relative to its
         within-class spread. Average pooling's row of cell m is uniform over the cell's
-        stride×stride block (with ``output_shape``, adaptive average pooling's block).
+        stride×stride block (with ``output_shape``, adaptive average pooling's block). A row
+        whose between-class term is within the rounding error of A (data without class
+        information, e.g. the same samples in every class) has ratio 0.
 
         Parameters
         ----------
@@ -454,9 +456,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             dtype=dtype,
             device=device,
         )
+        noise = stats.between_noise()  # ratio 0 where A is within its rounding
         return Bunch(
-            learned=rayleigh_ratios(operator, factor, stats.within).cpu().numpy(),
-            average=rayleigh_ratios(average, factor, stats.within).cpu().numpy(),
+            learned=rayleigh_ratios(operator, factor, stats.within, noise=noise).cpu().numpy(),
+            average=rayleigh_ratios(average, factor, stats.within, noise=noise).cpu().numpy(),
             output_shape=self.output_shape_,
         )
 
