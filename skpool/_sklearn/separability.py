@@ -618,10 +618,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         """The scatter statistics must be finite (normalised features always are)."""
         if bool(torch.isfinite(stats.within).all()) and bool(torch.isfinite(stats.means).all()):
             return
-        hint = "" if self.normalize_channels else " or normalize_channels=True"
+        remedies = [] if dtype == torch.float64 else ["dtype='float64'"]
+        remedies += [] if self.normalize_channels else ["normalize_channels=True"]
         raise ValueError(
             f"The within-class scatter of the features overflows {str(dtype)[6:]} (features "
-            f"of too large a magnitude); use dtype='float64'{hint}."
+            f"of too large a magnitude); use {' or '.join(remedies) or 'smaller features'}."
         )
 
     def _fill_uninformative_rows(self, operator, grid, out_shape, rows):
