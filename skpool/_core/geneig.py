@@ -82,6 +82,18 @@ Singular systems
     still fails are factored again with :math:`\rho` multiplied by 100 until it succeeds. A
     direction with no within-class variance then gets a finite ratio of order :math:`1/\rho`
     instead of a crash or NaN.
+
+Scaling and degenerate data
+    Before the solve B and α are divided by a power of 4 and D by a power of 2
+    (:func:`_equilibrate`): the same eigenproblem, rounded the same way, but with
+    :math:`B + \alpha C_m` and D of order 1, so that α = 1e39 with float32 statistics, or
+    float64 statistics of magnitude 1e±200, neither overflow in the factorisation nor
+    underflow in :math:`D^\top B_m^{-1} D`. The statistics must be finite (a ValueError
+    otherwise). The ratios are evaluated in float64, with a numerator or denominator below the
+    rounding bound of its own evaluation counted as 0 (:func:`rayleigh_ratios`: an evaluated
+    0/0 is 0, no separability). Rows that see no class information beyond the rounding of A
+    are recognised by :func:`rows_without_class_information`; the estimator replaces them by
+    average pooling (:func:`fill_empty_rows`).
 """
 
 from __future__ import annotations

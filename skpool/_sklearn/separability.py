@@ -114,8 +114,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     device : str or torch.device, default="auto"
         Where to compute: "auto" (CUDA when available), "cpu", "cuda" or "cuda:<index>".
     dtype : {"float64", "float32"}, default="float64"
-        Precision of the statistics and of the solve. float32 is faster (about 2× on CPU, much
-        more on most GPUs) and agrees with float64 to about 1e-4 on well-conditioned data.
+        Precision of the within-class scatter and of the solve. float32 is faster (about 2×
+        on CPU, much more on most GPUs) and agrees with float64 to about 1e-4 on
+        well-conditioned data. Whatever the dtype, the channel statistics, the normalisation
+        of the features and the class means are computed in float64 (the features are
+        rounded to ``dtype`` only once normalised), so large channel means or data beyond
+        float32's range cost no accuracy.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
@@ -154,7 +158,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         The learned operator, rows normalised (dtype of the solve).
     eigenvalues_ : ndarray of shape (n_components, M)
         The separability ratios :math:`p^\top A p / p^\top (B + \alpha C_m) p` achieved by the
-        rows of ``operator_`` on the training data (the generalised eigenvalues).
+        rows of ``operator_`` on the training data (the generalised eigenvalues); 0 for the
+        rows without class information (Notes).
     channel_mean_ : ndarray of shape (C,)
         :math:`\mu` (zeros when ``normalize_channels=False``).
     channel_scale_ : ndarray of shape (C,)
@@ -181,7 +186,21 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     B is singular when there are fewer samples than locations (K·C < N), at constant
     locations, or with ``alpha = 0``; a ridge of N·eps times trace(B + αC_m)/N (grown when a
     factorisation still fails) keeps every system solvable, so the fit never fails or returns
-    NaN on such data (see :mod:`skpool._core.geneig`).
+    NaN on such data (see :mod:`skpool._core.geneig`). Any finite ``alpha`` works: the
+    systems are scaled by powers of two before the solve (``alpha = 1e39`` in float32 gives
+    the ``alpha -> inf`` limit), and maps of any finite magnitude (1e-300 to 1e300) give the
+    operator of the same maps at unit scale.
+
+    Rows without class information. Where the data carry none (every sample identical, or
+    the same samples in every class) A is zero in exact arithmetic and its computed value is
+    rounding, which would decide the rows. A row p is taken for such a row when
+    :math:`\|D^\top p\|` (:math:`A = D D^\top`) is within the worst-case rounding bound of
+    D (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`, about
+    :math:`8 K \ln K` units of float64 roundoff of the data's root mean square at each
+    location, K the number of samples); it is replaced by its cell's average-pooling row,
+    with ratio 0, whatever the batches, the sample order, the dtype or the solver. A small
+    A against B is not a loss of information (the eigenvectors do not depend on A's
+    scale): class means 1e-7 of the spread apart are solved as usual.
 
     References
     ----------
