@@ -355,12 +355,11 @@ def rayleigh_ratios(
     -------
     float64 Tensor of shape (..., M)
         Never NaN. A numerator or denominator that is zero *to the rounding of its own
-        evaluation* counts as zero (:func:`_ratio`): :math:`\|D^\top p\|` below
-        :math:`N u \, \||D|^\top |p|\|` or :math:`p^\top B p` below
-        :math:`N u \, |p|^\top |B| \, |p|` (u the float64 unit roundoff; the locality term
-        is a sum of nonnegative terms and is kept as it is). Then 0/0 (no class
-        information where there is no within-class spread either) gives 0, a positive
-        numerator over a zero denominator ``inf``.
+        evaluation* counts as zero (:func:`_rounded_ratio`): :math:`\|D^\top p\|` below
+        :math:`N u \sum_i |p_i| \|D_i\|` or :math:`p^\top B p` below
+        :math:`N u (\sum_i |p_i| \sqrt{B_{ii}})^2` (u the float64 unit roundoff; the
+        locality term is a sum of nonnegative terms and is kept as it is). Then 0/0 gives 0
+        (no separability), a positive numerator over a zero denominator ``inf``.
     """
     p = vectors.to(torch.float64)
     factor = between_factor.to(torch.float64)
@@ -370,9 +369,9 @@ def rayleigh_ratios(
         locality = alpha * (costs.to(torch.float64) * p.square()).sum(dim=-1)
     ratios = _rounded_ratio(
         (p @ factor).square().sum(dim=-1),
-        (p.abs() @ factor.abs()).square().sum(dim=-1),
+        p.abs() @ _scaled_norm(factor),
         ((p @ within) * p).sum(dim=-1),
-        ((p.abs() @ within.abs()) * p.abs()).sum(dim=-1),
+        p.abs() @ within.diagonal().clamp_min(0).sqrt(),
         locality,
         p.shape[-1],
     )
@@ -381,14 +380,19 @@ def rayleigh_ratios(
     return torch.where(rows_without_class_information(p, factor, noise), 0.0, ratios)
 
 
-def _rounded_ratio(numerator, numerator_abs, spread, spread_abs, locality, size):
-    r""":math:`\|D^\top p\|^2 / (p^\top B p + \alpha\, p^\top C_m p)` from its parts, where
-    ``numerator_abs`` is :math:`\||D|^\top |p|\|^2` and ``spread_abs``
-    :math:`|p|^\top |B|\,|p|`: a numerator or spread below ``size`` u times those (the
-    rounding bound of a dot product of ``size`` terms) is 0 (:func:`rayleigh_ratios`)."""
+def _rounded_ratio(numerator, factor_weight, spread, within_weight, locality, size):
+    r""":math:`\|D^\top p\|^2 / (p^\top B p + \alpha\, p^\top C_m p)` from its parts, with
+    a numerator or spread that is zero to the rounding of its evaluation counted as 0.
+
+    A dot product of n = ``size`` terms is exact to :math:`n u \sum_i |x_i y_i|` (Higham, eq.
+    3.5), so :math:`\|D^\top p\|` to :math:`n u \||D|^\top|p|\| \le n u \sum_i |p_i|
+    \|D_i\|` (``factor_weight``, D's row norms :math:`\|D_i\|`) and :math:`p^\top B p` to
+    :math:`n u\, |p|^\top |B| |p| \le n u (\sum_i |p_i| \sqrt{B_{ii}})^2` (``within_weight``;
+    :math:`|B_{ij}| \le \sqrt{B_{ii} B_{jj}}` for positive semi-definite B). These
+    bounds cost O(N) per row instead of another product with B."""
     bound = size * torch.finfo(torch.float64).eps / 2
-    numerator = torch.where(numerator > bound**2 * numerator_abs, numerator, 0.0)
-    spread = torch.where(spread > bound * spread_abs, spread, 0.0)
+    numerator = torch.where(numerator > (bound * factor_weight).square(), numerator, 0.0)
+    spread = torch.where(spread > bound * within_weight.square(), spread, 0.0)
     return _ratio(numerator, spread + locality)
 
 
@@ -554,11 +558,13 @@ class _LocalProblems:
         factor = self.factor.to(torch.float64).mT
         within = (self.within if self.support is None else self.blocks()).to(torch.float64)
         locality = float(self.alpha) * (self.costs.to(torch.float64)[..., None] * p.square())
+        factor_norms = _scaled_norm(factor.mT)  # (b, n) or (n,): D's row norms
+        within_roots = within.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
         return _rounded_ratio(
             (factor @ p).square().sum(dim=-2),
-            (factor.abs() @ p.abs()).square().sum(dim=-2),
+            (factor_norms[..., None] * p.abs()).sum(dim=-2),
             ((within @ p) * p).sum(dim=-2),
-            ((within.abs() @ p.abs()) * p.abs()).sum(dim=-2),
+            (within_roots[..., None] * p.abs()).sum(dim=-2),
             locality.sum(dim=-2),
             p.shape[-2],
         )

@@ -341,8 +341,9 @@ def test_rayleigh_ratios_are_finite_for_zero_rows():
 
 def test_rayleigh_ratio_of_two_rounding_residues_is_zero():
     """p = (1, -1 + 2**-52) against d = (1, 1), B = d d^T: p'd = 2**-52 and p'Bp = 2**-104 are
-    both below the rounding bound of their evaluation (N u |p|'|d| and N u |p|'|B||p|, N = 2):
-    an evaluated 0/0, defined as 0 (no separability), not their quotient 1 or inf."""
+    both below the rounding bound of their evaluation (N u sum |p_i||d_i| = 4.4e-16 and
+    N u (sum |p_i| sqrt(B_ii))^2 = 8.9e-16, N = 2): an evaluated 0/0, defined as 0 (no
+    separability), not their quotient 1 or inf."""
     d = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
     p = torch.tensor([[1.0, -1.0 + 2.0**-52], [1.0, 0.5]], dtype=torch.float64)
     assert float(p[0] @ d[:, 0]) == 2.0**-52  # the residue is there (an exact subtraction)
