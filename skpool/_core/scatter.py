@@ -121,13 +121,14 @@ def standardise(
 ) -> torch.Tensor:
     r""":math:`(F - \mu)/\sigma` per channel, without overflow for any finite input.
 
-    Computed as :math:`((F/2 - \mu/2)/\sigma) \cdot 2`: halving is exact, so the result is
-    the same as the plain formula wherever that one does not overflow, while
-    :math:`F - \mu` of two values near the largest float would. The result itself is at
-    most :math:`\sqrt{\text{count}}` in magnitude for the data the statistics came from
-    (no value lies further than that many standard deviations from the mean).
+    Computed as :math:`(F/2 - \mu/2)/(\sigma/2)`: halving is exact, so the result is the
+    same as the plain formula wherever that one does not overflow, while :math:`F - \mu` of
+    two values near the largest float would. The result itself is at most
+    :math:`\sqrt{\text{count}}` in magnitude for the data the statistics came from (no value
+    lies further than that many standard deviations from the mean). One new tensor; the
+    input is not modified.
     """
-    return (features * 0.5 - mean * 0.5) / scale * 2.0
+    return features.mul(0.5).sub_(mean * 0.5).div_(scale * 0.5)
 
 
 @dataclass(frozen=True)

@@ -398,16 +398,16 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
                 f"(n, F) (with grid_shape for several channels), not {stacks.layout} input."
             )
         operator = torch.as_tensor(self.operator_, device=device, dtype=stacks.dtype)
-        # Normalised in float64 and only then rounded to the data's dtype (the pooling product
-        # runs in it); mapped back to the data's scale in float64 (output channel j*C + c).
-        mean = torch.as_tensor(self.channel_mean_, device=device, dtype=torch.float64)
-        scale = torch.as_tensor(self.channel_scale_, device=device, dtype=torch.float64)
+        # In the data's dtype (float32 data carry no more precision than float32 statistics
+        # keep), normalised without overflow (standardise), mapped back to the data's scale
+        # per output channel j*C + c.
+        mean = torch.as_tensor(self.channel_mean_, device=device, dtype=stacks.dtype)
+        scale = torch.as_tensor(self.channel_scale_, device=device, dtype=stacks.dtype)
         out_mean, out_scale = mean.repeat(len(operator)), scale.repeat(len(operator))
         out = np.empty((stacks.n_samples, n_out, width), dtype=stacks.numpy_dtype)
         for index, batch in _read_indexed(stacks, self.batch_size, device):
-            normalised = standardise(batch.to(torch.float64), mean, scale).to(stacks.dtype)
-            pooled = apply_pooling_operator(normalised, operator).to(torch.float64)
-            pooled = (pooled * out_scale + out_mean).to(stacks.dtype)
+            pooled = apply_pooling_operator(standardise(batch, mean, scale), operator)
+            pooled = pooled.mul_(out_scale).add_(out_mean)  # a fresh tensor
             if not bool(torch.isfinite(pooled).all()):
                 raise ValueError(
                     f"The pooled values of the batch starting at sample {int(index[0])} exceed "
