@@ -472,3 +472,16 @@ def test_a_support_radius_covering_the_grid_is_the_exact_operator(rng, radius, d
     covering.fit(maps, labels)
     np.testing.assert_array_equal(covering.operator_, exact.operator_)
     np.testing.assert_array_equal(covering.eigenvalues_, exact.eigenvalues_)
+
+
+def test_transform_whose_output_leaves_the_float32_range_is_a_clear_error(rng):
+    """float32 maps of magnitude 3e38 (near float32's largest, 3.4e38): l2 rows of average
+    pooling sum four values of 0.5 each, so a block of +3e38 pools to 6e38, which float32
+    cannot hold. A clear error, not inf; the same maps in float64 pool to finite values."""
+    maps, labels = make_maps(rng, grid=(4, 4), n_channels=1)
+    pool = SeparabilityPooling(device="cpu").fit(np.repeat(maps[:1], 36, axis=0), labels)
+    huge = np.where(rng.random((2, 4, 4, 1)) < 0.5, -3e38, 3e38)
+    huge[:, :2, :2] = 3e38  # the first cell's block: 4 * 0.5 * 3e38 (its mean is near 0)
+    with pytest.raises(ValueError, match="exceed the range of float32"):
+        pool.transform(huge.astype(np.float32))
+    assert np.all(np.isfinite(pool.transform(huge)))
