@@ -18,7 +18,8 @@ the counts and class sums) and
         (\bar X_{rq} - \bar X_q)(\bar X_{rq} - \bar X_q)^\top \Bigr]
 
 (one all-reduce of the bracket, which each rank forms from its own statistics and the global
-means): no uncentred second moment is formed. The channel statistics are reduced the same way.
+means): no uncentred second moment is formed. The channel statistics are gathered and merged
+pairwise in rank order.
 Every rank must call every function here, in the same order (they are collectives). The
 tensors are reduced on their own device: use the ``gloo`` backend for CPU statistics and
 ``nccl`` for CUDA ones.
@@ -58,15 +59,20 @@ def rank() -> int:
 
 
 def all_reduce_channel_statistics(stats: ChannelStatistics) -> ChannelStatistics:
-    """Channel statistics of the union of every rank's data (the same on every rank)."""
-    count = stats.count.reshape(1)
-    totals = torch.cat([count, stats.mean * count])  # (1 + C,): count and channel sums
-    dist.all_reduce(totals)
-    count = totals[0]
-    mean = totals[1:] / count.clamp_min(1)
-    sum_squares = stats.sum_squares + stats.count * (stats.mean - mean).square()
-    dist.all_reduce(sum_squares)
-    return ChannelStatistics(count, mean, sum_squares)
+    """Channel statistics of the union of every rank's data (the same on every rank).
+
+    Gathers every rank's (count, mean, std) (2C + 1 numbers) and merges them in rank order
+    with :meth:`ChannelStatistics.merge`, which, unlike a sum of squares, cannot overflow.
+    """
+    n_channels = stats.mean.shape[0]
+    packed = torch.cat([stats.count.reshape(1), stats.mean, stats.std])
+    pieces = [torch.empty_like(packed) for _ in range(world_size())]
+    dist.all_gather(pieces, packed)
+    total = None
+    for piece in pieces:
+        part = ChannelStatistics(piece[0], piece[1 : 1 + n_channels], piece[1 + n_channels :])
+        total = part if total is None else total.merge(part)
+    return total
 
 
 def all_reduce_scatter_statistics(stats: ScatterStatistics) -> ScatterStatistics:
@@ -85,6 +91,7 @@ def all_reduce_scatter_statistics(stats: ScatterStatistics) -> ScatterStatistics
     gain = (stats.class_weights * local_counts).sqrt()
     delta = (stats.means - means) * gain[:, None, None]  # zero for classes the rank lacks
     columns = delta.permute(1, 0, 2).reshape(n_locations, n_classes * n_channels)
+    columns = columns.to(stats.within.dtype)  # the class means may be kept in float64
     within = stats.within + columns @ columns.T
     dist.all_reduce(within)
     return ScatterStatistics(counts, means, within, stats.class_weights)

@@ -82,18 +82,34 @@ Singular systems
     still fails are factored again with :math:`\rho` multiplied by 100 until it succeeds. A
     direction with no within-class variance then gets a finite ratio of order :math:`1/\rho`
     instead of a crash or NaN.
+
+Scaling and degenerate data
+    Before the solve B and α are divided by a power of 4 and D by a power of 2
+    (:func:`_equilibrate`): the same eigenproblem, rounded the same way, but with
+    :math:`B + \alpha C_m` and D of order 1, so that α = 1e39 with float32 statistics, or
+    float64 statistics of magnitude 1e±200, neither overflow in the factorisation nor
+    underflow in :math:`D^\top B_m^{-1} D`. The statistics must be finite (a ValueError
+    otherwise). The ratios are evaluated in float64, with a numerator or denominator below the
+    rounding bound of its own evaluation counted as 0 (:func:`rayleigh_ratios`: an evaluated
+    0/0 is 0, no separability). Rows that see no class information beyond the rounding of A
+    are recognised by :func:`rows_without_class_information`; the estimator replaces them by
+    average pooling (:func:`fill_empty_rows`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
 from .grid import inside_radius, support_within_radius
+from .scatter import power_of_two_below
 
 __all__ = [
     "fill_empty_rows",
+    "rows_without_class_information",
+    "no_class_information",
     "top_eigenpairs",
     "top_generalized_eigenvectors",
     "rayleigh_ratios",
@@ -199,11 +215,28 @@ def top_generalized_eigenvectors(
     if method not in ("auto", "low_rank", "full"):
         raise ValueError(f"method must be 'auto', 'low_rank' or 'full', got {method!r}.")
 
+    for name, value in (("B", within), ("D", between_factor), ("the costs", costs)):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{name} holds NaN or infinity; the statistics of the solve must be finite."
+            )
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}.")
+
     dtype = within.dtype
     costs = costs.to(dtype)
     size = n_locations  # n: the size of every location's system
     if support_radius is not None:
         size = _largest_support(costs, support_radius, n_components)
+        if bool(inside_radius(costs, support_radius).all()):  # covers the grid: exact route
+            support_radius, size = None, n_locations
+    # The ratios are computed in float64 from the statistics as given (not the scaled ones):
+    # of B itself, or (truncated supports) of the scaled sub-blocks, scaled back.
+    within64 = within.to(torch.float64) if support_radius is None else None
+    original_factor, original_alpha = between_factor, alpha
+    within, between_factor, alpha, ratio_exponent = _equilibrate(
+        within, between_factor, costs, alpha
+    )
     factor = between_factor.to(dtype)
     if factor.shape[1] > n_locations:  # more columns than A's rank can use: compress
         factor = _compress_factor(factor)
@@ -226,15 +259,13 @@ def top_generalized_eigenvectors(
         cap = max(_CPU_CHUNK, _CPU_CHUNK_BYTES // per_location)
         chunk = max(1, min(chunk, cap, costs.shape[0]))  # no workspace beyond the M cells
         workspace = _Workspace(within, chunk, size, rank)
-    # The ratios are computed in float64: of B itself, or of its gathered sub-blocks.
-    within64 = within.to(torch.float64) if support_radius is None else None
     vectors, ratios = [], []
     for start in range(0, costs.shape[0], chunk):
         chunk_costs = costs[start : start + chunk]
         support = None
         if support_radius is not None:
             support = support_within_radius(chunk_costs, support_radius)
-        problem = _LocalProblems(factor, within, within64, chunk_costs, alpha, support, factor_t)
+        problem = _LocalProblems(factor, within, chunk_costs, alpha, support, factor_t)
         chunk_vectors, chunk_ratios = _solve_chunk(
             problem, n_components, low_rank, ridge, norm, workspace
         )
@@ -242,8 +273,47 @@ def top_generalized_eigenvectors(
         ratios.append(chunk_ratios)
     vectors = torch.cat(vectors).transpose(0, 1)
     if support_radius is None:  # all rows at once: one product with B instead of one a chunk
-        return vectors, rayleigh_ratios(vectors, factor, within64, costs, alpha)
-    return vectors, torch.cat(ratios).T
+        return vectors, rayleigh_ratios(vectors, original_factor, within64, costs, original_alpha)
+    return vectors, _times_power_of_two(torch.cat(ratios).T, ratio_exponent)
+
+
+def _equilibrate(within, factor, costs, alpha):
+    r"""B, D and alpha scaled by powers of two so that :math:`B + \alpha C_m` and D are O(1).
+
+    The eigenvectors of :math:`(A, B + \alpha C_m)` do not change when B and α are divided
+    by the same s, or D by t. With powers of two, s a power of 4 (so that the square roots of
+    the Cholesky factorisation scale exactly too), the scaled problem rounds exactly as the
+    original wherever neither over- nor underflows, so ordinary problems are solved bit for
+    bit as without the scaling; but α = 1e39 with float32 statistics (α C_m beyond float32's
+    range) or float64 statistics of magnitude 1e±200 no longer overflow in the factorisation
+    or underflow in :math:`D^\top B_m^{-1} D`. Entries of B that the scaling takes below the
+    smallest normal number are set to 0: they are more than :math:`10^{37}` (float32) times
+    below the largest diagonal entry, far below the ridge (module docstring). Returns the
+    scaled B, D and α, and the exponent of :math:`t^2/s`, the power of two that turns ratios of
+    the scaled problem into those of the original.
+    """
+    largest = float(within.diagonal().abs().max()) if within.numel() else 0.0
+    exponent = math.frexp(largest)[1]  # largest < 2**exponent
+    largest_cost = float(costs.max()) if costs.numel() else 0.0
+    if alpha > 0 and largest_cost > 0:  # alpha * largest_cost < 2**(...), without overflow
+        exponent = max(exponent, math.frexp(alpha)[1] + math.frexp(largest_cost)[1])
+    exponent += exponent % 2  # s = 2**exponent, a power of 4
+    if exponent:  # a scaled copy (the caller's B is left as it is)
+        within = _times_power_of_two(within, -exponent)
+        within.masked_fill_(within.abs() < torch.finfo(within.dtype).tiny, 0.0)
+    factor_exponent = math.frexp(float(factor.abs().max()) if factor.numel() else 0.0)[1]
+    factor = _times_power_of_two(factor, -factor_exponent)
+    alpha = math.ldexp(alpha, -exponent)
+    return within, factor, alpha, 2 * factor_exponent - exponent
+
+
+def _times_power_of_two(values: torch.Tensor, exponent: int) -> torch.Tensor:
+    """values * 2**exponent, in steps of at most 2**±1000 (each a normal float64 number)."""
+    while exponent:
+        step = max(-1000, min(1000, exponent))
+        values = values * math.ldexp(1.0, step)
+        exponent -= step
+    return values
 
 
 def _use_fused_route(low_rank: bool, device: torch.device) -> bool:
@@ -258,6 +328,7 @@ def rayleigh_ratios(
     within: torch.Tensor,
     costs: torch.Tensor | None = None,
     alpha: float = 0.0,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Separability ratios :math:`p^\top A p \,/\, p^\top (B + \alpha C_m) p`, in float64.
 
@@ -272,18 +343,57 @@ def rayleigh_ratios(
     costs : Tensor of shape (M, N), optional
         Diagonals of :math:`C_m`; ignored (the plain ratio :math:`p^\top A p / p^\top B p`)
         when None or ``alpha == 0``.
+    noise : Tensor of shape (N,), optional
+        A bound on the rounding error of D's rows from its computation
+        (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`): rows whose numerator
+        is consistent with an exact :math:`D^\top p = 0`
+        (:func:`rows_without_class_information`) get ratio 0, so data without class
+        information (identical samples: A and B both zero up to rounding) give 0, not the
+        ratio of two rounding errors.
 
     Returns
     -------
     float64 Tensor of shape (..., M)
-        A zero denominator gives ``inf`` (or 0 where the numerator is 0 too), never NaN.
+        Never NaN. A numerator or denominator that is zero *to the rounding of its own
+        evaluation* counts as zero (:func:`_rounded_ratio`): :math:`\|D^\top p\|` below
+        :math:`N u \sum_i |p_i| \|D_i\|` or :math:`p^\top B p` below
+        :math:`N u (\sum_i |p_i| \sqrt{B_{ii}})^2` (u the float64 unit roundoff; the
+        locality term is a sum of nonnegative terms and is kept as it is). Then 0/0 gives 0
+        (no separability), a positive numerator over a zero denominator ``inf``.
     """
     p = vectors.to(torch.float64)
-    numerator = (p @ between_factor.to(torch.float64)).square().sum(dim=-1)
-    denominator = ((p @ within.to(torch.float64)) * p).sum(dim=-1)
+    factor = between_factor.to(torch.float64)
+    within = within.to(torch.float64)
+    locality = torch.zeros_like(p[..., 0])
     if costs is not None and alpha:
-        denominator = denominator + alpha * (costs.to(torch.float64) * p.square()).sum(dim=-1)
-    return _ratio(numerator, denominator)
+        locality = alpha * (costs.to(torch.float64) * p.square()).sum(dim=-1)
+    ratios = _rounded_ratio(
+        (p @ factor).square().sum(dim=-1),
+        p.abs() @ _scaled_norm(factor),
+        ((p @ within) * p).sum(dim=-1),
+        p.abs() @ within.diagonal().clamp_min(0).sqrt(),
+        locality,
+        p.shape[-1],
+    )
+    if noise is None:
+        return ratios
+    return torch.where(rows_without_class_information(p, factor, noise), 0.0, ratios)
+
+
+def _rounded_ratio(numerator, factor_weight, spread, within_weight, locality, size):
+    r""":math:`\|D^\top p\|^2 / (p^\top B p + \alpha\, p^\top C_m p)` from its parts, with
+    a numerator or spread that is zero to the rounding of its evaluation counted as 0.
+
+    A dot product of n = ``size`` terms is exact to :math:`n u \sum_i |x_i y_i|` (Higham, eq.
+    3.5), so :math:`\|D^\top p\|` to :math:`n u \||D|^\top|p|\| \le n u \sum_i |p_i|
+    \|D_i\|` (``factor_weight``, D's row norms :math:`\|D_i\|`) and :math:`p^\top B p` to
+    :math:`n u\, |p|^\top |B| |p| \le n u (\sum_i |p_i| \sqrt{B_{ii}})^2` (``within_weight``;
+    :math:`|B_{ij}| \le \sqrt{B_{ii} B_{jj}}` for positive semi-definite B). These
+    bounds cost O(N) per row instead of another product with B."""
+    bound = size * torch.finfo(torch.float64).eps / 2
+    numerator = torch.where(numerator > (bound * factor_weight).square(), numerator, 0.0)
+    spread = torch.where(spread > bound * within_weight.square(), spread, 0.0)
+    return _ratio(numerator, spread + locality)
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -292,6 +402,47 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     ratio = numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     infinite = torch.where(numerator > 0, torch.inf, 0.0).to(ratio)
     return torch.where(denominator > 0, ratio, infinite)
+
+
+def rows_without_class_information(
+    vectors: torch.Tensor, between_factor: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    r"""Rows whose between-class term is within the rounding error of A: bool (..., M).
+
+    With ``noise`` (N,) bounding the rounding error of each row of D
+    (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`), a row p is flagged when
+
+    .. math::
+
+        \|D^\top p\| \le \sum_n |p_n| \, \text{noise}_n ,
+
+    i.e. when :math:`p^\top A p` is consistent with an exact :math:`D^\top p = 0`: the data
+    carry no class information that this row sees. Where the data carry none at all (the
+    exact D is 0: identical samples, or the same samples in every class), every row of any
+    operator is flagged, however the rounding fell. The problem is homogeneous in A, so a
+    small A is not flagged for being small against B, only for being below its own
+    rounding. Evaluated in float64, without overflow.
+    """
+    p = vectors.to(torch.float64)
+    captured = _scaled_norm(p @ between_factor.to(torch.float64))
+    return captured <= p.abs() @ noise.to(torch.float64)
+
+
+def no_class_information(between_factor: torch.Tensor, noise: torch.Tensor) -> bool:
+    r"""Whether every row of D (N, r) lies within its rounding bound ``noise`` (N,).
+
+    Then :math:`\|D^\top p\| \le \sum_n |p_n| \|D_n\| \le \sum_n |p_n|\,\text{noise}_n`
+    for every p: :func:`rows_without_class_information` flags every row of any operator, so
+    there is nothing to solve for.
+    """
+    norms = _scaled_norm(between_factor.to(torch.float64))
+    return bool((norms <= noise.to(torch.float64)).all())
+
+
+def _scaled_norm(values: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over the last dimension, without overflow or underflow of the squares."""
+    unit = power_of_two_below(values.abs().amax(dim=-1, keepdim=True))
+    return torch.linalg.vector_norm(values / unit, dim=-1) * unit[..., 0]
 
 
 def _largest_support(costs, radius, n_components) -> int:
@@ -339,8 +490,8 @@ class _LocalProblems:
     eigenvalue and are zeroed explicitly otherwise.
     """
 
-    def __init__(self, factor, within, within64, costs, alpha, support, factor_t=None):
-        self.within, self.within64, self.alpha, self.support = within, within64, alpha, support
+    def __init__(self, factor, within, costs, alpha, support, factor_t=None):
+        self.within, self.alpha, self.support = within, alpha, support
         self.factor_t = factor_t  # D^T (r, N) contiguous, for fill_augmented (optional)
         self.count = costs.shape[0]
         if support is None:
@@ -401,18 +552,22 @@ class _LocalProblems:
             out[:, n:, :] = self.factor[rows].mT
 
     def ratios(self, vectors: torch.Tensor) -> torch.Tensor:
-        """float64 ratios (b, k) of the normalised vectors (b, n, k) in their own blocks."""
+        """float64 ratios (b, k) of the normalised vectors (b, n, k) in their own blocks, with
+        the rounding rule of :func:`rayleigh_ratios`."""
         p = vectors.to(torch.float64)
-        numerator = (self.factor.to(torch.float64).mT @ p).square().sum(dim=-2)
-        if self.support is None:
-            spread = self.within64 @ p  # broadcast over the chunk, B not copied
-        else:
-            spread = self.blocks().to(torch.float64) @ p
-        denominator = (spread * p).sum(dim=-2)
-        denominator = denominator + float(self.alpha) * (
-            self.costs.to(torch.float64)[..., None] * p.square()
-        ).sum(dim=-2)
-        return _ratio(numerator, denominator)
+        factor = self.factor.to(torch.float64).mT
+        within = (self.within if self.support is None else self.blocks()).to(torch.float64)
+        locality = float(self.alpha) * (self.costs.to(torch.float64)[..., None] * p.square())
+        factor_norms = _scaled_norm(factor.mT)  # (b, n) or (n,): D's row norms
+        within_roots = within.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        return _rounded_ratio(
+            (factor @ p).square().sum(dim=-2),
+            (factor_norms[..., None] * p.abs()).sum(dim=-2),
+            ((within @ p) * p).sum(dim=-2),
+            (within_roots[..., None] * p.abs()).sum(dim=-2),
+            locality.sum(dim=-2),
+            p.shape[-2],
+        )
 
     def scatter(self, vectors: torch.Tensor, n_locations: int) -> torch.Tensor:
         """(b, n, k) vectors on the supports → (b, k, N) rows, zero outside the supports."""
@@ -481,7 +636,7 @@ def _with_ridge(problem: _LocalProblems, ridge: float | None, factor_rows) -> No
         if bool((relative[index] >= 1.0).any()):
             raise FloatingPointError(
                 "The systems B + alpha*C_m could not be factored even with a ridge of "
-                "trace/N; are the statistics finite?"
+                "trace/N (the statistics are finite and scaled to order 1 before the solve)."
             )
         default = problem.sizes[index] * torch.finfo(relative.dtype).eps  # ridge=0 grows too
         relative[index] = torch.maximum(relative[index] * _RIDGE_GROWTH, default).clamp_max(1.0)
@@ -776,16 +931,23 @@ def _normalise(vectors: torch.Tensor, norm: str) -> torch.Tensor:
     return vectors / torch.where(size > 0, size, torch.ones_like(size))
 
 
-def fill_empty_rows(operator: torch.Tensor, fallback: torch.Tensor, norm: str) -> torch.Tensor:
-    """Replace the all-zero rows of ``operator`` (k, M, N) by ``fallback`` (M, N) rows.
+def fill_empty_rows(
+    operator: torch.Tensor,
+    fallback: torch.Tensor,
+    norm: str,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Replace rows of ``operator`` (k, M, N) by the ``fallback`` (M, N) row of their cell.
 
-    A row is zero only when the data carry no class information it can see (A = 0): every row
-    then has ratio 0 and the low-rank route returns p = B_m^-1 D w = 0. The fallback (the
-    estimator passes average pooling) is normalised by ``norm`` like the solved rows.
+    ``rows`` (k, M) bool selects them; by default the all-zero rows (the low-rank route
+    returns :math:`p = B_m^{-1} D w = 0` where A = 0). The estimator passes the rows without
+    class information (:func:`rows_without_class_information`) and average pooling as the
+    fallback, normalised by ``norm`` like the solved rows.
     """
-    norms = operator.abs().sum(dim=-1) if norm == "l1" else operator.norm(dim=-1)
-    empty = norms == 0
-    if not bool(empty.any()):
+    if rows is None:
+        norms = operator.abs().sum(dim=-1) if norm == "l1" else operator.norm(dim=-1)
+        rows = norms == 0
+    if not bool(rows.any()):
         return operator
     fallback = _normalise(fallback.to(operator), norm)
-    return torch.where(empty[..., None], fallback.expand_as(operator), operator)
+    return torch.where(rows[..., None], fallback.expand_as(operator), operator)

@@ -100,9 +100,12 @@ def inside_radius(costs: torch.Tensor, radius: float) -> torch.Tensor:
     """Bool Tensor (M, N): input location n lies within ``radius`` of the centre of cell m.
 
     ``costs`` (M, N) are the squared distances of :func:`locality_costs`; a location exactly at
-    the radius is inside (a relative tolerance of 1e-12 absorbs rounding of the squares).
+    the radius is inside (a relative tolerance of 1e-12 absorbs rounding of the squares). Any
+    radius is accepted: one whose square is beyond the float range (1e300) squares to infinity
+    (a float product, where ``**`` would raise OverflowError) and covers every location.
     """
-    return costs <= float(radius) ** 2 * (1 + 1e-12)
+    radius = float(radius)
+    return costs <= radius * radius * (1 + 1e-12)
 
 
 def support_within_radius(

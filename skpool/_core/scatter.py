@@ -24,6 +24,7 @@ catastrophically. Every batch costs one large matrix product (the batch reshaped
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,25 +34,34 @@ __all__ = [
     "ScatterStatistics",
     "between_class_factor",
     "class_weights_from_labels",
+    "power_of_two_below",
+    "standardise",
 ]
 
 
 @dataclass(frozen=True)
 class ChannelStatistics:
-    """Per-channel count, mean and centred sum of squares over samples and locations.
+    """Per-channel count, mean and standard deviation over samples and locations.
+
+    Computed and merged without overflow or underflow for any finite input: each batch is
+    scaled by a power of two near its largest magnitude per channel before anything is
+    squared (exact: only the exponent changes), and merges square only ratios to a common
+    power of two. The standard deviation of finite values is at most their largest
+    magnitude, so it is representable whenever the values are (float64 maps of magnitude
+    1e-300 or 1e300 alike); a sum of squares of such values would not be.
 
     Attributes
     ----------
     count : Tensor of shape ()
         Number of values per channel seen (samples × locations), in the statistics' dtype.
     mean : Tensor of shape (C,)
-    sum_squares : Tensor of shape (C,)
-        :math:`\\sum (f - \\text{mean})^2` per channel.
+    std : Tensor of shape (C,)
+        Population standard deviation per channel (0 for a constant channel).
     """
 
     count: torch.Tensor
     mean: torch.Tensor
-    sum_squares: torch.Tensor
+    std: torch.Tensor
 
     @classmethod
     def from_batch(cls, features: torch.Tensor) -> ChannelStatistics:
@@ -61,23 +71,64 @@ class ChannelStatistics:
         if flat.shape[0] == 0:
             zeros = flat.new_zeros(flat.shape[-1])
             return cls(count, zeros, zeros.clone())
-        mean = flat.mean(dim=0)
-        return cls(count, mean, (flat - mean).square().sum(dim=0))
+        unit = power_of_two_below(flat.abs().amax(dim=0))  # (C,): |flat / unit| < 2
+        scaled = flat / unit
+        mean = scaled.mean(dim=0)
+        std = (scaled - mean).square().mean(dim=0).sqrt()
+        return cls(count, mean * unit, std * unit)
 
     def merge(self, other: ChannelStatistics) -> ChannelStatistics:
-        """Exact statistics of the union of both batches (Chan et al.'s pairwise update)."""
+        """Exact statistics of the union of both batches (Chan et al.'s pairwise update).
+
+        Everything is expressed in units of a common power of two per channel, so that the
+        squares stay in range: the centred sums of squares are ``count * std**2`` and the
+        update adds ``delta**2 * n_a * n_b / (n_a + n_b)``.
+        """
         count = self.count + other.count
         weight = other.count / count.clamp_min(1)
-        delta = other.mean - self.mean
-        mean = self.mean + weight * delta
-        sum_squares = self.sum_squares + other.sum_squares + delta.square() * self.count * weight
-        return ChannelStatistics(count, mean, sum_squares)
+        largest = torch.stack([self.mean.abs(), other.mean.abs(), self.std, other.std]).amax(0)
+        unit = power_of_two_below(largest)  # every ratio below is < 2 in magnitude
+        mean_a, mean_b = self.mean / unit, other.mean / unit
+        delta = mean_b - mean_a
+        mean = mean_a + weight * delta
+        variance = (
+            self.count * (self.std / unit).square()
+            + other.count * (other.std / unit).square()
+            + delta.square() * self.count * weight
+        ) / count.clamp_min(1)
+        return ChannelStatistics(count, mean * unit, variance.sqrt() * unit)
 
     @property
     def scale(self) -> torch.Tensor:
         """Population standard deviation per channel (C,); 1 where it is 0 (dead channels)."""
-        std = (self.sum_squares / self.count.clamp_min(1)).sqrt()
-        return torch.where(std > 0, std, torch.ones_like(std))
+        return torch.where(self.std > 0, self.std, torch.ones_like(self.std))
+
+
+def power_of_two_below(magnitude: torch.Tensor) -> torch.Tensor:
+    r"""The power of two :math:`2^e \le m < 2^{e+1}` of each magnitude m (1 where m is 0).
+
+    Dividing by it only changes exponents (exact, except for values so much smaller than m
+    that they become subnormal) and leaves values of magnitude at most m below 2; it is
+    finite for every finite m (at most :math:`2^{1023}` in float64).
+    """
+    _, exponent = torch.frexp(magnitude)  # m = mantissa * 2**exponent, mantissa in [0.5, 1)
+    unit = torch.ldexp(torch.ones_like(magnitude), exponent - 1)
+    return torch.where(magnitude > 0, unit, torch.ones_like(magnitude))
+
+
+def standardise(
+    features: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`(F - \mu)/\sigma` per channel, without overflow for any finite input.
+
+    Computed as :math:`(F/2 - \mu/2)/(\sigma/2)`: halving is exact, so the result is the
+    same as the plain formula wherever that one does not overflow, while :math:`F - \mu` of
+    two values near the largest float would. The result itself is at most
+    :math:`\sqrt{\text{count}}` in magnitude for the data the statistics came from (no value
+    lies further than that many standard deviations from the mean). One new tensor; the
+    input is not modified.
+    """
+    return features.mul(0.5).sub_(mean * 0.5).div_(scale * 0.5)
 
 
 @dataclass(frozen=True)
@@ -108,18 +159,29 @@ class ScatterStatistics:
 
     @classmethod
     def from_batch(
-        cls, features: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        class_weights: torch.Tensor,
+        within_dtype: torch.dtype | None = None,
     ) -> ScatterStatistics:
         """Statistics of one batch.
 
         Parameters
         ----------
         features : Tensor of shape (b, N, C)
+            The counts and class means are computed in its dtype.
         labels : integer Tensor of shape (b,)
             Class codes in ``[0, Q)``.
         class_weights : Tensor of shape (Q,)
             :math:`w_q`, usually ``1 / K_q`` with :math:`K_q` the class sizes of all the data
             (see :func:`class_weights_from_labels`).
+        within_dtype : torch.dtype, optional
+            dtype of the within-class scatter (default: that of ``features``). The estimator
+            passes float64 features with ``within_dtype=torch.float32`` for a float32 solve:
+            the deviations from the class means are formed in float64 and rounded once, and
+            the class means (A's factor) keep float64 accuracy, for the cost of float32
+            products in the one large (N, b·C) @ (b·C, N) product.
         """
         batch, n_locations, n_channels = features.shape
         n_classes = class_weights.shape[0]
@@ -133,6 +195,7 @@ class ScatterStatistics:
         # One product for all classes: centre each sample at its class mean and weight it by
         # sqrt(w_q); (N, b*C) @ (b*C, N) sums the outer products over samples and channels.
         centred = (features - means[labels]) * weights[labels].sqrt()[:, None, None]
+        centred = centred.to(within_dtype or features.dtype)
         columns = centred.permute(1, 0, 2).reshape(n_locations, batch * n_channels)
         within = columns @ columns.T
         return cls(counts, means, within, weights)
@@ -152,6 +215,7 @@ class ScatterStatistics:
         means = self.means + share[:, None, None] * delta
         gain = (self.class_weights * self.counts * share).sqrt()  # w_q n_a n_b / (n_a + n_b)
         columns = (delta * gain[:, None, None]).permute(1, 0, 2).reshape(delta.shape[1], -1)
+        columns = columns.to(self.within.dtype)
         within = self.within + other.within + columns @ columns.T
         return ScatterStatistics(counts, means, within, self.class_weights)
 
@@ -164,6 +228,53 @@ class ScatterStatistics:
         factor = self.between_factor()
         return factor @ factor.T
 
+    def between_noise(self) -> torch.Tensor:
+        r"""Per location n, a bound on the rounding error of row n of :meth:`between_factor`.
+
+        Returns a Tensor of shape (N,), in the dtype of ``means``: :math:`\tau \sqrt{T_{nn}}`
+        with :math:`T_{nn} = B_{nn} + \sum_q \|\bar X_q[n]\|^2` (for
+        :math:`w_q = 1/K_q`, the class-averaged mean square of the stacks at location n,
+        :math:`\sum_q \frac{1}{K_q} \sum_{k: y_k = q} \|G_k[n]\|^2`) and
+
+        .. math::
+
+            \tau = \bigl(8 K (1 + \ln K) + Q + 8\bigr)\, u ,
+
+        K the number of samples, Q the number of classes, u the unit roundoff of ``means``.
+
+        Derivation (worst case, no probabilistic assumption). A class mean is formed from
+        the sums of batches of b samples (error at most :math:`(b - 1)\,u \sum |g|`, Higham,
+        *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 4.4) and the pairwise
+        merges :math:`m = m_a + s (m_b - m_a)` of :meth:`merge`, each with an error of at most
+        :math:`3 u |m|`. The mean after the j-th merge covers at least j·b samples, so
+        :math:`|m| \le (K / (j b)) \cdot \text{mean}|g|`; a merge weights earlier errors by
+        convex weights, so they do not grow. Summed over the K/b merges and with
+        :math:`\text{mean}|g| \le \text{rms}(g)`, the error of a class mean is at most
+        :math:`(b + 3 (K/b)(1 + \ln K) + 2)\, u\, \text{rms}(g) \le
+        (4 K (1 + \ln K) + 2)\, u\, \text{rms}(g)`. D's columns combine the class means
+        with an orthonormal basis (:func:`between_class_factor`: Q more roundings), so the
+        error of row n of D (a vector over classes and channels) is at most
+        :math:`(4 K (1 + \ln K) + Q + 2)\, u \sqrt{T_{nn}}`. The bound above doubles the
+        K term, which covers an all-reduce of the class sums over up to K processes
+        (:mod:`skpool._core.distributed`) and the rounding of the channel normalisation, and
+        adds 6 for the evaluation of the tests that use it.
+
+        A use: where the data carry no class information the exact D is 0, so every row p of
+        an operator has :math:`\|D^\top p\| \le \sum_n |p_n| \, \text{noise}_n`
+        (:func:`skpool._core.geneig.rows_without_class_information`). Computed without
+        overflow for any finite statistics.
+        """
+        dtype = self.means.dtype
+        samples = float(self.counts.sum())
+        n_classes = self.means.shape[0]
+        unit_roundoff = torch.finfo(dtype).eps / 2
+        tau = (8 * samples * (1 + math.log(max(samples, 1.0))) + n_classes + 8) * unit_roundoff
+        within = self.within.diagonal().to(dtype).clamp_min(0)  # (N,)
+        means = self.means.transpose(0, 1).reshape(within.shape[0], -1)  # (N, Q*C)
+        largest = torch.maximum(within.sqrt(), means.abs().amax(dim=1))
+        unit = power_of_two_below(largest)  # squares of the ratios below stay in range
+        second_moment = within / unit / unit + (means / unit[:, None]).square().sum(dim=1)
+        return tau * second_moment.sqrt() * unit
 
 def class_weights_from_labels(
     labels: torch.Tensor, n_classes: int, dtype: torch.dtype = torch.float64

@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import validate_parameter_constraints
 from sklearn.utils.validation import validate_data
 
 from ._batches import release_mapped_pages
 
-__all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_grid_shape"]
+__all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_grid_shape", "check_params"]
 
 _ALLOWED_NDIM = (2, 3, 4)
 
@@ -170,6 +171,18 @@ def check_stacks(
                 f"{type(estimator).__name__} was fitted with {expected} channels."
             )
     return stacks
+
+
+def check_params(estimator, names, method: str) -> None:
+    """Validate the parameters ``names`` that ``method`` uses against the estimator's
+    ``_parameter_constraints``, as ``fit`` does: ``set_params`` after ``fit`` (or a fitted
+    estimator rebuilt from a file) can hold values ``fit`` never saw. Raises scikit-learn's
+    ``InvalidParameterError`` (a ``ValueError`` and a ``TypeError``) naming the parameter."""
+    validate_parameter_constraints(
+        {name: estimator._parameter_constraints[name] for name in names},
+        {name: getattr(estimator, name) for name in names},
+        caller_name=f"{type(estimator).__name__}.{method}",
+    )
 
 
 def atomic_fit(fit):

@@ -17,7 +17,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, column_or_1d
 
 from .._core import distributed as dist
-from .._core.geneig import fill_empty_rows, rayleigh_ratios, top_generalized_eigenvectors
+from .._core.geneig import (
+    fill_empty_rows,
+    no_class_information,
+    rayleigh_ratios,
+    rows_without_class_information,
+    top_generalized_eigenvectors,
+)
 from .._core.grid import average_pooling_operator, locality_costs, output_grid_shape
 from .._core.operator import apply_pooling_operator
 from .._core.scatter import (
@@ -25,10 +31,11 @@ from .._core.scatter import (
     ScatterStatistics,
     class_weights_from_counts,
     class_weights_from_labels,
+    standardise,
 )
 from .._device import resolve_device
 from ._batches import reiterable, split_batch
-from ._validation import FeatureStacks, atomic_fit, check_stacks
+from ._validation import FeatureStacks, atomic_fit, check_params, check_stacks
 
 __all__ = ["SeparabilityPooling"]
 
@@ -107,8 +114,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     device : str or torch.device, default="auto"
         Where to compute: "auto" (CUDA when available), "cpu", "cuda" or "cuda:<index>".
     dtype : {"float64", "float32"}, default="float64"
-        Precision of the statistics and of the solve. float32 is faster (about 2× on CPU, much
-        more on most GPUs) and agrees with float64 to about 1e-4 on well-conditioned data.
+        Precision of the within-class scatter and of the solve. float32 is faster (about 2×
+        on CPU, much more on most GPUs) and agrees with float64 to about 1e-4 on
+        well-conditioned data. Whatever the dtype, the channel statistics, the normalisation
+        of the features and the class means are computed in float64 (the features are
+        rounded to ``dtype`` only once normalised), so large channel means or data beyond
+        float32's range cost no accuracy.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
@@ -148,7 +159,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     eigenvalues_ : ndarray of shape (n_components, M)
         The generalised eigenvalues :math:`p^\top A p / p^\top (B + \alpha C_m) p` of the rows
         of ``operator_`` on the training data, the locality term included (not the ratios
-        :math:`p^\top A p / p^\top B p` of :meth:`separability_ratios`).
+        :math:`p^\top A p / p^\top B p` of :meth:`separability_ratios`); 0 for the rows
+        without class information (Notes).
     channel_mean_ : ndarray of shape (C,)
         :math:`\mu` (zeros when ``normalize_channels=False``).
     channel_scale_ : ndarray of shape (C,)
@@ -175,7 +187,21 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     B is singular when there are fewer samples than locations (K·C < N), at constant
     locations, or with ``alpha = 0``; a ridge of N·eps times trace(B + αC_m)/N (grown when a
     factorisation still fails) keeps every system solvable, so the fit never fails or returns
-    NaN on such data (see :mod:`skpool._core.geneig`).
+    NaN on such data (see :mod:`skpool._core.geneig`). Any finite ``alpha`` works: the
+    systems are scaled by powers of two before the solve (``alpha = 1e39`` in float32 gives
+    the ``alpha -> inf`` limit), and maps of any finite magnitude (1e-300 to 1e300) give the
+    operator of the same maps at unit scale.
+
+    Rows without class information. Where the data carry none (every sample identical, or
+    the same samples in every class) A is zero in exact arithmetic and its computed value is
+    rounding, which would decide the rows. A row p is taken for such a row when
+    :math:`\|D^\top p\|` (:math:`A = D D^\top`) is within the worst-case rounding bound of
+    D (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`, about
+    :math:`8 K \ln K` units of float64 roundoff of the data's root mean square at each
+    location, K the number of samples); it is replaced by its cell's average-pooling row,
+    with ratio 0, whatever the batches, the sample order, the dtype or the solver. A small
+    A against B is not a loss of information (the eigenvectors do not depend on A's
+    scale): class means 1e-7 of the spread apart are solved as usual.
 
     References
     ----------
@@ -362,6 +388,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             otherwise.
         """
         check_is_fitted(self)
+        check_params(self, ("batch_size", "device", "grid_shape"), "transform")
         device = resolve_device(self.device)
         stacks = self._check_transform_input(X)
         n_out = self.operator_.shape[1]
@@ -372,11 +399,22 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
                 f"(n, F) (with grid_shape for several channels), not {stacks.layout} input."
             )
         operator = torch.as_tensor(self.operator_, device=device, dtype=stacks.dtype)
+        # In the data's dtype (float32 data carry no more precision than float32 statistics
+        # keep), normalised without overflow (standardise), mapped back to the data's scale
+        # per output channel j*C + c.
         mean = torch.as_tensor(self.channel_mean_, device=device, dtype=stacks.dtype)
         scale = torch.as_tensor(self.channel_scale_, device=device, dtype=stacks.dtype)
+        out_mean, out_scale = mean.repeat(len(operator)), scale.repeat(len(operator))
         out = np.empty((stacks.n_samples, n_out, width), dtype=stacks.numpy_dtype)
         for index, batch in _read_indexed(stacks, self.batch_size, device):
-            pooled = apply_pooling_operator(batch, operator, mean, scale)
+            pooled = apply_pooling_operator(standardise(batch, mean, scale), operator)
+            pooled = pooled.mul_(out_scale).add_(out_mean)  # a fresh tensor
+            if not bool(torch.isfinite(pooled).all()):
+                raise ValueError(
+                    f"The pooled values of the batch starting at sample {int(index[0])} exceed "
+                    f"the range of {stacks.numpy_dtype} (features near its largest value); "
+                    "pass float64 features."
+                )
             out[index] = pooled.cpu().numpy()
         if stacks.layout == "4d":
             return out.reshape(stacks.n_samples, *self.output_shape_, width)
@@ -391,7 +429,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         normalisation; for every row p the ratio :math:`p^\top A p / p^\top B p` (no locality
         term) says how well the pooled value separates the classes, relative to its
         within-class spread. Average pooling's row of cell m is uniform over the cell's
-        stride×stride block (with ``output_shape``, adaptive average pooling's block).
+        stride×stride block (with ``output_shape``, adaptive average pooling's block). A row
+        whose between-class term is within the rounding error of A (data without class
+        information, e.g. the same samples in every class) has ratio 0.
 
         Parameters
         ----------
@@ -409,6 +449,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
                 Reshape either to (…, H', W') for a map.
         """
         check_is_fitted(self)
+        check_params(
+            self,
+            ("batch_size", "device", "grid_shape", "stride", "output_shape"),
+            "separability_ratios",
+        )
         device = resolve_device(self.device)
         stacks = self._check_transform_input(X)
         codes, classes = _encode_labels(self, y, stacks.n_samples)
@@ -431,9 +476,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             dtype=dtype,
             device=device,
         )
+        noise = stats.between_noise()  # ratio 0 where A is within its rounding
         return Bunch(
-            learned=rayleigh_ratios(operator, factor, stats.within).cpu().numpy(),
-            average=rayleigh_ratios(average, factor, stats.within).cpu().numpy(),
+            learned=rayleigh_ratios(operator, factor, stats.within, noise=noise).cpu().numpy(),
+            average=rayleigh_ratios(average, factor, stats.within, noise=noise).cpu().numpy(),
             output_shape=self.output_shape_,
         )
 
@@ -537,17 +583,17 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     def _fit_from_passes(self, shard, channels, scatter_pass, device, dtype):
         """Reduce the channel statistics, run the scatter pass, solve, set the attributes."""
         if channels is None:
-            mean = torch.zeros(shard.n_channels, dtype=dtype, device=device)
+            mean = torch.zeros(shard.n_channels, dtype=torch.float64, device=device)
             scale = torch.ones_like(mean)
         else:
             if self.distributed:
                 channels = dist.all_reduce_channel_statistics(channels)
-            # accumulated in float64 whatever the solve's dtype (only C numbers each), so that
-            # float32 data of magnitude 1e+-30 neither overflow nor underflow their variance
-            mean, scale = channels.mean.to(dtype), channels.scale.to(dtype)
+            # float64 whatever the solve's dtype (only C numbers each): the features are
+            # normalised in float64 and only then rounded to the solve's dtype
+            mean, scale = channels.mean, channels.scale
         grid = shard.grid_shape
         out_shape = self._check_shard(shard)
-        counts = torch.as_tensor(shard.counts, dtype=dtype, device=device)
+        counts = torch.as_tensor(shard.counts, dtype=torch.float64, device=device)
         weights = class_weights_from_counts(counts)
 
         def scatter_step():
@@ -566,8 +612,19 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         stats = self._on_every_rank(scatter_step)
         if self.distributed:
             stats = dist.all_reduce_scatter_statistics(stats)
-        operator, eigenvalues = self._solve(stats, grid, out_shape, dtype, device)
-        operator = self._fill_uninformative_rows(operator, grid, out_shape)
+        self._check_statistics(stats, dtype)
+        factor, noise = stats.between_factor(), stats.between_noise()
+        if no_class_information(factor, noise):  # every row would be rounding noise
+            cells, locations = out_shape[0] * out_shape[1], grid[0] * grid[1]
+            operator = stats.within.new_zeros((self.n_components, cells, locations))
+            eigenvalues = torch.zeros(operator.shape[:2], dtype=torch.float64, device=device)
+        else:
+            operator, eigenvalues = self._solve(stats, factor, grid, out_shape, dtype, device)
+        # Rows that see no class information beyond the rounding of A get the cell's
+        # average-pooling row, whatever the rounding fell like (batch size, sample order).
+        empty = rows_without_class_information(operator, factor, noise)
+        operator = self._fill_uninformative_rows(operator, grid, out_shape, empty)
+        eigenvalues = torch.where(empty, 0.0, eigenvalues)
         self.operator_ = operator.cpu().numpy()
         self.eigenvalues_ = eigenvalues.cpu().numpy()
         self.channel_mean_ = mean.cpu().double().numpy()
@@ -577,18 +634,28 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.output_shape_ = out_shape
         return self
 
-    def _fill_uninformative_rows(self, operator, grid, out_shape):
-        """Rows that came out zero (A = 0) get the cell's average-pooling row, normalised."""
+    def _check_statistics(self, stats, dtype) -> None:
+        """The scatter statistics must be finite (normalised features always are)."""
+        if bool(torch.isfinite(stats.within).all()) and bool(torch.isfinite(stats.means).all()):
+            return
+        remedies = [] if dtype == torch.float64 else ["dtype='float64'"]
+        remedies += [] if self.normalize_channels else ["normalize_channels=True"]
+        raise ValueError(
+            f"The within-class scatter of the features overflows {str(dtype)[6:]} (features "
+            f"of too large a magnitude); use {' or '.join(remedies) or 'smaller features'}."
+        )
+
+    def _fill_uninformative_rows(self, operator, grid, out_shape, rows):
+        """The rows ``rows`` (k, M) get the cell's average-pooling row, normalised."""
         stride = self.stride if self.output_shape is None else None
         average = average_pooling_operator(
             grid, out_shape, stride=stride, dtype=operator.dtype, device=operator.device
         )
-        return fill_empty_rows(operator, average, self.norm)
+        return fill_empty_rows(operator, average, self.norm, rows)
 
-    def _solve(self, stats, grid, out_shape, dtype, device):
+    def _solve(self, stats, factor, grid, out_shape, dtype, device):
         """The operator (k, M, N) and ratios (k, M); distributed: each rank solves a slice."""
         costs = locality_costs(grid, out_shape, dtype=dtype, device=device)
-        factor = stats.between_factor()
         ranks = dist.world_size() if self.distributed else 1
         cells = torch.arange(costs.shape[0]).tensor_split(ranks)
         mine = cells[dist.rank()]
@@ -790,10 +857,14 @@ def _scatter_statistics(batches, class_weights, mean, scale, dtype) -> ScatterSt
     """Second pass: class means and within-class scatter of the normalised batches.
 
     ``batches`` yields (features (b, N, C), class codes (b,)); None when it yields nothing.
+    The features are normalised with the float64 channel statistics in float64 (float64 data
+    of magnitude 1e40, or channels with a mean of 1e8, would lose everything to a float32
+    cast first); the class means stay in float64 and the within-class scatter is accumulated
+    in ``dtype``, the solve's.
     """
     total = None
     for batch, labels in batches:
-        normalised = (batch.to(dtype) - mean) / scale
-        stats = ScatterStatistics.from_batch(normalised, labels, class_weights)
+        normalised = standardise(batch.to(torch.float64), mean, scale)
+        stats = ScatterStatistics.from_batch(normalised, labels, class_weights, dtype)
         total = stats if total is None else total.merge(stats)
     return total

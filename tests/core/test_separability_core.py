@@ -2,10 +2,12 @@
 references written from Algorithm 1 of Birodkar et al. (2019), and the paper's properties."""
 
 import math
+import sys
 import zlib
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,7 @@ from skpool._core import geneig
 from skpool._core.geneig import batched_cholesky, rayleigh_ratios, top_generalized_eigenvectors
 from skpool._core.grid import (
     average_pooling_operator,
+    inside_radius,
     locality_costs,
     output_centres,
     output_grid_shape,
@@ -23,6 +26,7 @@ from skpool._core.scatter import (
     ScatterStatistics,
     between_class_factor,
     class_weights_from_labels,
+    standardise,
 )
 from testing_utils import DEVICES
 
@@ -328,10 +332,233 @@ def test_zero_within_scatter_and_indefinite_within_are_handled(rng):
 
 
 def test_rayleigh_ratios_are_finite_for_zero_rows():
+    """Exact values (no rounding anywhere): 0/0 -> 0, x/0 -> inf, 0/x -> 0."""
     factor = torch.eye(3, dtype=torch.float64)[:, :1]
     within = torch.diag(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))
     rows = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
     np.testing.assert_array_equal(rayleigh_ratios(rows, factor, within).numpy(), [0.0, np.inf, 0.0])
+
+
+def test_rayleigh_ratio_of_two_rounding_residues_is_zero():
+    """p = (1, -1 + 2**-52) against d = (1, 1), B = d d^T: p'd = 2**-52 and p'Bp = 2**-104 are
+    both below the rounding bound of their evaluation (N u sum |p_i||d_i| = 4.4e-16 and
+    N u (sum |p_i| sqrt(B_ii))^2 = 8.9e-16, N = 2): an evaluated 0/0, defined as 0 (no
+    separability), not their quotient 1 or inf."""
+    d = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    p = torch.tensor([[1.0, -1.0 + 2.0**-52], [1.0, 0.5]], dtype=torch.float64)
+    assert float(p[0] @ d[:, 0]) == 2.0**-52  # the residue is there (an exact subtraction)
+    ratios = rayleigh_ratios(p, d, d @ d.T).numpy()
+    assert ratios[0] == 0.0
+    np.testing.assert_allclose(ratios[1], 1.0, rtol=1e-15)  # resolved: A = B, so exactly 1
+    # A resolved numerator over a denominator that is rounding only: inf.
+    within = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    rows = torch.tensor([[1.0, 1.0 + 2.0**-52]], dtype=torch.float64)
+    assert float((rows @ within @ rows.T).squeeze()) != 0.0
+    assert rayleigh_ratios(rows, d, within).item() == np.inf
+
+
+def test_rayleigh_ratios_with_the_noise_bound_are_zero_without_class_information():
+    """Identical samples in every class: A and B are zero in exact arithmetic, the computed
+    class means differ by rounding. Without the statistics' noise bound that rounding gives
+    a ratio (inf, the denominator being zero); with it every row has ratio 0."""
+    rng = np.random.default_rng(0)
+    stacks = np.repeat(rng.normal(size=(1, 9, 2)) * 1e3 + 7.0, 24, axis=0)
+    labels = np.arange(24) % 3
+    stats = core_statistics(stacks, labels, chunks=np.array_split(rng.permutation(24), 5))
+    factor = stats.between_factor()
+    rows = torch.as_tensor(rng.normal(size=(40, 9)))
+    ratios = rayleigh_ratios(rows, factor, stats.within, noise=stats.between_noise())
+    np.testing.assert_array_equal(ratios.numpy(), 0.0)
+    if float(factor.abs().max()) > 0:  # the rounding left a residue (usual): it was a ratio
+        assert bool((rayleigh_ratios(rows, factor, stats.within) > 0).any())
+
+
+# ------------------------------------------------------------- rounding of the between factor
+def _noise_free_stacks(rng, kind, n_samples, n_classes, dtype):
+    """Stacks without class information (A = 0 exactly): one sample repeated, or the same
+    samples in every class, shuffled; of magnitude 1e-3..1e3 with a mean up to 1e5."""
+    scale, offset = 10.0 ** rng.uniform(-3, 3), 10.0 ** rng.uniform(-3, 5)
+    base = rng.normal(size=(n_samples // n_classes, 9, 2)) * scale + offset
+    if kind == "identical":
+        stacks = np.repeat(base[:1], n_samples, axis=0)
+        labels = np.arange(n_samples) % n_classes
+    else:
+        stacks = np.concatenate([base] * n_classes)
+        labels = np.repeat(np.arange(n_classes), len(base))
+    order = rng.permutation(len(stacks))
+    return stacks[order].astype(dtype), labels[order]
+
+
+@pytest.mark.parametrize("kind", ["identical", "duplicated"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("seed", range(6))
+def test_between_noise_bounds_the_rounding_of_data_without_class_information(kind, dtype, seed):
+    """The bound of ScatterStatistics.between_noise holds however the samples are batched:
+    every row of the computed D (exactly 0) lies within it, so no operator row is taken for
+    class information (geneig.no_class_information)."""
+    rng = np.random.default_rng(seed)
+    n_classes = int(rng.integers(2, 5))
+    stacks, labels = _noise_free_stacks(rng, kind, 12 * n_classes, n_classes, dtype)
+    sizes = [1, 5, len(stacks)]
+    cuts = np.arange(sizes[seed % 3], len(stacks), sizes[seed % 3])
+    stats = core_statistics(stacks, labels, chunks=np.split(np.arange(len(stacks)), cuts),
+                            dtype=torch.float64 if dtype == np.float64 else torch.float32)
+    factor, noise = stats.between_factor(), stats.between_noise()
+    assert geneig.no_class_information(factor, noise)
+    rows = torch.as_tensor(rng.normal(size=(30, 9)))
+    assert bool(geneig.rows_without_class_information(rows, factor, noise).all())
+
+
+@pytest.mark.parametrize("shift", [1.0, 1e-6])
+def test_class_information_is_not_taken_for_rounding(rng, shift):
+    """Class means that differ by a planted shift (down to 1e-6 of the within-class spread,
+    far above the float64 rounding bound of about 1e-13 here) are information: no row of the
+    solved operator is flagged, and the operator does not depend on the shift's size (the
+    within-class noise is centred per class, so B does not change and A scales by shift**2,
+    which leaves the eigenvectors as they are)."""
+    labels = np.arange(48) % 3
+    pattern = rng.normal(size=(3, 9, 2))
+    noise = rng.normal(size=(48, 9, 2))
+    for q in range(3):
+        noise[labels == q] -= noise[labels == q].mean(axis=0)
+    stats = core_statistics(noise + shift * pattern[labels], labels)
+    factor, bound = stats.between_factor(), stats.between_noise()
+    assert not geneig.no_class_information(factor, bound)
+    costs = locality_costs((3, 3), (2, 2))
+    vectors, values = top_generalized_eigenvectors(factor, stats.within, costs, 0.5)
+    assert not bool(geneig.rows_without_class_information(vectors, factor, bound).any())
+    assert bool((values > 0).all())
+    unit = core_statistics(noise + pattern[labels], labels)
+    expected, _ = top_generalized_eigenvectors(unit.between_factor(), unit.within, costs, 0.5)
+    # D is known to a relative error of at most noise_n / |D_n| (~1e-7 for shift 1e-6); the
+    # rows move by that times the inverse relative eigengap, taken as at most 1e3 here.
+    relative = float((bound / factor.norm(dim=1)).max())
+    np.testing.assert_allclose(vectors.numpy(), expected.numpy(), atol=1e3 * relative + 1e-12)
+
+
+# ------------------------------------------------------------ magnitudes, overflow, scaling
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-150, 1.0, 1e150, 1e300])
+def test_channel_statistics_of_any_finite_magnitude(rng, magnitude):
+    """Channels of magnitude 1e-300..1e300 (one channel always at 1e300, one at 1e-300, in the
+    same batches): means and standard deviations as numpy's of the same values scaled by an
+    exact power of two, through uneven merges. A sum of squares would overflow (or underflow)
+    here. rtol 1e-12: both sides sum 60 terms of comparable size, an error of at most
+    60 u (4.4; Higham) ~ 7e-15 relative per quantity, with a margin of 100."""
+    z = rng.normal(size=(20, 3, 3)) + 1.0
+    data = z * np.array([magnitude, 1e300, 1e-300])
+    tensor = torch.as_tensor(data)
+    merged = ChannelStatistics.from_batch(tensor[:1])
+    for start, stop in [(1, 7), (7, 8), (8, 20)]:
+        merged = merged.merge(ChannelStatistics.from_batch(tensor[start:stop]))
+    exponents = np.frexp(np.abs(data).max(axis=(0, 1)))[1]
+    unit_data = np.ldexp(data, -exponents)  # exact
+    expected_mean = np.ldexp(unit_data.mean(axis=(0, 1)), exponents)
+    expected_std = np.ldexp(unit_data.std(axis=(0, 1)), exponents)
+    np.testing.assert_allclose(merged.mean.numpy(), expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.std.numpy(), expected_std, rtol=1e-12)
+    np.testing.assert_allclose(merged.scale.numpy(), expected_std, rtol=1e-12)
+
+
+def test_standardise_does_not_overflow_near_the_largest_float():
+    """Values +-1.5e308 (mean -5e307): F - mu = 2e308 would overflow; the halved formula gives
+    sqrt(2) and -1/sqrt(2) (a few roundings: rtol 1e-15)."""
+    values = torch.tensor([[1.5e308], [-1.5e308], [-1.5e308]], dtype=torch.float64)
+    stats = ChannelStatistics.from_batch(values)
+    assert torch.isfinite(stats.std).all()
+    out = standardise(values, stats.mean, stats.scale)[:, 0].numpy()
+    np.testing.assert_allclose(out, [math.sqrt(2), -1 / math.sqrt(2), -1 / math.sqrt(2)],
+                               rtol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["low_rank", "full"])
+@pytest.mark.parametrize("exponents", [(-300, -100), (300, 100), (-300, 100), (150, -120)])
+def test_solve_is_invariant_to_power_of_two_scalings(method, exponents):
+    """D * 2**a, B * 4**b and alpha * 4**b pose the same eigenproblem: the vectors agree and
+    the ratios scale by 4**(a - b), also where the unscaled arithmetic would over- or underflow
+    (D 1e+-90, B and alpha 1e+-60, their products 1e+-180 .. 1e+-240). The solve scales by
+    powers of two, so the agreement is to rounding (atol 1e-12, rtol 1e-12 for the ratios;
+    the references agree to 1e-9 at worst)."""
+    stats, _, _, costs, _ = reference_problem((5, 5), 2, 0.5)
+    factor, within = stats.between_factor(), stats.within
+    a, b = exponents
+    vectors, values = top_generalized_eigenvectors(factor, within, costs, 0.5, 2, method=method)
+    scaled, scaled_values = top_generalized_eigenvectors(
+        factor * 2.0**a, within * 4.0**b, costs, 0.5 * 4.0**b, 2, method=method
+    )
+    assert torch.isfinite(scaled).all()
+    np.testing.assert_allclose(scaled.numpy(), vectors.numpy(), atol=1e-12)
+    np.testing.assert_allclose(scaled_values.numpy() / 4.0 ** (a - b), values.numpy(), rtol=1e-12)
+
+
+def _limit_operator(between, grid, out, norm="l2"):
+    """alpha -> inf: B vanishes against alpha C_m; rows are the top eigenvectors of (A, C_m)
+    (scipy, float64; C_m definite where no centre sits on a pixel)."""
+    rows = []
+    for u in range(out[0]):
+        for v in range(out[1]):
+            cost = ref.locality_cost_matrix(grid, out, u, v)
+            _, vectors = scipy.linalg.eigh(between, cost)
+            top = vectors[:, -1]
+            top = top * (1.0 if top.sum() >= 0 else -1.0)
+            rows.append(top / np.linalg.norm(top, ord=1 if norm == "l1" else 2))
+    return np.stack(rows)[None]
+
+
+@pytest.mark.parametrize("dtype,alpha,atol", [
+    (torch.float64, 1e39, 1e-9), (torch.float64, 1e300, 1e-9), (torch.float32, 1e39, 1e-3),
+    (torch.float32, 1e30, 1e-3),
+])
+@pytest.mark.parametrize("method", ["low_rank", "full"])
+def test_huge_alpha_gives_the_limit_rows(dtype, alpha, atol, method):
+    """alpha C_m beyond the dtype's range (1e39 * 8 in float32, 1e300 * 8 in float64) used to
+    overflow the factorisation; the rows are the alpha -> inf limit. atol: 1e-9 for float64
+    (as the references), 1e-3 for float32 (README: an operator solved in float32)."""
+    stats, between, _, costs, _ = reference_problem((6, 6), 2, 0.5)
+    vectors, values = top_generalized_eigenvectors(
+        stats.between_factor().to(dtype), stats.within.to(dtype), costs, alpha, method=method
+    )
+    assert torch.isfinite(vectors).all() and torch.isfinite(values).all()
+    ref.assert_same_rows(vectors.numpy(), _limit_operator(between, (6, 6), (3, 3)), atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_huge_alpha_with_centres_on_pixels_concentrates_on_the_centre(dtype):
+    """Stride 1: C_m is zero at the centre pixel, so as alpha -> inf the row tends to that
+    pixel alone (its cost is 0, every other location's is alpha * d^2)."""
+    stats, _, _, costs, _ = reference_problem((5, 5), 1, 0.5)
+    vectors, _ = top_generalized_eigenvectors(
+        stats.between_factor().to(dtype), stats.within.to(dtype), costs, 1e39
+    )
+    on_centre = (vectors[0].double() ** 2 * (costs == 0)).sum(dim=1)
+    assert torch.isfinite(vectors).all() and float(on_centre.min()) > 0.999
+
+
+def test_non_finite_statistics_are_refused():
+    stats, _, _, costs, _ = reference_problem((5, 5), 2, 0.5)
+    factor, within = stats.between_factor(), stats.within
+    bad = within.clone()
+    bad[0, 0] = torch.inf
+    with pytest.raises(ValueError, match="B holds NaN or infinity"):
+        top_generalized_eigenvectors(factor, bad, costs, 0.5)
+    with pytest.raises(ValueError, match="D holds NaN"):
+        top_generalized_eigenvectors(factor * torch.nan, within, costs, 0.5)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        top_generalized_eigenvectors(factor, within, costs, math.inf)
+
+
+@pytest.mark.parametrize("radius", [10.0, 1e200, 1e300, sys.float_info.max, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_radius_covering_the_grid_is_the_exact_solve(radius, dtype):
+    """Every support is the whole grid (radius >= the largest distance, about 5.7 here): the
+    solve takes the exact route, the same computation as support_radius=None (hence equal
+    bit for bit); radius**2 beyond the float range used to raise OverflowError."""
+    stats, _, _, costs, _ = reference_problem((6, 6), 2, 0.5)
+    args = (stats.between_factor().to(dtype), stats.within.to(dtype), costs, 0.5, 2)
+    assert bool(inside_radius(costs, radius).all())
+    exact, exact_values = top_generalized_eigenvectors(*args)
+    covering, values = top_generalized_eigenvectors(*args, support_radius=radius)
+    np.testing.assert_array_equal(covering.numpy(), exact.numpy())
+    np.testing.assert_array_equal(values.numpy(), exact_values.numpy())
 
 
 def test_bad_arguments_are_refused():

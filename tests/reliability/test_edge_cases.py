@@ -227,20 +227,35 @@ def test_separability_one_channel_two_components_matches_reference():
 
 @pytest.mark.parametrize("solver", ["auto", "full"])
 def test_separability_singular_within_scatter_without_locality(solver):
-    """alpha = 0 and K·C < N: B is singular and every row is the same (no locality term).
-    Stated property: the row lies in B's null space to working precision while separating the
-    class means (p'Ap > 0), the maximal separation; its reported ratio is +inf, never NaN."""
+    """alpha = 0 and K·C < N: B is singular (rank 4, a 60-dimensional null space) and every
+    cell solves the same system B + delta I. Stated, well-defined properties: each row lies in
+    B's null space to working precision and separates the class means almost as well as any
+    unit vector there can (A = d d^T has rank 1: the best is |P_null d|^2); its reported ratio
+    is +inf, never NaN.
+
+    Not asserted: that the rows of different cells are equal bit for bit (they were, by one
+    machine's BLAS, until another rounded one batch slot differently). Nor to a tolerance: the
+    row's direction inside the null space is set by the ridge delta = u tr(B) against B's own
+    rounding there (up to N u |B|, of the same order), so it is determined only to O(1) a
+    priori (0.02 rad between skpool and a numpy solve of the same system). Each row pays for
+    an angle theta to the best direction with a factor cos(theta)^2 of its separation;
+    0.99 allows theta up to 0.1 rad (5x what is seen) and fails for any row that is not
+    essentially the best one (a generic null vector separates |P_null d|^2 / 60 on average).
+    """
     rng = np.random.default_rng(5)
     maps, labels = rng.normal(size=(6, 8, 8, 1)), np.arange(6) % 2
     pool = SeparabilityPooling(alpha=0.0, solver=solver, device="cpu").fit(maps, labels)
     assert_sane(pool, maps)
     rows = pool.operator_[0]
-    np.testing.assert_array_equal(rows, np.broadcast_to(rows[0], rows.shape))
     stacks = (_stacks(maps) - pool.channel_mean_) / pool.channel_scale_
     between, within = ref.scatter_matrices(stacks, labels)
-    p = rows[0]
-    assert p @ within @ p < 1e-12 * np.trace(within) / len(p)
-    assert p @ between @ p > 0.1 * np.trace(between) / len(p)
+    values, vectors = np.linalg.eigh(within)
+    null = vectors[:, values <= 64 * np.finfo(np.float64).eps * values[-1]]
+    assert null.shape[1] == 60
+    best = np.linalg.norm(null.T @ np.linalg.eigh(between)[1][:, -1]) ** 2 * np.trace(between)
+    for p in rows:
+        assert p @ within @ p < 1e-12 * np.trace(within) / len(p)
+        assert p @ between @ p > 0.99 * best
     assert not np.any(np.isnan(pool.eigenvalues_))
 
 

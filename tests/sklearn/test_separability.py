@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from sklearn.base import clone
 from sklearn.datasets import load_digits
@@ -263,7 +264,7 @@ def test_failed_fit_leaves_previous_fit_untouched(rng):
         with pytest.raises(ValueError):
             pool.fit(other, bad_y)
     assert pool.__dict__.keys() == before.keys()
-    for key, value in before.items():
+    for key, value in before.items():  # exact: the very arrays of the first fit, restored
         np.testing.assert_array_equal(pool.__dict__[key], value)
 
 
@@ -274,6 +275,7 @@ def test_pickle_clone_feature_names_and_set_output(rng):
     X = maps.reshape(36, 9)
     pool = SeparabilityPooling(device="cpu").fit(X, labels)
     restored = pickle.loads(pickle.dumps(pool))
+    # Exact: the same computation on the same arrays (a round trip, not another code path).
     np.testing.assert_array_equal(restored.transform(X), pool.transform(X))
     assert clone(pool).get_params() == pool.get_params()
     frame = pool.set_output(transform="pandas").transform(pd.DataFrame(X))
@@ -306,3 +308,180 @@ def test_device_parameter(rng, device, dtype):
     assert isinstance(pool.operator_, np.ndarray)
     ref.assert_same_rows(pool.operator_, expected, 1e-8 if dtype == "float64" else 1e-4)
     assert pool.transform(maps.astype(np.float32)).dtype == np.float32
+
+
+# ------------------------------------------------- parameters checked where they are used
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, "8", None])
+def test_transform_checks_batch_size_set_after_fit(rng, batch_size):
+    """transform and separability_ratios use batch_size: set_params after fit (or an
+    estimator rebuilt from a file) must not reach range() or np.empty with it."""
+    maps, labels = make_maps(rng, grid=(4, 4))
+    pool = SeparabilityPooling(device="cpu").fit(maps, labels)
+    pool.set_params(batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        pool.transform(maps)
+    with pytest.raises(ValueError, match="batch_size"):
+        pool.separability_ratios(maps, labels)
+
+
+def test_transform_checks_device_and_grid_shape_set_after_fit(rng):
+    maps, labels = make_maps(rng, grid=(4, 4))
+    pool = SeparabilityPooling(device="cpu").fit(maps, labels)
+    with pytest.raises(ValueError, match="device"):
+        pool.set_params(device=3).transform(maps)
+    with pytest.raises(ValueError, match="grid_shape"):
+        pool.set_params(device="cpu", grid_shape=(4, 0)).transform(maps.reshape(36, 16, 2))
+    with pytest.raises(ValueError, match="stride"):
+        pool.set_params(grid_shape=None, stride=0).separability_ratios(maps, labels)
+
+
+def test_any_valid_batch_size_gives_the_same_transform(rng):
+    """Each sample is pooled on its own (a product with the same operator): the batch only
+    changes how BLAS blocks the products, so outputs agree to rounding (rtol 1e-12: a dot
+    product of N = 16 terms of unit-norm rows, a few u)."""
+    maps, labels = make_maps(rng, grid=(4, 4))
+    pool = SeparabilityPooling(device="cpu").fit(maps, labels)
+    expected = pool.transform(maps)
+    for batch_size in (1, 7, 10_000):
+        got = pool.set_params(batch_size=batch_size).transform(maps)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+
+
+# ---------------------------------------------------- magnitudes, precision and overflow
+def _output_error_bound(pool, maps, row_error):
+    """How far transform's outputs can move when every operator entry moves by at most
+    ``row_error``: |delta z| <= row_error * sum_n |G_n| * sigma, G the normalised maps (the
+    largest over samples and channels), plus float64 rounding of the output itself."""
+    stacks = maps.reshape(len(maps), -1, maps.shape[-1])
+    normalised = (stacks - pool.channel_mean_) / pool.channel_scale_
+    spread = (np.abs(normalised).sum(axis=1) * pool.channel_scale_).max()
+    return row_error * spread + 1e-14 * np.abs(maps).max()
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e8, 1e12])
+def test_float32_solve_of_float64_data_with_large_means(rng, offset):
+    """dtype="float32" normalises in float64 and only then rounds: channels with a mean of
+    1e8 (1e12) used to lose their variation to the cast (operator 0.75 off). atol 1e-3: the
+    README's float32 guarantee for an operator solved in float32."""
+    maps, labels = make_maps(rng, grid=(5, 5))
+    maps = maps + offset
+    exact = SeparabilityPooling(device="cpu").fit(maps, labels)
+    fast = SeparabilityPooling(device="cpu", dtype="float32").fit(maps, labels)
+    ref.assert_same_rows(fast.operator_, exact.operator_, 1e-3)
+    np.testing.assert_allclose(fast.channel_mean_, exact.channel_mean_, rtol=1e-15)
+    # Float32 maps of such a channel, pooled in float32: the same as the float64 pooling of the
+    # same values to float32's rounding of the terms involved, each a few u32 times |maps|
+    # times the row's l1 norm (at most sqrt(N)), accumulated over N + 4 operations.
+    maps32 = maps.astype(np.float32)
+    out32 = fast.transform(maps32)
+    expected = fast.transform(maps32.astype(np.float64))
+    row_l1 = np.abs(fast.operator_).sum(axis=-1).max()
+    bound = (25 + 4) * np.finfo(np.float32).eps / 2 * (row_l1 + 2) * np.abs(maps).max()
+    np.testing.assert_allclose(out32, expected, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("magnitude", [1e-40, 1e40, 1e-300, 1e300])
+def test_float32_solve_of_float64_data_beyond_float32_range(rng, magnitude):
+    """float64 maps of magnitude 1e+-40 (beyond float32's normal range) and 1e+-300: the
+    normalised features are O(1), so the float32 solve is as accurate as for unit data
+    (README: 1e-3 for an operator solved in float32); 1e40 used to raise FloatingPointError."""
+    maps, labels = make_maps(rng, grid=(5, 5))
+    exact = SeparabilityPooling(device="cpu").fit(maps, labels)
+    fast = SeparabilityPooling(device="cpu", dtype="float32").fit(maps * magnitude, labels)
+    ref.assert_same_rows(fast.operator_, exact.operator_, 1e-3)
+    pooled = fast.transform(maps * magnitude)
+    assert np.all(np.isfinite(pooled))
+    np.testing.assert_allclose(pooled / magnitude, exact.transform(maps),
+                               atol=_output_error_bound(exact, maps, 1e-3))
+
+
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-200, 1e-100, 1e100, 1e160, 1e200, 1e300])
+@pytest.mark.parametrize("solver", ["low_rank", "full"])
+def test_float64_maps_of_any_finite_magnitude(rng, magnitude, solver):
+    """Channel statistics scale before they square: maps of magnitude 1e-300..1e300 give
+    finite channel_scale_ (magnitude times that of the unit maps), the unit maps' operator and
+    a finite transform (1e160 used to give channel_scale_ = inf and NaN). The normalised
+    features agree with the unit maps' to a few u (the maps are scaled by a power of ten:
+    one rounding each), so everything agrees to the float64 accuracy of the references
+    (1e-9 for rows; 1e-12 relative for the channel statistics, sums of 50 terms)."""
+    maps, labels = make_maps(rng, grid=(5, 5))
+    unit = SeparabilityPooling(device="cpu", solver=solver).fit(maps, labels)
+    pool = SeparabilityPooling(device="cpu", solver=solver).fit(maps * magnitude, labels)
+    np.testing.assert_allclose(pool.channel_scale_, unit.channel_scale_ * magnitude, rtol=1e-12)
+    np.testing.assert_allclose(pool.channel_mean_, unit.channel_mean_ * magnitude, rtol=1e-12)
+    ref.assert_same_rows(pool.operator_, unit.operator_, 1e-9)
+    pooled = pool.transform(maps * magnitude)
+    assert np.all(np.isfinite(pooled))
+    np.testing.assert_allclose(pooled / magnitude, unit.transform(maps),
+                               atol=_output_error_bound(unit, maps, 1e-9))
+
+
+def test_features_whose_scatter_overflows_are_a_clear_error(rng):
+    """Without channel normalisation the scatter of float32 maps of magnitude 1e20 (float64
+    ones of 1e160) is beyond the dtype's range: a ValueError naming the remedy."""
+    maps, labels = make_maps(rng, grid=(3, 3))
+    pool = SeparabilityPooling(device="cpu", normalize_channels=False, dtype="float32")
+    with pytest.raises(ValueError, match="overflows float32.*dtype='float64'"):
+        pool.fit(maps * 1e20, labels)
+    pool.set_params(dtype="float64")
+    with pytest.raises(ValueError, match="overflows float64.*normalize_channels=True"):
+        pool.fit(maps * 1e160, labels)
+    assert np.all(np.isfinite(pool.set_params(normalize_channels=True).fit(
+        maps * 1e160, labels).transform(maps * 1e160)))
+
+
+def limit_operator(maps, labels, stride):
+    """alpha -> inf: B vanishes against alpha C_m, so row m is the top eigenvector of
+    (A, C_m) (scipy, float64, from the reference statistics; C_m is definite where no cell
+    centre sits on a pixel)."""
+    grid = maps.shape[1:3]
+    stacks, _, _ = ref.normalise_channels(maps.reshape(len(maps), grid[0] * grid[1], -1))
+    between, _ = ref.scatter_matrices(stacks, labels)
+    out = ref.output_shape_for(grid, stride)
+    rows = []
+    for u in range(out[0]):
+        for v in range(out[1]):
+            top = scipy.linalg.eigh(between, ref.locality_cost_matrix(grid, out, u, v))[1][:, -1]
+            rows.append(top * np.sign(top.sum()) / np.linalg.norm(top))
+    return np.stack(rows)[None]
+
+
+@pytest.mark.parametrize("dtype,alpha", [("float32", 1e39), ("float32", 3e38), ("float64", 1e39),
+                                         ("float64", 1e300)])
+def test_huge_alpha_gives_the_limit_operator(rng, dtype, alpha):
+    """alpha C_m beyond the solve's range (alpha = 1e39 in float32) used to raise a
+    FloatingPointError blaming the statistics: B is negligible against alpha C_m, and the
+    operator is the alpha -> inf limit. atol: 1e-3 in float32 (README), 1e-9 in float64 (the
+    references)."""
+    maps, labels = make_maps(rng, grid=(6, 6))
+    pool = SeparabilityPooling(device="cpu", alpha=alpha, dtype=dtype).fit(maps, labels)
+    assert np.all(np.isfinite(pool.operator_)) and np.all(np.isfinite(pool.eigenvalues_))
+    expected = limit_operator(maps, labels, 2)
+    ref.assert_same_rows(pool.operator_, expected, 1e-3 if dtype == "float32" else 1e-9)
+    assert np.all(np.isfinite(pool.transform(maps)))
+
+
+@pytest.mark.parametrize("radius", [1e300, 1.7976931348623157e308])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_support_radius_covering_the_grid_is_the_exact_operator(rng, radius, dtype):
+    """support_radius=1e300 used to overflow radius**2; a radius covering the grid solves
+    exactly as support_radius=None, the same computation (hence equal bit for bit)."""
+    maps, labels = make_maps(rng, grid=(5, 5))
+    exact = SeparabilityPooling(device="cpu", dtype=dtype).fit(maps, labels)
+    covering = SeparabilityPooling(device="cpu", dtype=dtype, support_radius=radius)
+    covering.fit(maps, labels)
+    np.testing.assert_array_equal(covering.operator_, exact.operator_)
+    np.testing.assert_array_equal(covering.eigenvalues_, exact.eigenvalues_)
+
+
+def test_transform_whose_output_leaves_the_float32_range_is_a_clear_error(rng):
+    """float32 maps of magnitude 3e38 (near float32's largest, 3.4e38): l2 rows of average
+    pooling sum four values of 0.5 each, so a block of +3e38 pools to 6e38, which float32
+    cannot hold. A clear error, not inf; the same maps in float64 pool to finite values."""
+    maps, labels = make_maps(rng, grid=(4, 4), n_channels=1)
+    pool = SeparabilityPooling(device="cpu").fit(np.repeat(maps[:1], 36, axis=0), labels)
+    huge = np.where(rng.random((2, 4, 4, 1)) < 0.5, -3e38, 3e38)
+    huge[:, :2, :2] = 3e38  # the first cell's block: 4 * 0.5 * 3e38 (its mean is near 0)
+    with pytest.raises(ValueError, match="exceed the range of float32"):
+        pool.transform(huge.astype(np.float32))
+    assert np.all(np.isfinite(pool.transform(huge)))

@@ -200,13 +200,38 @@ def test_batches_that_change_between_passes_are_detected(rng):
         SeparabilityPooling(**PARAMS).fit_batches(relabelled)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_fit_batches_and_its_transform_check_batch_size_set_after_fit(rng, batch_size):
+    """A batch size set after construction is checked by every method that uses it."""
+    maps, labels = make_maps(rng)
+    pool = SeparabilityPooling(**PARAMS).fit_batches([(maps, labels)])
+    pool.set_params(batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        pool.fit_batches([(maps, labels)])
+    with pytest.raises(ValueError, match="batch_size"):
+        pool.transform(maps)
+
+
+def test_fit_batches_of_huge_float64_maps_equals_fit(rng):
+    """Maps of magnitude 1e300 streamed in batches: the channel statistics are merged without
+    squaring anything out of range, so fit_batches equals fit (as for unit maps: 1e-10)."""
+    maps, labels = make_maps(rng)
+    maps = maps * 1e300
+    expected = SeparabilityPooling(**PARAMS).fit(maps, labels)
+    pool = SeparabilityPooling(**PARAMS, batch_size=4).fit_batches(
+        [(maps[i : i + 10], labels[i : i + 10]) for i in range(0, 45, 10)]
+    )
+    assert np.all(np.isfinite(pool.channel_scale_))
+    assert_same_fit(pool, expected)
+
+
 def test_failed_fit_batches_leaves_previous_fit_untouched(rng):
     maps, labels = make_maps(rng)
     pool = SeparabilityPooling(**PARAMS).fit(maps, labels)
     before = pool.operator_.copy()
     with pytest.raises(ValueError):
         pool.fit_batches([(maps[:, :4], labels), (maps, labels)])
-    np.testing.assert_array_equal(pool.operator_, before)
+    np.testing.assert_array_equal(pool.operator_, before)  # exact: the same array, restored
     assert pool.grid_shape_ == (5, 6)
 
 
@@ -246,6 +271,12 @@ WORKER = textwrap.dedent(
     channels = distributed.all_reduce_channel_statistics(ChannelStatistics.from_batch(raw))
     results.update(within=stats.within, means=stats.means, counts=stats.counts,
                    channel_mean=channels.mean, channel_scale=channels.scale)
+    # Magnitude 1e300: a reduction of sums of squares would overflow.
+    huge = torch.as_tensor(X.reshape(len(X), -1, X.shape[-1]) * 1e300)
+    huge = distributed.all_reduce_channel_statistics(ChannelStatistics.from_batch(huge))
+    results.update(huge_mean=huge.mean, huge_scale=huge.scale)
+    pool = SeparabilityPooling(**params, dtype="float32").fit(X, y)
+    results["fit32_operator_"] = pool.operator_
     pool = SeparabilityPooling(**params, batch_size=4).fit(X, y)
     for name in ("operator_", "eigenvalues_", "channel_mean_", "channel_scale_", "classes_"):
         results["fit_" + name] = getattr(pool, name)
@@ -315,6 +346,15 @@ def test_two_gloo_processes_equal_the_single_process_fit(rng, tmp_path):
         )
         np.testing.assert_array_equal(result["fit_classes_"], [0, 1, 2])
         np.testing.assert_allclose(result["batches_operator_"], truncated.operator_, atol=1e-10)
+        # 1e-12 relative: sums of about 1000 terms each side (count u ~ 1e-13), as for unit data
+        np.testing.assert_allclose(result["huge_mean"], stacks.mean(axis=(0, 1)) * 1e300,
+                                   rtol=1e-12)
+        np.testing.assert_allclose(result["huge_scale"], stacks.std(axis=(0, 1)) * 1e300,
+                                   rtol=1e-12)
+        # float32 solve on both ranks: float32 throughout (the reduced scatter keeps the
+        # solve's dtype) and within the README's 1e-3 of the float64 operator
+        assert result["fit32_operator_"].dtype == np.float32
+        ref.assert_same_rows(result["fit32_operator_"], expected.operator_, 1e-3)
     cases = [("error", "ValueError", "NaN"), ("batches_error", "TypeError", "one-shot")]
     for name, error, match in cases:
         messages = [str(np.load(tmp_path / f"rank{rank}.npz")[name]) for rank in range(2)]
