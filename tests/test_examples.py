@@ -78,3 +78,10 @@ def test_table1_protocol_runs_in_miniature():
     )
     rows = [line for line in out.splitlines() if line.startswith("| ") and "±" in line]
     assert len(rows) == 9
+    assert "machine:" in out and "threads" in out
+    # A rerun on the same machine with the same (fixed) threads runs the same code on the
+    # same data with deterministic algorithms: the table must be identical (issue 13).
+    again = _run_example(
+        "table1_digits.py", "--seeds", "1", "--epochs", "1", "--train-size", "100", "--device", "cpu"
+    )
+    assert [line for line in again.splitlines() if line.startswith("| ") and "±" in line] == rows
