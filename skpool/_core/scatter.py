@@ -276,6 +276,7 @@ class ScatterStatistics:
         second_moment = within / unit / unit + (means / unit[:, None]).square().sum(dim=1)
         return tau * second_moment.sqrt() * unit
 
+
 def class_weights_from_labels(
     labels: torch.Tensor, n_classes: int, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
