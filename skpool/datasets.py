@@ -95,7 +95,7 @@ def make_svhn_like(
     Images are generated in independently seeded blocks of 2,048, so image ``i`` depends on
     ``random_state`` and ``i`` only: a larger ``n_train`` extends the same images, and the
     reduced set is the first 5% of the full one. Generation is vectorised in torch on the
-    CPU (about a second per 10,000 images on one core, see ``benchmarks/bench_datasets.py``).
+    CPU, with no loop over images or pixels (``benchmarks/bench_datasets.py`` times it).
 
     Parameters
     ----------
@@ -317,7 +317,7 @@ def _clutter(channels, draw) -> torch.Tensor:
     coarse = 0.08 * draw.normal(1, 4, 4)
     if channels > 1:  # mostly shared across channels, as lighting is; a little colour of its own
         coarse = coarse + 0.03 * draw.normal(channels, 4, 4)
-    field = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False)
+    field = F.interpolate(coarse, size=(IMAGE_SIZE,) * 2, mode="bicubic", align_corners=False)
     pixels = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5
     corners = draw.uniform(-4.0, IMAGE_SIZE + 4.0, 2, 4)  # x0, x1, y0, y1 per bar
     low_x, high_x = corners[..., 0:2].min(-1).values, corners[..., 0:2].max(-1).values

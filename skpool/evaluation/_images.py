@@ -46,19 +46,22 @@ def check_images(images, value_range) -> tuple[torch.Tensor, callable]:
         )
     if min(tensor.shape) == 0:
         raise ValueError(f"Images must not be empty; got shape {tuple(tensor.shape)}.")
-    if not bool(torch.isfinite(tensor).all()):
+    smallest, largest = (float(v) for v in torch.aminmax(tensor))  # NaN and ±inf show here
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
         raise ValueError("Images contain NaN or infinity.")
-    smallest, largest = float(tensor.min()), float(tensor.max())
     if smallest < low or largest > high:
         raise ValueError(
             f"Images hold values in [{smallest:.4g}, {largest:.4g}], outside value_range="
             f"({low:g}, {high:g}); pass the range your images are scaled to."
         )
     work = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
-    unit = (tensor.to(work) - low) / (high - low)
+    unit_range = (low, high) == (0.0, 1.0)  # the usual case: no copy, no rescaling
+    unit = tensor.to(work) if unit_range else (tensor.to(work) - low) / (high - low)
 
     def restore(result: torch.Tensor):
-        out = result.clamp(0.0, 1.0) * (high - low) + low
+        out = result.clamp(0.0, 1.0)
+        if not unit_range:
+            out = out * (high - low) + low
         if as_numpy:
             return out.cpu().numpy().astype(dtype, copy=False)
         return out.to(dtype)
@@ -213,19 +216,26 @@ def gaussian_blur(x, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of standard deviation ``sigma`` pixels, truncated at 4σ.
 
     Borders repeat the edge pixels; the kernel radius is round(4σ), as in
-    ``scipy.ndimage.gaussian_filter(mode="nearest")`` and skimage's ``gaussian``.
+    ``scipy.ndimage.gaussian_filter(mode="nearest")`` and skimage's ``gaussian``. Each pass is
+    one product with a banded (size × size) matrix that holds the kernel and the borders,
+    faster than a convolution for images this small.
     """
+    height, width = x.shape[-2:]
+    return _blur_matrix(height, sigma, x).T @ x @ _blur_matrix(width, sigma, x)
+
+
+def _blur_matrix(size: int, sigma: float, like) -> torch.Tensor:
+    """M (size × size) with (v M)[j] = Σ_t k[t] v[clip(j + t, 0, size − 1)]."""
     radius = max(1, int(4 * sigma + 0.5))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    n, channels, height, width = x.shape
-    flat = x.reshape(n * channels, 1, height, width)
-    flat = F.pad(flat, (radius, radius, 0, 0), mode="replicate")
-    flat = F.conv2d(flat, kernel.reshape(1, 1, 1, -1))
-    flat = F.pad(flat, (0, 0, radius, radius), mode="replicate")
-    flat = F.conv2d(flat, kernel.reshape(1, 1, -1, 1))
-    return flat.reshape(x.shape)
+    outputs = torch.arange(size).unsqueeze(1).expand(size, len(taps))
+    inputs = (outputs + torch.arange(-radius, radius + 1)).clamp(0, size - 1)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    weights = kernel.repeat(size)
+    matrix.index_put_((inputs.reshape(-1), outputs.reshape(-1)), weights, accumulate=True)
+    return matrix.to(like.device, like.dtype)
 
 
 def brightness(x, shift: float) -> torch.Tensor:
