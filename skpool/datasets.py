@@ -254,8 +254,8 @@ def _layout(n, draw) -> torch.Tensor:
 
     In pixel units about the crop centre, a digit of width w and height h centred at
     (cx, cy) with slant k covers source coordinates u = (x − cx − k(y − cy)) / (w/2),
-    v = (y − cy) / (h/2); ``affine_grid`` takes these in coordinates normalised by the
-    crop's half size (16 pixels).
+    v = (y − cy) / (h/2); here in coordinates normalised by the crop's half size (16
+    pixels), as ``grid_sample`` reads them.
     """
     half = IMAGE_SIZE / 2
     height = draw.uniform(17.0, 26.0)

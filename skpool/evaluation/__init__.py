@@ -38,6 +38,7 @@ from .metrics import (
 from .perturbations import (
     GEOMETRIC_PERTURBATIONS,
     NOISE_PERTURBATIONS,
+    NON_GEOMETRIC_PERTURBATIONS,
     PERTURBATIONS,
     perturbation_sequence,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "corrupt",
     "PERTURBATIONS",
     "GEOMETRIC_PERTURBATIONS",
+    "NON_GEOMETRIC_PERTURBATIONS",
     "NOISE_PERTURBATIONS",
     "perturbation_sequence",
     "corruption_error",

@@ -30,6 +30,7 @@ from . import _images as ops
 __all__ = [
     "PERTURBATIONS",
     "GEOMETRIC_PERTURBATIONS",
+    "NON_GEOMETRIC_PERTURBATIONS",
     "NOISE_PERTURBATIONS",
     "perturbation_sequence",
 ]
@@ -88,6 +89,7 @@ _TABLE = {
 
 PERTURBATIONS = tuple(_TABLE)
 GEOMETRIC_PERTURBATIONS = tuple(name for name, s in _TABLE.items() if s.geometric)
+NON_GEOMETRIC_PERTURBATIONS = tuple(name for name, s in _TABLE.items() if not s.geometric)
 NOISE_PERTURBATIONS = tuple(name for name, s in _TABLE.items() if s.noise)
 
 

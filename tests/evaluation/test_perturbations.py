@@ -11,6 +11,7 @@ from skpool.datasets import make_svhn_like
 from skpool.evaluation import (
     GEOMETRIC_PERTURBATIONS,
     NOISE_PERTURBATIONS,
+    NON_GEOMETRIC_PERTURBATIONS,
     PERTURBATIONS,
     perturbation_sequence,
 )
@@ -29,6 +30,8 @@ def test_the_lists():
     assert set(NOISE_PERTURBATIONS) == {"gaussian_noise", "shot_noise"}
     geometric = {"translate", "rotate", "scale", "shear", "tilt", "zoom_blur"}
     assert set(GEOMETRIC_PERTURBATIONS) == geometric
+    assert set(NON_GEOMETRIC_PERTURBATIONS) == set(PERTURBATIONS) - geometric
+    assert set(NOISE_PERTURBATIONS) <= set(NON_GEOMETRIC_PERTURBATIONS)
     assert {"translate", "rotate", "scale", "brightness", "gaussian_noise"} <= set(PERTURBATIONS)
 
 
