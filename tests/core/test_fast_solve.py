@@ -1,5 +1,5 @@
 """The fast paths of the separability solve against float64 numpy/scipy references:
-the subspace top-k eigensolver (:func:`skpool._core.geneig.top_eigenpairs`) and the fused
+the subspace top-k eigensolver (:func:`skpool._core.solve.eigen.top_eigenpairs`) and the fused
 CPU factorisation (blocked Cholesky of [B_m; D^T], tile-inverse back substitution), on shapes
 where they differ from a plain ``eigh`` / LAPACK solve: several tiles, a partial last tile,
 close and repeated top eigenvalues, slow convergence (the ``eigh`` fallback), failed pivots."""
@@ -11,6 +11,7 @@ import torch
 
 import separability_reference as ref
 from skpool._core import geneig
+from skpool._core.solve import cholesky, eigen
 from skpool._core.geneig import top_eigenpairs, top_generalized_eigenvectors
 from skpool._core.grid import locality_costs, output_grid_shape
 
@@ -87,7 +88,7 @@ def test_slow_spectra_fall_back_to_eigh(rng, monkeypatch):
         calls.append(tuple(matrix.shape))
         return original(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(geneig, "_SUBSPACE_ROUNDS", 1)
+    monkeypatch.setattr(eigen, "_SUBSPACE_ROUNDS", 1)
     monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
     values, vectors = top_eigenpairs(matrices, 1)
     assert (3, 80, 80) in calls  # the fallback ran on the unconverged matrices
@@ -128,7 +129,7 @@ def test_fused_cholesky_gives_factor_whitened_factor_and_gram(rng, dtype, rtol, 
     work[:, n:] = torch.as_tensor(factor.T)
     inverses = torch.empty((count, tiles, block, block), dtype=dtype)
     gram = torch.empty((count, rank, rank), dtype=dtype)
-    info = geneig._fused_cholesky(work, inverses, gram, n)
+    info = cholesky.fused_cholesky(work, inverses, gram, n)
     assert not info.any()
     lower = np.linalg.cholesky(systems)
     whitened_t = np.linalg.solve(lower, factor[None]).transpose(0, 2, 1)  # D^T L^-T
@@ -146,7 +147,7 @@ def test_fused_cholesky_gives_factor_whitened_factor_and_gram(rng, dtype, rtol, 
     np.testing.assert_allclose(work[:, n:].double().numpy(), whitened_t, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(gram.double().numpy(), expected_gram, rtol=rtol, atol=rtol)
     rhs = rng.normal(size=(count, n, 2))
-    solved = geneig._back_substitute(work, inverses, torch.as_tensor(rhs, dtype=dtype))
+    solved = cholesky.back_substitute(work, inverses, torch.as_tensor(rhs, dtype=dtype))
     expected = np.linalg.solve(lower.transpose(0, 2, 1), rhs)
     np.testing.assert_allclose(solved.double().numpy(), expected, rtol=rtol, atol=rtol)
 
@@ -159,7 +160,7 @@ def test_fused_cholesky_reports_the_first_failed_pivot(rng):
     expected_info = torch.linalg.cholesky_ex(systems).info
     work = torch.zeros((2, n + 3, n), dtype=torch.float64)
     work[:, :n] = systems
-    info = geneig._fused_cholesky(
+    info = cholesky.fused_cholesky(
         work, torch.empty((2, 3, block, block), dtype=torch.float64),
         torch.empty((2, 3, 3), dtype=torch.float64), n,
     )

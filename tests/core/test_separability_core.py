@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import separability_reference as ref
 from skpool._core import geneig
+from skpool._core.solve import cholesky
 from skpool._core.geneig import batched_cholesky, rayleigh_ratios, top_generalized_eigenvectors
 from skpool._core.grid import (
     average_pooling_operator,
@@ -611,7 +612,7 @@ def test_blocked_cholesky_matches_lapack_and_reports_failures(rng, dtype):
 
 
 def test_solve_through_the_blocked_cholesky_matches_scipy(monkeypatch):
-    monkeypatch.setattr(geneig, "_CHOLESKY_BLOCK", 8)
+    monkeypatch.setattr(cholesky, "_CHOLESKY_BLOCK", 8)
     stats, _, _, costs, expected = reference_problem((7, 7), 2, 0.5)
     for method in ("low_rank", "full"):
         vectors, values = top_generalized_eigenvectors(
