@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 import separability_reference as ref
 from skpool import SeparabilityPooling
 from skpool._core.solve import routes, top_generalized_eigenvectors
-from skpool._core.solve.problem import Problem
+from skpool._core.solve.problem import Problem, prepare
 from skpool._core.grid import (
     inside_radius,
     locality_costs,
@@ -242,6 +242,35 @@ def test_solve_stays_within_its_memory_budget(method, radius, n_cells, monkeypat
         assert memory.peak <= budget + 4 * output_bytes, (budget, memory.peak)
     if radius is None and method == "low_rank":  # the tracker sees the chunks grow
         assert peaks[64 << 20] > (16 << 20) + 4 * output_bytes
+
+
+class CountingProgress:
+    """Stands in for a tqdm bar: records every ``update(n)``."""
+
+    def __init__(self):
+        self.updates = []
+
+    def update(self, n):
+        self.updates.append(n)
+
+
+@pytest.mark.parametrize("method,radius", [("low_rank", None), ("full", None), ("low_rank", 2.5)])
+def test_progress_counts_every_output_cell_once(method, radius):
+    """A budget of five cells' work per chunk (16 cells): updates of 5, 5, 5 and 1, and the
+    same result as without a progress object (the same chunks and operations)."""
+    grid = (8, 8)
+    stats, _, _ = make_problem(7, grid, 3, 4, n_samples=30)
+    costs = locality_costs(grid, output_grid_shape(grid, 2))
+    args = (stats.between_factor(), stats.within, costs, 1.0, 2)
+    problem = prepare(*args, radius)
+    route = routes.choose_route(problem, method, 2)
+    per_cell = route.bytes_per_cell(problem.size, problem.rank, 2, torch.float64, problem.truncated)
+    options = dict(method=method, support_radius=radius, max_memory_bytes=5 * per_cell)
+    progress = CountingProgress()
+    vectors, values = top_generalized_eigenvectors(*args, progress=progress, **options)
+    assert progress.updates == [5, 5, 5, 1]
+    quiet_vectors, quiet_values = top_generalized_eigenvectors(*args, **options)
+    assert torch.equal(vectors, quiet_vectors) and torch.equal(values, quiet_values)
 
 
 @pytest.mark.parametrize(

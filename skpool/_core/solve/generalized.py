@@ -43,6 +43,7 @@ def top_generalized_eigenvectors(
     ridge: float | None = None,
     support_radius: float | None = None,
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    progress=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Top-k generalised eigenvectors of :math:`(A, B + \alpha C_m)` for every cell m.
 
@@ -77,6 +78,9 @@ def top_generalized_eigenvectors(
         Budget for the per-cell work matrices of one chunk of cells; each route states its
         memory per cell (:mod:`skpool._core.solve.routes`). At least one cell is solved at a
         time.
+    progress : object with an ``update(n)`` method, optional
+        E.g. a ``tqdm`` bar: ``update`` is called after each chunk with the number of output
+        cells it finished (M in all).
 
     Returns
     -------
@@ -100,6 +104,8 @@ def top_generalized_eigenvectors(
         )
         rows.append(chunk_rows)
         ratios.append(chunk_ratios)
+        if progress is not None:
+            progress.update(local.count)
     vectors = torch.cat(rows).transpose(0, 1)
     if not problem.truncated:  # all rows at once: one product with B instead of one a chunk
         return vectors, rayleigh_ratios(vectors, between_factor, within, problem.costs, alpha)
