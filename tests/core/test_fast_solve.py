@@ -10,9 +10,9 @@ import scipy.linalg
 import torch
 
 import separability_reference as ref
+from skpool._core.grid import locality_costs, output_grid_shape
 from skpool._core.solve import cholesky, eigen, problem, routes
 from skpool._core.solve import top_eigenpairs, top_generalized_eigenvectors
-from skpool._core.grid import locality_costs, output_grid_shape
 
 
 def psd_with_spectrum(rng, spectrum):

@@ -13,8 +13,6 @@ from torch.utils._pytree import tree_flatten
 
 import separability_reference as ref
 from skpool import SeparabilityPooling
-from skpool._core.solve import routes, top_generalized_eigenvectors
-from skpool._core.solve.problem import Problem, prepare
 from skpool._core.grid import (
     inside_radius,
     locality_costs,
@@ -22,6 +20,8 @@ from skpool._core.grid import (
     support_within_radius,
 )
 from skpool._core.scatter import ScatterStatistics, class_weights_from_labels
+from skpool._core.solve import routes, top_generalized_eigenvectors
+from skpool._core.solve.problem import Problem, prepare
 
 
 def make_problem(seed, grid, n_channels, n_classes, n_samples=60, dtype=torch.float64):

@@ -12,14 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import separability_reference as ref
-from skpool._core.solve import (
-    batched_cholesky,
-    cholesky,
-    no_class_information,
-    rayleigh_ratios,
-    rows_without_class_information,
-    top_generalized_eigenvectors,
-)
 from skpool._core.grid import (
     average_pooling_operator,
     inside_radius,
@@ -33,6 +25,14 @@ from skpool._core.scatter import (
     between_class_factor,
     class_weights_from_labels,
     standardise,
+)
+from skpool._core.solve import (
+    batched_cholesky,
+    cholesky,
+    no_class_information,
+    rayleigh_ratios,
+    rows_without_class_information,
+    top_generalized_eigenvectors,
 )
 from testing_utils import DEVICES
 
