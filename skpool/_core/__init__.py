@@ -3,7 +3,7 @@
 Nothing here imports scikit-learn or skorch; every formula of skpool lives here once.
 """
 
-from .geneig import rayleigh_ratios, top_generalized_eigenvectors
+from .solve import rayleigh_ratios, top_generalized_eigenvectors
 from .gmp import generalized_max_pool, lengths_to_mask
 from .grid import average_pooling_operator, locality_costs, output_centres, output_grid_shape
 from .operator import apply_pooling_operator

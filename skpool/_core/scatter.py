@@ -261,7 +261,7 @@ class ScatterStatistics:
 
         A use: where the data carry no class information the exact D is 0, so every row p of
         an operator has :math:`\|D^\top p\| \le \sum_n |p_n| \, \text{noise}_n`
-        (:func:`skpool._core.geneig.rows_without_class_information`). Computed without
+        (:func:`skpool._core.solve.ratios.rows_without_class_information`). Computed without
         overflow for any finite statistics.
         """
         dtype = self.means.dtype

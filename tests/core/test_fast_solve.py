@@ -1,5 +1,5 @@
 """The fast paths of the separability solve against float64 numpy/scipy references:
-the subspace top-k eigensolver (:func:`skpool._core.geneig.top_eigenpairs`) and the fused
+the subspace top-k eigensolver (:func:`skpool._core.solve.eigen.top_eigenpairs`) and the fused
 CPU factorisation (blocked Cholesky of [B_m; D^T], tile-inverse back substitution), on shapes
 where they differ from a plain ``eigh`` / LAPACK solve: several tiles, a partial last tile,
 close and repeated top eigenvalues, slow convergence (the ``eigh`` fallback), failed pivots."""
@@ -10,9 +10,9 @@ import scipy.linalg
 import torch
 
 import separability_reference as ref
-from skpool._core import geneig
-from skpool._core.geneig import top_eigenpairs, top_generalized_eigenvectors
 from skpool._core.grid import locality_costs, output_grid_shape
+from skpool._core.solve import cholesky, eigen, problem, routes
+from skpool._core.solve import top_eigenpairs, top_generalized_eigenvectors
 
 
 def psd_with_spectrum(rng, spectrum):
@@ -87,7 +87,7 @@ def test_slow_spectra_fall_back_to_eigh(rng, monkeypatch):
         calls.append(tuple(matrix.shape))
         return original(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(geneig, "_SUBSPACE_ROUNDS", 1)
+    monkeypatch.setattr(eigen, "_SUBSPACE_ROUNDS", 1)
     monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
     values, vectors = top_eigenpairs(matrices, 1)
     assert (3, 80, 80) in calls  # the fallback ran on the unconverged matrices
@@ -128,7 +128,7 @@ def test_fused_cholesky_gives_factor_whitened_factor_and_gram(rng, dtype, rtol, 
     work[:, n:] = torch.as_tensor(factor.T)
     inverses = torch.empty((count, tiles, block, block), dtype=dtype)
     gram = torch.empty((count, rank, rank), dtype=dtype)
-    info = geneig._fused_cholesky(work, inverses, gram, n)
+    info = cholesky.fused_cholesky(work, inverses, gram, n)
     assert not info.any()
     lower = np.linalg.cholesky(systems)
     whitened_t = np.linalg.solve(lower, factor[None]).transpose(0, 2, 1)  # D^T L^-T
@@ -146,7 +146,7 @@ def test_fused_cholesky_gives_factor_whitened_factor_and_gram(rng, dtype, rtol, 
     np.testing.assert_allclose(work[:, n:].double().numpy(), whitened_t, rtol=rtol, atol=rtol)
     np.testing.assert_allclose(gram.double().numpy(), expected_gram, rtol=rtol, atol=rtol)
     rhs = rng.normal(size=(count, n, 2))
-    solved = geneig._back_substitute(work, inverses, torch.as_tensor(rhs, dtype=dtype))
+    solved = cholesky.back_substitute(work, inverses, torch.as_tensor(rhs, dtype=dtype))
     expected = np.linalg.solve(lower.transpose(0, 2, 1), rhs)
     np.testing.assert_allclose(solved.double().numpy(), expected, rtol=rtol, atol=rtol)
 
@@ -159,7 +159,7 @@ def test_fused_cholesky_reports_the_first_failed_pivot(rng):
     expected_info = torch.linalg.cholesky_ex(systems).info
     work = torch.zeros((2, n + 3, n), dtype=torch.float64)
     work[:, :n] = systems
-    info = geneig._fused_cholesky(
+    info = cholesky.fused_cholesky(
         work, torch.empty((2, 3, block, block), dtype=torch.float64),
         torch.empty((2, 3, 3), dtype=torch.float64), n,
     )
@@ -181,10 +181,9 @@ def test_low_rank_routes_match_scipy_on_a_large_rank(rng, monkeypatch, n_samples
     component's gap is about eps times it, so that component is only determined to about
     0.1 by the data; it is compared against that bound, not against a fixed number (an
     earlier fixed 1e-9 failed at two threads on an AVX2 machine, 5e-5 apart)."""
-    monkeypatch.setattr(geneig, "_use_fused_route", lambda low_rank, device: fused and low_rank)
-    monkeypatch.setattr(geneig, "_FUSED_BLOCK", 32)
-    monkeypatch.setattr(geneig, "_CPU_CHUNK", 3)
-    monkeypatch.setattr(geneig, "_CPU_CHUNK_BYTES", 0)
+    route = (routes.LowRankFused(block=32, cache_cells=3, cache_bytes=0) if fused
+             else routes.LowRankBatched(cholesky=cholesky.batched_cholesky))
+    monkeypatch.setitem(routes.ROUTES, ("cpu", "low_rank"), route)
     grid, n_classes, n_channels = (12, 12), 6, 10
     labels = np.arange(n_samples) % n_classes
     means = rng.normal(size=(n_classes, 144, n_channels))
@@ -225,9 +224,8 @@ def test_fused_route_retries_only_the_failed_locations(rng, monkeypatch):
     B + alpha C_m is singular only where C_m is zero there too (on a 9x9 grid pooled to 5x5,
     the centre cell alone), so that location, and only it, is factored again with a larger
     ridge; the result is the one of solving every location on its own."""
-    monkeypatch.setattr(geneig, "_FUSED_BLOCK", 16)
-    monkeypatch.setattr(geneig, "_CPU_CHUNK", 9)
-    monkeypatch.setattr(geneig, "_CPU_CHUNK_BYTES", 0)
+    monkeypatch.setitem(routes.ROUTES, ("cpu", "low_rank"),
+                        routes.LowRankFused(block=16, cache_cells=9, cache_bytes=0))
     factor = torch.as_tensor(rng.normal(size=(81, 45)))
     half = torch.as_tensor(rng.normal(size=(81, 12)))
     within = half @ half.T + 0.1 * torch.eye(81, dtype=torch.float64)
@@ -235,13 +233,13 @@ def test_fused_route_retries_only_the_failed_locations(rng, monkeypatch):
     costs = locality_costs((9, 9), (5, 5))
     assert int((costs == 0).any(dim=1).sum()) == 1
     attempts = []
-    original = geneig._LocalProblems.fill_augmented
+    original = problem.LocalProblems.fill_augmented
 
-    def spy(self, rows, relative, out):
+    def spy(self, rows, relative, out, block):
         attempts.append((rows.numel(), float(relative.max())))
-        return original(self, rows, relative, out)
+        return original(self, rows, relative, out, block)
 
-    monkeypatch.setattr(geneig._LocalProblems, "fill_augmented", spy)
+    monkeypatch.setattr(problem.LocalProblems, "fill_augmented", spy)
     vectors, values = top_generalized_eigenvectors(
         factor, within, costs, 1.0, 1, method="low_rank", ridge=0.0
     )

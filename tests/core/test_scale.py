@@ -13,8 +13,6 @@ from torch.utils._pytree import tree_flatten
 
 import separability_reference as ref
 from skpool import SeparabilityPooling
-from skpool._core import geneig
-from skpool._core.geneig import top_generalized_eigenvectors
 from skpool._core.grid import (
     inside_radius,
     locality_costs,
@@ -22,6 +20,8 @@ from skpool._core.grid import (
     support_within_radius,
 )
 from skpool._core.scatter import ScatterStatistics, class_weights_from_labels
+from skpool._core.solve import routes, top_generalized_eigenvectors
+from skpool._core.solve.problem import Problem, prepare
 
 
 def make_problem(seed, grid, n_channels, n_classes, n_samples=60, dtype=torch.float64):
@@ -224,7 +224,8 @@ def test_solve_stays_within_its_memory_budget(method, radius, n_cells, monkeypat
     (full) of work matrices. Beyond the budget only the output-sized tensors may be live.
     The CPU low-rank route caps its chunks at a few locations (cache); the cap is lifted here
     so that the budget alone sets the chunk size."""
-    monkeypatch.setattr(geneig, "_CPU_CHUNK", 10**6)
+    uncapped = routes.LowRankFused(cache_cells=10**6)
+    monkeypatch.setitem(routes.ROUTES, ("cpu", "low_rank"), uncapped)
     grid = (20, 20)
     stats, _, _ = make_problem(6, grid, 4, 5, n_samples=40)
     factor, within = stats.between_factor(), stats.within
@@ -241,3 +242,59 @@ def test_solve_stays_within_its_memory_budget(method, radius, n_cells, monkeypat
         assert memory.peak <= budget + 4 * output_bytes, (budget, memory.peak)
     if radius is None and method == "low_rank":  # the tracker sees the chunks grow
         assert peaks[64 << 20] > (16 << 20) + 4 * output_bytes
+
+
+class CountingProgress:
+    """Stands in for a tqdm bar: records every ``update(n)``."""
+
+    def __init__(self):
+        self.updates = []
+
+    def update(self, n):
+        self.updates.append(n)
+
+
+@pytest.mark.parametrize("method,radius", [("low_rank", None), ("full", None), ("low_rank", 2.5)])
+def test_progress_counts_every_output_cell_once(method, radius):
+    """A budget of five cells' work per chunk (16 cells): updates of 5, 5, 5 and 1, and the
+    same result as without a progress object (the same chunks and operations)."""
+    grid = (8, 8)
+    stats, _, _ = make_problem(7, grid, 3, 4, n_samples=30)
+    costs = locality_costs(grid, output_grid_shape(grid, 2))
+    args = (stats.between_factor(), stats.within, costs, 1.0, 2)
+    problem = prepare(*args, radius)
+    route = routes.choose_route(problem, method, 2)
+    per_cell = route.bytes_per_cell(problem.size, problem.rank, 2, torch.float64, problem.truncated)
+    options = dict(method=method, support_radius=radius, max_memory_bytes=5 * per_cell)
+    progress = CountingProgress()
+    vectors, values = top_generalized_eigenvectors(*args, progress=progress, **options)
+    assert progress.updates == [5, 5, 5, 1]
+    quiet_vectors, quiet_values = top_generalized_eigenvectors(*args, **options)
+    assert torch.equal(vectors, quiet_vectors) and torch.equal(values, quiet_values)
+
+
+@pytest.mark.parametrize(
+    "device,method,k,expected",
+    [
+        ("cpu", "auto", 2, routes.LowRankFused),  # r = 6 < N = 16
+        ("cpu", "auto", 7, routes.Full),  # k > r
+        ("cpu", "full", 1, routes.Full),
+        ("meta", "auto", 2, routes.LowRankBatched),  # any device but the CPU: batched
+        ("meta", "full", 1, routes.Full),
+    ],
+)
+def test_one_table_picks_the_route(device, method, k, expected):
+    """The route from the device and the eigenproblem, nothing else (:data:`routes.ROUTES`);
+    CPU routes factor by the blocked Cholesky, the others by ``cholesky_ex``."""
+    within = torch.eye(16, device=device, dtype=torch.float64)
+    problem = Problem(
+        factor=torch.ones((16, 6), device=device, dtype=torch.float64), within=within,
+        costs=torch.ones((4, 16), device=device, dtype=torch.float64), alpha=1.0,
+        support_radius=None, size=16, ratio_exponent=0,
+    )
+    route = routes.choose_route(problem, method, k)
+    assert type(route) is expected
+    if isinstance(route, routes.Full):
+        assert (route.cholesky is torch.linalg.cholesky_ex) == (device != "cpu")
+    with pytest.raises(ValueError, match="at most r=6 components"):
+        routes.choose_route(problem, "low_rank", 7)

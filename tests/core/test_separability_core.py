@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import separability_reference as ref
-from skpool._core import geneig
-from skpool._core.geneig import batched_cholesky, rayleigh_ratios, top_generalized_eigenvectors
 from skpool._core.grid import (
     average_pooling_operator,
     inside_radius,
@@ -27,6 +25,14 @@ from skpool._core.scatter import (
     between_class_factor,
     class_weights_from_labels,
     standardise,
+)
+from skpool._core.solve import (
+    batched_cholesky,
+    cholesky,
+    no_class_information,
+    rayleigh_ratios,
+    rows_without_class_information,
+    top_generalized_eigenvectors,
 )
 from testing_utils import DEVICES
 
@@ -395,7 +401,7 @@ def _noise_free_stacks(rng, kind, n_samples, n_classes, dtype):
 def test_between_noise_bounds_the_rounding_of_data_without_class_information(kind, dtype, seed):
     """The bound of ScatterStatistics.between_noise holds however the samples are batched:
     every row of the computed D (exactly 0) lies within it, so no operator row is taken for
-    class information (geneig.no_class_information)."""
+    class information (no_class_information)."""
     rng = np.random.default_rng(seed)
     n_classes = int(rng.integers(2, 5))
     stacks, labels = _noise_free_stacks(rng, kind, 12 * n_classes, n_classes, dtype)
@@ -404,9 +410,9 @@ def test_between_noise_bounds_the_rounding_of_data_without_class_information(kin
     stats = core_statistics(stacks, labels, chunks=np.split(np.arange(len(stacks)), cuts),
                             dtype=torch.float64 if dtype == np.float64 else torch.float32)
     factor, noise = stats.between_factor(), stats.between_noise()
-    assert geneig.no_class_information(factor, noise)
+    assert no_class_information(factor, noise)
     rows = torch.as_tensor(rng.normal(size=(30, 9)))
-    assert bool(geneig.rows_without_class_information(rows, factor, noise).all())
+    assert bool(rows_without_class_information(rows, factor, noise).all())
 
 
 @pytest.mark.parametrize("shift", [1.0, 1e-6])
@@ -423,10 +429,10 @@ def test_class_information_is_not_taken_for_rounding(rng, shift):
         noise[labels == q] -= noise[labels == q].mean(axis=0)
     stats = core_statistics(noise + shift * pattern[labels], labels)
     factor, bound = stats.between_factor(), stats.between_noise()
-    assert not geneig.no_class_information(factor, bound)
+    assert not no_class_information(factor, bound)
     costs = locality_costs((3, 3), (2, 2))
     vectors, values = top_generalized_eigenvectors(factor, stats.within, costs, 0.5)
-    assert not bool(geneig.rows_without_class_information(vectors, factor, bound).any())
+    assert not bool(rows_without_class_information(vectors, factor, bound).any())
     assert bool((values > 0).all())
     unit = core_statistics(noise + pattern[labels], labels)
     expected, _ = top_generalized_eigenvectors(unit.between_factor(), unit.within, costs, 0.5)
@@ -611,7 +617,7 @@ def test_blocked_cholesky_matches_lapack_and_reports_failures(rng, dtype):
 
 
 def test_solve_through_the_blocked_cholesky_matches_scipy(monkeypatch):
-    monkeypatch.setattr(geneig, "_CHOLESKY_BLOCK", 8)
+    monkeypatch.setattr(cholesky, "_CHOLESKY_BLOCK", 8)
     stats, _, _, costs, expected = reference_problem((7, 7), 2, 0.5)
     for method in ("low_rank", "full"):
         vectors, values = top_generalized_eigenvectors(
