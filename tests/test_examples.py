@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def _run_example(*args: str, timeout: int = 300) -> str:
     result = subprocess.run(
         [sys.executable, *args],
         cwd=EXAMPLES,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},  # as in conftest.py: tiny BLAS work
         capture_output=True,
         text=True,
         timeout=timeout,
