@@ -1,41 +1,54 @@
-"""SeparabilityPooling: the closed-form learned spatial pooling of Birodkar et al. (2019)."""
+"""SeparabilityPooling: the closed-form learned spatial pooling of Birodkar et al. (2019).
+
+The estimator validates its input, runs the fit protocol of the core
+(:mod:`skpool._core.fit`: the passes, the merges, the distributed split, the solve) and stores
+the fitted operator (:class:`skpool._fitted.FittedOperator`) as numpy attributes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import sys
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils._set_output import _get_output_config
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, column_or_1d
+from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 
 from .._core import distributed as dist
-from .._core.geneig import (
-    fill_empty_rows,
-    no_class_information,
-    rayleigh_ratios,
-    rows_without_class_information,
-    top_generalized_eigenvectors,
+from .._core.fit import (
+    DataSummary,
+    FitSettings,
+    channel_statistics,
+    check_process_group,
+    codes_of,
+    add_label_counts,
+    fit_operator,
+    on_every_rank,
+    output_grid,
+    progress_bar,
+    scatter_statistics,
 )
-from .._core.grid import average_pooling_operator, locality_costs, output_grid_shape
+from .._core.geneig import rayleigh_ratios
+from .._core.grid import average_pooling_operator
 from .._core.operator import apply_pooling_operator
-from .._core.scatter import (
-    ChannelStatistics,
-    ScatterStatistics,
-    class_weights_from_counts,
-    class_weights_from_labels,
-    standardise,
-)
+from .._core.scatter import class_weights_from_labels, standardise
 from .._device import resolve_device
+from .._fitted import FittedOperator
+from .._grid import check_grid
 from ._batches import reiterable, split_batch
-from ._validation import FeatureStacks, atomic_fit, check_params, check_stacks
+from ._validation import (
+    atomic_fit,
+    check_labels,
+    check_params,
+    check_same_grid,
+    check_stacks,
+    encode_labels,
+)
 
 __all__ = ["SeparabilityPooling"]
 
@@ -102,8 +115,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         constant channel keeps scale 1.
     grid_shape : tuple of (int, int), default=None
         The (H, W) grid of 3-D ``(n, N, C)`` input, or, for 2-D ``(n, F)`` input, the grid of
-        flattened ``(H, W, C)`` stacks. Without it, 3-D input is an N×1 grid and 2-D input F
-        locations (an F×1 grid) with one channel.
+        flattened ``(H, W, C)`` stacks (C = F / (H·W)). Without it, 3-D input is an N×1 grid
+        and 2-D input F locations (an F×1 grid) with one channel; ``fit`` warns about the
+        latter when F > 1 (flattened maps passed without their grid are a common mistake;
+        ``grid_shape=(F, 1)`` says the column is meant).
     solver : {"auto", "low_rank", "full"}, default="auto"
         Route of the eigenproblem: ``"low_rank"`` solves an r×r problem with r ≤ (Q−1)·C
         (needs ``n_components <= r``), ``"full"`` an N×N one; ``"auto"`` picks low-rank when
@@ -123,14 +138,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
-        Memory budget of the work matrices of one chunk of output cells in the solve (each cell
-        needs a few N×N matrices: about (2·N² + 2·N·r + 3·r²)·8 bytes in float64 for the
-        low-rank route, (7·N² + 2·N·r)·8 for the full one; n×n with n the largest support
-        when ``support_radius`` is set). At least one cell is solved at a time; on CPU the
-        low-rank route takes at most 4 cells at a time, or 32 MiB of them (faster: they stay
-        in cache), so it usually needs well under the budget. The statistics
-        (N×N), the costs and the operator (k·M·N) come on top; the peak memory of a fit
-        does not grow with the number of samples when they come in batches.
+        Memory budget of the work matrices of one chunk of output cells in the solve (a few
+        N×N matrices per cell, n×n with ``support_radius``; the formulas per route are in
+        :func:`skpool._core.geneig.top_generalized_eigenvectors`). At least one cell is solved
+        at a time. The statistics (N×N), the costs and the operator (k·M·N) come on top; the
+        peak memory of a fit does not grow with the number of samples.
     support_radius : float, default=None
         Truncated support, in input pixels: row m only weighs the input locations within this
         distance of its cell's centre and is exactly zero elsewhere, so each cell solves an
@@ -151,6 +163,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         ends with the same operator as a single-process fit on all the data. An error on one
         rank is raised on every rank. Use the ``gloo`` backend for CPU fits and ``nccl`` for
         CUDA ones.
+    verbose : int, default=0
+        0 is silent; above 0 ``fit`` and ``fit_batches`` show progress bars (tqdm, on stderr)
+        over the batches of each pass and over the output cells of the solve (with
+        ``distributed``, on rank 0 only).
 
     Attributes
     ----------
@@ -177,6 +193,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Channels C per location seen in ``fit``.
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of the columns of a 2-D DataFrame seen in ``fit``.
+    fitted_operator_ : FittedOperator
+        All of the above that defines the operator, with the parameters, as one frozen value
+        object (:class:`skpool.io.FittedOperator`: the arrays themselves, not copies); what
+        :func:`skpool.io.save_operator` writes and :meth:`FittedOperator.to_module` turns
+        into a :class:`skpool.nn.SeparabilityPool2d` layer.
 
     See Also
     --------
@@ -234,6 +255,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
         "distributed": ["boolean"],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -253,6 +275,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         max_memory_mb=1024,
         support_radius=None,
         distributed=False,
+        verbose=0,
     ):
         self.alpha = alpha
         self.stride = stride
@@ -268,6 +291,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.max_memory_mb = max_memory_mb
         self.support_radius = support_radius
         self.distributed = distributed
+        self.verbose = verbose
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -291,29 +315,35 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        self._check_process_group()
+        check_process_group(self.distributed)
 
         def validate():
-            device, dtype = resolve_device(self.device), _DTYPES[self.dtype]
-            stacks = check_stacks(self, X, reset=True, grid_shape=self.grid_shape)
-            labels = _check_labels(self, y, stacks.n_samples)
-            shard = _Shard.of(stacks, *np.unique(labels, return_counts=True))
-            return device, dtype, stacks, labels, shard
+            stacks = self._check_fit_input(X)
+            labels = check_labels(self, y, stacks.n_samples)
+            settings = self._settings()
+            classes, counts = np.unique(labels, return_counts=True)
+            summary = DataSummary.of(stacks.grid_shape, stacks.n_channels, classes, counts)
+            return settings, stacks, labels, summary
 
-        device, dtype, stacks, labels, shard = self._on_every_rank(validate)
-        shard = self._whole_data(shard)
-        self._check_shard(shard)
-        codes = torch.as_tensor(np.searchsorted(shard.classes, labels), device=device)
+        settings, stacks, labels, summary = on_every_rank(validate, self.distributed)
+        self._warn_column_grid(stacks)
+        summary = summary.whole(self.distributed)
+        output_grid(summary, settings)  # before any data is read
+        device, progress = settings.device, self._progress()
+        codes = torch.as_tensor(np.searchsorted(summary.classes, labels), device=device)
 
         def channel_pass():
-            return _channel_statistics(_read(stacks, self.batch_size, device), dtype)
+            with progress_bar(progress, "channel statistics", stacks.n_samples) as bar:
+                return channel_statistics(_read(stacks, self.batch_size, device), bar)
 
         def scatter_pass():
             for index, batch in _read_indexed(stacks, self.batch_size, device):
                 yield batch, codes[torch.as_tensor(index, device=device)]
 
-        channels = self._on_every_rank(channel_pass) if self.normalize_channels else None
-        return self._fit_from_passes(shard, channels, scatter_pass, device, dtype)
+        channels = None
+        if self.normalize_channels:
+            channels = on_every_rank(channel_pass, self.distributed)
+        return self._set_fitted(fit_operator(summary, channels, scatter_pass, settings, progress))
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -344,33 +374,41 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        self._check_process_group()
+        check_process_group(self.distributed)
+        progress = self._progress()
+        first_pass = "class sizes" + (" and channel statistics" if self.normalize_channels else "")
 
-        def first_pass():
-            device, dtype = resolve_device(self.device), _DTYPES[self.dtype]
-            start_pass = reiterable(batches)
+        def read_first_pass():
+            settings, start_pass = self._settings(), reiterable(batches)
             first, channels, classes, counts = None, None, None, None
-            for position, (stacks, labels) in enumerate(self._iter_batches(start_pass, None)):
-                first = stacks if first is None else first
-                _check_same_grid(stacks, first, position)
-                classes, counts = _add_label_counts(classes, counts, labels)
-                if self.normalize_channels:
-                    more = _channel_statistics(_read(stacks, self.batch_size, device), dtype)
+            with progress_bar(progress, first_pass) as bar:
+                for stacks, labels in self._iter_batches(start_pass, None):
+                    first = stacks if first is None else first
+                    classes, counts = add_label_counts(classes, counts, labels)
+                    if not self.normalize_channels:
+                        bar.update(stacks.n_samples)
+                        continue
+                    batch_stats = _read(stacks, self.batch_size, settings.device)
+                    more = channel_statistics(batch_stats, bar)
                     channels = more if channels is None else channels.merge(more)
             if first is None:
                 raise ValueError("batches yielded no (X_batch, y_batch) pair; nothing to fit.")
-            return device, dtype, start_pass, channels, _Shard.of(first, classes, counts)
+            summary = DataSummary.of(first.grid_shape, first.n_channels, classes, counts)
+            return settings, start_pass, channels, summary, first
 
-        device, dtype, start_pass, channels, shard = self._on_every_rank(first_pass)
-        shard = self._whole_data(shard)
+        settings, start_pass, channels, summary, first = on_every_rank(
+            read_first_pass, self.distributed
+        )
+        self._warn_column_grid(first)
+        summary, device = summary.whole(self.distributed), settings.device
 
         def scatter_pass():
-            for stacks, labels in self._iter_batches(start_pass, shard):
-                codes = torch.as_tensor(_codes_of(labels, shard.classes), device=device)
+            for stacks, labels in self._iter_batches(start_pass, summary):
+                codes = torch.as_tensor(codes_of(labels, summary.classes), device=device)
                 for index, batch in _read_indexed(stacks, self.batch_size, device):
                     yield batch, codes[torch.as_tensor(index, device=device)]
 
-        return self._fit_from_passes(shard, channels, scatter_pass, device, dtype)
+        return self._set_fitted(fit_operator(summary, channels, scatter_pass, settings, progress))
 
     def transform(self, X):
         """Pool each feature map with the learned operator.
@@ -456,7 +494,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         )
         device = resolve_device(self.device)
         stacks = self._check_transform_input(X)
-        codes, classes = _encode_labels(self, y, stacks.n_samples)
+        codes, classes = encode_labels(self, y, stacks.n_samples)
         dtype = torch.float64
         mean = torch.as_tensor(self.channel_mean_, device=device, dtype=dtype)
         scale = torch.as_tensor(self.channel_scale_, device=device, dtype=dtype)
@@ -466,8 +504,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             (batch, codes[torch.as_tensor(index, device=device)])
             for index, batch in _read_indexed(stacks, self.batch_size, device)
         )
-        stats = _scatter_statistics(batches, weights, mean, scale, dtype)
-        factor = stats.between_factor()
+        stats = scatter_statistics(batches, weights, mean, scale, dtype)
+        factor, noise = stats.between_factor(), stats.between_noise()  # ratio 0 within noise
         operator = torch.as_tensor(self.operator_, device=device, dtype=dtype)
         average = average_pooling_operator(
             self.grid_shape_,
@@ -476,7 +514,6 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             dtype=dtype,
             device=device,
         )
-        noise = stats.between_noise()  # ratio 0 where A is within its rounding
         return Bunch(
             learned=rayleigh_ratios(operator, factor, stats.within, noise=noise).cpu().numpy(),
             average=rayleigh_ratios(average, factor, stats.within, noise=noise).cpu().numpy(),
@@ -510,6 +547,25 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         ]
         return np.asarray(names, dtype=object)
 
+    @property
+    def fitted_operator_(self) -> FittedOperator:
+        """The fitted operator and the parameters as one value object (see Attributes)."""
+        check_is_fitted(self)
+        return FittedOperator(
+            operator=self.operator_,
+            channel_mean=self.channel_mean_,
+            channel_scale=self.channel_scale_,
+            grid_shape=tuple(int(v) for v in self.grid_shape_),
+            output_shape=tuple(int(v) for v in self.output_shape_),
+            classes=getattr(self, "classes_", None),
+            eigenvalues=getattr(self, "eigenvalues_", None),
+            params=self.get_params(deep=False),
+        )
+
+    def __setstate__(self, state):
+        state.setdefault("verbose", 0)  # pickled before skpool had the parameter
+        super().__setstate__(state)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
@@ -518,174 +574,81 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------- fitting machinery
-    def _check_process_group(self) -> None:
-        """``distributed=True`` needs a process group (checked before any collective)."""
-        if self.distributed and not dist.is_initialized():
-            raise ValueError(
-                "distributed=True needs an initialised torch.distributed process group "
-                "(torch.distributed.init_process_group) in every process; none is initialised."
-            )
-
-    def _on_every_rank(self, step: Callable):
-        """``step()``; with ``distributed``, every rank raises when any rank's step failed.
-
-        Without this a rank that fails before a collective would leave the others waiting in
-        it. The failing rank raises its own error, the others a RuntimeError naming it.
-        """
-        if not self.distributed:
-            return step()
-        try:
-            result, error = step(), None
-        except Exception as exc:  # re-raised below, here or on the other ranks
-            result, error = None, exc
-        messages = dist.all_gather_objects(
-            None if error is None else f"{type(error).__name__}: {error}"
+    def _settings(self) -> FitSettings:
+        """The parameters as the core takes them (device resolved here: on every rank)."""
+        return FitSettings(
+            alpha=float(self.alpha),
+            stride=int(self.stride),
+            output_shape=check_grid(self.output_shape, "output_shape", optional=True),
+            n_components=int(self.n_components),
+            norm=self.norm,
+            normalize_channels=bool(self.normalize_channels),
+            solver=self.solver,
+            support_radius=self.support_radius,
+            max_memory_bytes=int(self.max_memory_mb * 2**20),
+            dtype=_DTYPES[self.dtype],
+            device=resolve_device(self.device),
+            distributed=bool(self.distributed),
         )
-        if error is not None:
-            raise error
-        for rank, message in enumerate(messages):
-            if message is not None:
-                raise RuntimeError(f"SeparabilityPooling.fit failed on rank {rank}: {message}")
-        return result
 
-    def _whole_data(self, shard: _Shard) -> _Shard:
-        """The shard seen from all the data: with ``distributed``, merged over the ranks."""
-        if not self.distributed:
-            return shard
-        return _Shard.merge(dist.all_gather_objects(shard), shard)
+    def _progress(self):
+        """A tqdm bar factory for the core when ``verbose`` (on rank 0), else None."""
+        if not self.verbose or (self.distributed and dist.rank() != 0):
+            return None
+        from tqdm.auto import tqdm
 
-    def _iter_batches(self, start_pass, shard) -> Iterator[tuple[FeatureStacks, np.ndarray]]:
-        """Validated (stacks, labels) of every batch of one pass; the first pass (``shard`` is
-        None) records ``n_features_in_`` from the first batch, the second checks against it."""
-        for position, item in enumerate(start_pass()):
-            features, labels = split_batch(item, position)
-            reset = shard is None and position == 0
-            stacks = check_stacks(self, features, reset=reset, grid_shape=self.grid_shape)
-            if shard is not None:
-                _check_same_grid(stacks, shard, position)
-            if isinstance(labels, torch.Tensor):
-                labels = labels.detach().cpu().numpy()
-            yield stacks, _check_labels(self, labels, stacks.n_samples)
+        def bar(description: str, total, unit: str):
+            name = f"{type(self).__name__} {description}"
+            return tqdm(desc=name, total=total, unit=unit, file=sys.stderr, disable=False)
 
-    def _check_shard(self, shard: _Shard) -> tuple[int, int]:
-        """Check the data against the parameters before reading it; return the output grid."""
-        _check_two_classes(shard.classes)
-        out_shape = output_grid_shape(
-            shard.grid_shape, self.stride, _check_pair(self.output_shape)
-        )
-        if self.n_components > shard.n_locations:
-            raise ValueError(
-                f"n_components={self.n_components} exceeds the {shard.n_locations} input "
-                "locations per sample."
-            )
-        return out_shape
+        return bar
 
-    def _fit_from_passes(self, shard, channels, scatter_pass, device, dtype):
-        """Reduce the channel statistics, run the scatter pass, solve, set the attributes."""
-        if channels is None:
-            mean = torch.zeros(shard.n_channels, dtype=torch.float64, device=device)
-            scale = torch.ones_like(mean)
-        else:
-            if self.distributed:
-                channels = dist.all_reduce_channel_statistics(channels)
-            # float64 whatever the solve's dtype (only C numbers each): the features are
-            # normalised in float64 and only then rounded to the solve's dtype
-            mean, scale = channels.mean, channels.scale
-        grid = shard.grid_shape
-        out_shape = self._check_shard(shard)
-        counts = torch.as_tensor(shard.counts, dtype=torch.float64, device=device)
-        weights = class_weights_from_counts(counts)
-
-        def scatter_step():
-            stats = _scatter_statistics(scatter_pass(), weights, mean, scale, dtype)
-            seen = np.zeros(0) if stats is None else stats.counts.cpu().numpy()
-            if not np.array_equal(seen, shard.local_counts):
-                raise ValueError(
-                    "The batches changed between the two passes over the data (class sizes "
-                    f"{shard.local_counts.tolist()} in pass 1, "
-                    f"{seen.astype(np.int64).tolist()} in pass 2). "
-                    "Both passes must yield the same samples; random augmentation or "
-                    "drop_last with shuffling break this."
-                )
-            return stats
-
-        stats = self._on_every_rank(scatter_step)
-        if self.distributed:
-            stats = dist.all_reduce_scatter_statistics(stats)
-        self._check_statistics(stats, dtype)
-        factor, noise = stats.between_factor(), stats.between_noise()
-        if no_class_information(factor, noise):  # every row would be rounding noise
-            cells, locations = out_shape[0] * out_shape[1], grid[0] * grid[1]
-            operator = stats.within.new_zeros((self.n_components, cells, locations))
-            eigenvalues = torch.zeros(operator.shape[:2], dtype=torch.float64, device=device)
-        else:
-            operator, eigenvalues = self._solve(stats, factor, grid, out_shape, dtype, device)
-        # Rows that see no class information beyond the rounding of A get the cell's
-        # average-pooling row, whatever the rounding fell like (batch size, sample order).
-        empty = rows_without_class_information(operator, factor, noise)
-        operator = self._fill_uninformative_rows(operator, grid, out_shape, empty)
-        eigenvalues = torch.where(empty, 0.0, eigenvalues)
-        self.operator_ = operator.cpu().numpy()
-        self.eigenvalues_ = eigenvalues.cpu().numpy()
-        self.channel_mean_ = mean.cpu().double().numpy()
-        self.channel_scale_ = scale.cpu().double().numpy()
-        self.classes_ = shard.classes
-        self.grid_shape_ = grid
-        self.output_shape_ = out_shape
+    def _set_fitted(self, fitted: FittedOperator, *, input_attributes: bool = False):
+        """Store ``fitted`` as the fitted attributes; with ``input_attributes`` also
+        ``n_channels_in_`` and ``n_features_in_`` (``fit`` records those from the data)."""
+        self.operator_, self.eigenvalues_ = fitted.operator, fitted.eigenvalues
+        self.channel_mean_, self.channel_scale_ = fitted.channel_mean, fitted.channel_scale
+        self.grid_shape_, self.output_shape_ = fitted.grid_shape, fitted.output_shape
+        self.classes_ = fitted.classes
+        if input_attributes:
+            self.n_channels_in_ = fitted.n_channels
+            self.n_features_in_ = fitted.n_locations * fitted.n_channels
         return self
 
-    def _check_statistics(self, stats, dtype) -> None:
-        """The scatter statistics must be finite (normalised features always are)."""
-        if bool(torch.isfinite(stats.within).all()) and bool(torch.isfinite(stats.means).all()):
-            return
-        remedies = [] if dtype == torch.float64 else ["dtype='float64'"]
-        remedies += [] if self.normalize_channels else ["normalize_channels=True"]
-        raise ValueError(
-            f"The within-class scatter of the features overflows {str(dtype)[6:]} (features "
-            f"of too large a magnitude); use {' or '.join(remedies) or 'smaller features'}."
-        )
+    def _check_fit_input(self, X, position: int = 0, first=None):
+        """Validated stacks of one batch for ``fit`` (the first records ``n_features_in_``,
+        the others must have its grid and channels)."""
+        stacks = check_stacks(self, X, reset=first is None, grid_shape=self.grid_shape)
+        if first is not None:
+            check_same_grid(stacks, first, position)
+        return stacks
 
-    def _fill_uninformative_rows(self, operator, grid, out_shape, rows):
-        """The rows ``rows`` (k, M) get the cell's average-pooling row, normalised."""
-        stride = self.stride if self.output_shape is None else None
-        average = average_pooling_operator(
-            grid, out_shape, stride=stride, dtype=operator.dtype, device=operator.device
-        )
-        return fill_empty_rows(operator, average, self.norm, rows)
-
-    def _solve(self, stats, factor, grid, out_shape, dtype, device):
-        """The operator (k, M, N) and ratios (k, M); distributed: each rank solves a slice."""
-        costs = locality_costs(grid, out_shape, dtype=dtype, device=device)
-        ranks = dist.world_size() if self.distributed else 1
-        cells = torch.arange(costs.shape[0]).tensor_split(ranks)
-        mine = cells[dist.rank()]
-
-        def solve():
-            if mine.numel() == 0:  # more ranks than output cells
-                return (
-                    stats.within.new_zeros((self.n_components, 0, costs.shape[1])),
-                    torch.zeros((self.n_components, 0), dtype=torch.float64, device=device),
-                )
-            return top_generalized_eigenvectors(
-                factor,
-                stats.within,
-                costs[mine.to(device)],
-                float(self.alpha),
-                int(self.n_components),
-                norm=self.norm,
-                method=self.solver,
-                support_radius=self.support_radius,
-                max_memory_bytes=int(self.max_memory_mb * 2**20),
+    def _warn_column_grid(self, stacks) -> None:
+        """Say so where 2-D (n, F) input without ``grid_shape`` became an F×1 grid (F > 1):
+        flattened maps passed without their grid pool along a column, silently otherwise."""
+        if stacks.layout == "2d" and self.grid_shape is None and stacks.n_locations > 1:
+            warnings.warn(
+                f"{type(self).__name__}: 2-D input (n, {stacks.n_locations}) without "
+                f"grid_shape is treated as a {stacks.n_locations}x1 grid with one channel; "
+                "pass grid_shape=(H, W) for flattened (H, W, C) maps (grid_shape="
+                f"({stacks.n_locations}, 1) keeps the column and silences this warning).",
+                UserWarning,
+                stacklevel=5,  # the caller of fit: _warn, fit, _fit_context, atomic_fit
             )
 
-        operator, eigenvalues = self._on_every_rank(solve)
-        if ranks > 1:
-            sizes = [part.numel() for part in cells]
-            operator = dist.all_gather_along(operator, 1, sizes)
-            eigenvalues = dist.all_gather_along(eigenvalues, 1, sizes)
-        return operator, eigenvalues
+    def _iter_batches(self, start_pass, summary):
+        """Validated (stacks, labels) of every batch of one pass; the first pass (``summary``
+        is None) records ``n_features_in_`` from the first batch, the second checks it."""
+        first = summary
+        for position, item in enumerate(start_pass()):
+            features, labels = split_batch(item, position)
+            stacks = self._check_fit_input(features, position, first)
+            first = stacks if first is None else first
+            if isinstance(labels, torch.Tensor):
+                labels = labels.detach().cpu().numpy()
+            yield stacks, check_labels(self, labels, stacks.n_samples)
 
-    def _check_transform_input(self, X) -> FeatureStacks:
+    def _check_transform_input(self, X):
         """Validate X for a fitted estimator: same channels and the same grid as ``fit``."""
         stacks = check_stacks(self, X, reset=False, grid_shape=self.grid_shape)
         explicit = stacks.layout == "4d" or self.grid_shape is not None
@@ -702,169 +665,14 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         return stacks
 
 
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Shard:
-    """What the passes need to know about the data before the scatter statistics.
-
-    grid_shape, n_channels : the samples' grid (H, W) and channels
-    classes, counts : the classes (Q,) and their sizes (Q,) in all the data (all ranks)
-    local_counts : the class sizes (Q,) in this process's data
-    """
-
-    grid_shape: tuple[int, int]
-    n_channels: int
-    classes: np.ndarray
-    counts: np.ndarray
-    local_counts: np.ndarray
-
-    @classmethod
-    def of(cls, stacks: FeatureStacks, classes, counts) -> _Shard:
-        return cls(tuple(stacks.grid_shape), stacks.n_channels, classes, counts, counts)
-
-    @property
-    def n_locations(self) -> int:
-        return self.grid_shape[0] * self.grid_shape[1]
-
-    @staticmethod
-    def merge(shards: list[_Shard], local: _Shard) -> _Shard:
-        """The union of every rank's shard, seen from ``local``; the ranks must agree."""
-        classes, counts = None, None
-        for rank, shard in enumerate(shards):
-            if (shard.grid_shape, shard.n_channels) != (local.grid_shape, local.n_channels):
-                raise ValueError(
-                    f"Rank {rank} has a {shard.grid_shape[0]}x{shard.grid_shape[1]} grid with "
-                    f"{shard.n_channels} channels, this rank a {local.grid_shape[0]}x"
-                    f"{local.grid_shape[1]} grid with {local.n_channels}; every rank must pass "
-                    "data of the same shape."
-                )
-            classes, counts = _add_label_counts(classes, counts, shard.classes, shard.counts)
-        local_counts = np.zeros_like(counts)
-        local_counts[np.searchsorted(classes, local.classes)] = local.counts
-        return _Shard(local.grid_shape, local.n_channels, classes, counts, local_counts)
-
-
-def _check_labels(estimator, y, n_samples: int) -> np.ndarray:
-    """Validated class labels (n,) of n samples (any hashable, sortable type)."""
-    name = type(estimator).__name__
-    if y is None:
-        raise ValueError(f"{name} requires y to be passed, but the target y is None.")
-    y = column_or_1d(y, warn=True)
-    if y.shape[0] != n_samples:
-        raise ValueError(f"y has {y.shape[0]} labels but X has {n_samples} samples.")
-    check_classification_targets(y)
-    return y
-
-
-def _check_two_classes(classes: np.ndarray) -> None:
-    if len(classes) < 2:
-        raise ValueError(
-            "SeparabilityPooling needs samples of at least two classes to measure "
-            f"separability; got 1 class ({classes[0]})."
-        )
-
-
-def _encode_labels(estimator, y, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate class labels; return their codes (n,) in [0, Q) and the classes (Q,)."""
-    y = _check_labels(estimator, y, n_samples)
-    encoder = LabelEncoder()
-    codes = encoder.fit_transform(y)
-    _check_two_classes(encoder.classes_)
-    return codes, encoder.classes_
-
-
-def _add_label_counts(classes, counts, labels, label_counts=None):
-    """Merge labels (or unique labels with their counts) into sorted (classes, counts)."""
-    if label_counts is None:
-        labels, label_counts = np.unique(labels, return_counts=True)
-    if classes is None:
-        return labels, label_counts
-    merged = np.union1d(classes, labels)
-    total = np.zeros(len(merged), dtype=np.int64)
-    np.add.at(total, np.searchsorted(merged, classes), counts)
-    np.add.at(total, np.searchsorted(merged, labels), label_counts)
-    return merged, total
-
-
-def _codes_of(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Codes in [0, Q) of labels that must all be among the (sorted) classes."""
-    codes = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
-    unseen = classes[codes] != labels
-    if np.any(unseen):
-        raise ValueError(
-            f"Label {labels[np.argmax(unseen)]!r} appears in the second pass over the batches "
-            "but not in the first: both passes must yield the same samples."
-        )
-    return codes
-
-
-def _check_same_grid(stacks: FeatureStacks, first, position: int) -> None:
-    """Every batch must have the grid and channels of the first one."""
-    if (tuple(stacks.grid_shape), stacks.n_channels) != (
-        tuple(first.grid_shape),
-        first.n_channels,
-    ):
-        raise ValueError(
-            f"Batch {position} has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid with "
-            f"{stacks.n_channels} channels, the first batch a {first.grid_shape[0]}x"
-            f"{first.grid_shape[1]} grid with {first.n_channels}; all batches must agree."
-        )
-
-
-def _check_pair(shape) -> tuple[int, int] | None:
-    """Validate ``output_shape``: None or two positive integers."""
-    if shape is None:
-        return None
-    try:
-        pair = tuple(int(v) for v in shape)
-        valid = len(pair) == 2 and min(pair) >= 1 and all(float(v) == int(v) for v in shape)
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(
-            f"output_shape must be None or a pair of positive integers (H', W'), got {shape!r}."
-        )
-    return pair
-
-
-def _read_indexed(stacks: FeatureStacks, batch_size, device):
+def _read_indexed(stacks, batch_size, device):
     """(sample indices, batch (b, N, C)) on the device; a memmap's pages are released after
     every batch (:meth:`FeatureStacks.iter_batches`)."""
     for index, batch, _ in stacks.iter_batches(batch_size, device):
         yield index, batch
 
 
-def _read(stacks: FeatureStacks, batch_size, device):
+def _read(stacks, batch_size, device):
     """Batches (b, N, C) on the device (see :func:`_read_indexed`)."""
     for _, batch in _read_indexed(stacks, batch_size, device):
         yield batch
-
-
-def _channel_statistics(batches, dtype) -> ChannelStatistics | None:
-    """First pass: per-channel count, mean and centred sum of squares of the batches.
-
-    Always accumulated in float64 (``dtype`` is the solve's, used later): squared deviations
-    of float32 maps beyond about 1e19 overflow float32, those below 1e-19 underflow it.
-    """
-    total = None
-    for batch in batches:
-        stats = ChannelStatistics.from_batch(batch.to(torch.float64))
-        total = stats if total is None else total.merge(stats)
-    return total
-
-
-def _scatter_statistics(batches, class_weights, mean, scale, dtype) -> ScatterStatistics | None:
-    """Second pass: class means and within-class scatter of the normalised batches.
-
-    ``batches`` yields (features (b, N, C), class codes (b,)); None when it yields nothing.
-    The features are normalised with the float64 channel statistics in float64 (float64 data
-    of magnitude 1e40, or channels with a mean of 1e8, would lose everything to a float32
-    cast first); the class means stay in float64 and the within-class scatter is accumulated
-    in ``dtype``, the solve's.
-    """
-    total = None
-    for batch, labels in batches:
-        normalised = standardise(batch.to(torch.float64), mean, scale)
-        stats = ScatterStatistics.from_batch(normalised, labels, class_weights, dtype)
-        total = stats if total is None else total.merge(stats)
-    return total
