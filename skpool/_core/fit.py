@@ -1,40 +1,39 @@
-r"""The fit protocol of separability pooling: passes over the data, merged statistics, the
-distributed split of the output cells, and the solve.
+r"""The fit protocol of separability pooling, from the user's data to the fitted operator.
 
-Everything here works on plain descriptions — the grid (H, W), the channels C, the classes and
-their sizes (:class:`DataSummary`), batches of stacks (b, N, C) as tensors and class codes —
-and on the parameters in :class:`FitSettings`; validating the user's data is the estimator's
-job (:class:`skpool.SeparabilityPooling`). The protocol:
+On plain descriptions (:mod:`skpool._core.passes`: the grid, channels, classes and counts,
+batches of tensors) and the parameters in :class:`FitSettings`; validating the user's data
+is the caller's job (:class:`skpool.SeparabilityPooling`), given here as functions. The
+protocol:
 
 1. **Summary** of the data before any scatter is accumulated (the class weights
-   :math:`1/K_q` of B need the final class sizes): grid, channels, classes and counts, merged
-   over the ranks (:meth:`DataSummary.merge`), then checked against the parameters
-   (:func:`output_grid`).
-2. **Pass 1** (with channel normalisation): per-channel statistics in float64
-   (:func:`channel_statistics`), reduced over the ranks.
-3. **Pass 2**: class means and within-class scatter of the normalised batches
-   (:func:`scatter_statistics`), reduced over the ranks; the class sizes it saw must be those
-   of pass 1.
+   :math:`1/K_q` of B need the final class sizes): merged over the ranks, then checked
+   against the parameters (:func:`output_grid`) before the data are read — for arrays
+   (:func:`fit_stacks`) from the labels, for batches (:func:`fit_batches`) counted in pass 1.
+2. **Pass 1** (with channel normalisation, or to count the classes): per-channel statistics
+   in float64, reduced over the ranks.
+3. **Pass 2**: class means and within-class scatter of the normalised batches, reduced over
+   the ranks; the class sizes it saw must be those of pass 1.
 4. **Solve** (:func:`fit_operator`): the output cells are split between the ranks, each solves
    its slice with :func:`~skpool._core.geneig.top_generalized_eigenvectors` and the rows are
    gathered; rows without class information get their cell's average-pooling row.
 
 With ``distributed`` every rank runs every step (they are collectives) and a failure on one
-rank is raised on all of them (:func:`on_every_rank`). Progress: every pass and the solve take
-an optional ``progress`` factory, ``progress(description, total, unit)`` returning a context
-manager with ``update(n)`` (a ``tqdm`` class fits); None is silent.
+rank is raised on all of them (:func:`on_every_rank`). Every pass and the solve report to an
+optional ``progress`` factory (:func:`skpool._core.passes.progress_bar`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+from .._device import resolve_device
 from .._fitted import FittedOperator
+from .._grid import check_grid
 from . import distributed as dist
 from .geneig import (
     fill_empty_rows,
@@ -43,28 +42,30 @@ from .geneig import (
     top_generalized_eigenvectors,
 )
 from .grid import average_pooling_operator, locality_costs, output_grid_shape
-from .scatter import (
-    ChannelStatistics,
-    ScatterStatistics,
-    class_weights_from_counts,
-    standardise,
+from .passes import (
+    DataSummary,
+    channel_pass,
+    codes_of,
+    first_pass,
+    labelled,
+    progress_bar,
+    scatter_statistics,
 )
+from .scatter import ChannelStatistics, ScatterStatistics, class_weights_from_counts
 
 __all__ = [
-    "DataSummary",
+    "DTYPES",
     "FitSettings",
     "check_process_group",
     "on_every_rank",
     "output_grid",
-    "channel_statistics",
-    "scatter_statistics",
+    "fit_stacks",
+    "fit_batches",
     "fit_operator",
-    "add_label_counts",
-    "codes_of",
-    "progress_bar",
 ]
 
-Progress = Callable[[str, "int | None", str], contextlib.AbstractContextManager]
+#: The solve's dtype of each value of the ``dtype`` parameter.
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -88,51 +89,24 @@ class FitSettings:
     device: torch.device
     distributed: bool = False
 
-
-@dataclass(frozen=True)
-class DataSummary:
-    """What the passes need to know about the data before the scatter statistics.
-
-    grid_shape, n_channels : the samples' grid (H, W) and channels C
-    classes, counts : the sorted classes (Q,) and their sizes (Q,) in all the data (all ranks)
-    local_counts : the class sizes (Q,) in this process's data
-    """
-
-    grid_shape: tuple[int, int]
-    n_channels: int
-    classes: np.ndarray
-    counts: np.ndarray
-    local_counts: np.ndarray
-
     @classmethod
-    def of(cls, grid_shape, n_channels: int, classes, counts) -> DataSummary:
-        """The summary of one process's data (classes sorted, with their counts)."""
-        return cls(tuple(grid_shape), int(n_channels), classes, counts, counts)
-
-    @property
-    def n_locations(self) -> int:
-        return self.grid_shape[0] * self.grid_shape[1]
-
-    def merge(self, summaries: list[DataSummary]) -> DataSummary:
-        """The union of every rank's summary (``summaries``, in rank order), seen from this
-        rank's; every rank must have the same grid and channels."""
-        classes, counts = None, None
-        for rank, other in enumerate(summaries):
-            if (other.grid_shape, other.n_channels) != (self.grid_shape, self.n_channels):
-                raise ValueError(
-                    f"Rank {rank} has a {other.grid_shape[0]}x{other.grid_shape[1]} grid with "
-                    f"{other.n_channels} channels, this rank a {self.grid_shape[0]}x"
-                    f"{self.grid_shape[1]} grid with {self.n_channels}; every rank must pass "
-                    "data of the same shape."
-                )
-            classes, counts = add_label_counts(classes, counts, other.classes, other.counts)
-        local_counts = np.zeros_like(counts)
-        local_counts[np.searchsorted(classes, self.classes)] = self.local_counts
-        return DataSummary(self.grid_shape, self.n_channels, classes, counts, local_counts)
-
-    def whole(self, distributed: bool) -> DataSummary:
-        """The summary of all the data: with ``distributed``, merged over the ranks."""
-        return self.merge(dist.all_gather_objects(self)) if distributed else self
+    def from_params(cls, params: dict) -> FitSettings:
+        """The settings of :class:`skpool.SeparabilityPooling`'s (checked) parameters: the
+        device resolved, the output grid checked, the memory budget in bytes."""
+        return cls(
+            alpha=float(params["alpha"]),
+            stride=int(params["stride"]),
+            output_shape=check_grid(params["output_shape"], "output_shape", optional=True),
+            n_components=int(params["n_components"]),
+            norm=params["norm"],
+            normalize_channels=bool(params["normalize_channels"]),
+            solver=params["solver"],
+            support_radius=params["support_radius"],
+            max_memory_bytes=int(params["max_memory_mb"] * 2**20),
+            dtype=DTYPES[params["dtype"]],
+            device=resolve_device(params["device"]),
+            distributed=bool(params["distributed"]),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +143,7 @@ def on_every_rank(step: Callable, distributed: bool):
 
 
 # --------------------------------------------------------------------------------------------
-# Checks of the data against the parameters
+# The protocol
 def output_grid(summary: DataSummary, settings: FitSettings) -> tuple[int, int]:
     """Check the data against the parameters before reading it; return the output grid."""
     if len(summary.classes) < 2:
@@ -186,82 +160,62 @@ def output_grid(summary: DataSummary, settings: FitSettings) -> tuple[int, int]:
     return out_shape
 
 
-def add_label_counts(classes, counts, labels, label_counts=None):
-    """Merge labels (or unique labels with their counts) into sorted (classes, counts)."""
-    if label_counts is None:
-        labels, label_counts = np.unique(labels, return_counts=True)
-    if classes is None:
-        return labels, label_counts
-    merged = np.union1d(classes, labels)
-    total = np.zeros(len(merged), dtype=np.int64)
-    np.add.at(total, np.searchsorted(merged, classes), counts)
-    np.add.at(total, np.searchsorted(merged, labels), label_counts)
-    return merged, total
+def fit_stacks(validate: Callable, read: Callable, distributed: bool, progress=None):
+    """Fit on data whose labels are known up front (arrays, memmaps, tensors).
+
+    ``validate()`` (run on every rank) returns ``(settings, stacks, labels)``: the
+    :class:`FitSettings`, a description of the data (``grid_shape``, ``n_channels``,
+    ``n_samples``) and its labels (n,); ``read(stacks, device)`` yields its
+    ``(sample indices, batch)`` pairs. Returns the :class:`FittedOperator` (without params).
+    """
+
+    def summarise():
+        settings, stacks, labels = validate()
+        classes, counts = np.unique(labels, return_counts=True)
+        summary = DataSummary.of(stacks.grid_shape, stacks.n_channels, classes, counts)
+        return settings, stacks, labels, summary
+
+    settings, stacks, labels, summary = on_every_rank(summarise, distributed)
+    summary = summary.whole(distributed)
+    output_grid(summary, settings)  # before any data is read
+    batches = partial(read, stacks, settings.device)
+    channels = None
+    if settings.normalize_channels:
+        pass_1 = partial(channel_pass, batches(), stacks.n_samples, progress)
+        channels = on_every_rank(pass_1, distributed)
+    codes = torch.as_tensor(np.searchsorted(summary.classes, labels), device=settings.device)
+    return fit_operator(summary, channels, partial(labelled, batches(), codes), settings, progress)
 
 
-def codes_of(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Codes in [0, Q) of labels that must all be among the (sorted) classes."""
-    codes = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
-    unseen = classes[codes] != labels
-    if np.any(unseen):
-        raise ValueError(
-            f"Label {labels[np.argmax(unseen)]!r} appears in the second pass over the batches "
-            "but not in the first: both passes must yield the same samples."
+def fit_batches(start: Callable, batches: Callable, read: Callable, distributed: bool,
+                progress=None):
+    """Fit on batches read twice, whose class sizes are counted in pass 1.
+
+    ``start()`` (run on every rank) returns ``(settings, start_pass)``; ``batches(start_pass,
+    summary)`` yields the validated ``(stacks, labels)`` of one pass (``summary`` None in
+    pass 1, the first pass's afterwards); ``read(stacks, device)`` yields a batch's
+    ``(sample indices, batch)`` pairs. Returns the :class:`FittedOperator` (without params).
+    """
+
+    def pass_1():
+        settings, start_pass = start()
+        read_on_device = partial(read, device=settings.device)
+        summary, channels = first_pass(
+            batches(start_pass, None), read_on_device, settings.normalize_channels, progress
         )
-    return codes
+        return settings, start_pass, summary, channels
+
+    settings, start_pass, summary, channels = on_every_rank(pass_1, distributed)
+    summary = summary.whole(distributed)
+
+    def scatter_pass():
+        for stacks, labels in batches(start_pass, summary):
+            codes = torch.as_tensor(codes_of(labels, summary.classes), device=settings.device)
+            yield from labelled(read(stacks, settings.device), codes)
+
+    return fit_operator(summary, channels, scatter_pass, settings, progress)
 
 
-# --------------------------------------------------------------------------------------------
-# The passes
-def progress_bar(progress: Progress | None, description: str, total=None, unit="sample"):
-    """``progress(description, total, unit)``, or a silent bar when ``progress`` is None."""
-    if progress is None:
-        return contextlib.nullcontext(_SilentBar())
-    return progress(description, total, unit)
-
-
-class _SilentBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def channel_statistics(batches: Iterable[torch.Tensor], bar=None) -> ChannelStatistics | None:
-    """Pass 1: per-channel count, mean and centred sum of squares of the batches (b, N, C).
-
-    Always accumulated in float64 (the solve's dtype is used later): squared deviations of
-    float32 maps beyond about 1e19 overflow float32, those below 1e-19 underflow it. None
-    when ``batches`` yields nothing; ``bar.update(b)`` after every batch.
-    """
-    total = None
-    for batch in batches:
-        stats = ChannelStatistics.from_batch(batch.to(torch.float64))
-        total = stats if total is None else total.merge(stats)
-        if bar is not None:
-            bar.update(batch.shape[0])
-    return total
-
-
-def scatter_statistics(batches, class_weights, mean, scale, dtype, bar=None):
-    """Pass 2: class means and within-class scatter of the normalised batches.
-
-    ``batches`` yields (features (b, N, C), class codes (b,)); None when it yields nothing.
-    The features are normalised with the float64 channel statistics in float64 (float64 data
-    of magnitude 1e40, or channels with a mean of 1e8, would lose everything to a float32
-    cast first); the class means stay in float64 and the within-class scatter is accumulated
-    in ``dtype``, the solve's. ``bar.update(b)`` after every batch.
-    """
-    total = None
-    for batch, labels in batches:
-        normalised = standardise(batch.to(torch.float64), mean, scale)
-        stats = ScatterStatistics.from_batch(normalised, labels, class_weights, dtype)
-        total = stats if total is None else total.merge(stats)
-        if bar is not None:
-            bar.update(batch.shape[0])
-    return total
-
-
-# --------------------------------------------------------------------------------------------
-# From the passes to the operator
 def fit_operator(
     summary: DataSummary,
     channels: ChannelStatistics | None,

@@ -24,23 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.preprocessing import LabelEncoder
 from sklearn.utils._param_validation import validate_parameter_constraints
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import column_or_1d, validate_data
+from sklearn.utils.validation import validate_data
 
 from .._grid import check_grid
 from ._batches import release_mapped_pages
 
-__all__ = [
-    "FeatureStacks",
-    "check_stacks",
-    "check_same_grid",
-    "check_labels",
-    "encode_labels",
-    "atomic_fit",
-    "check_params",
-]
+__all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_params"]
 
 _ALLOWED_NDIM = (2, 3, 4)
 
@@ -161,45 +151,6 @@ def check_stacks(
                 f"{type(estimator).__name__} was fitted with {expected} channels."
             )
     return stacks
-
-
-def check_same_grid(stacks: FeatureStacks, first, position: int) -> None:
-    """Batch ``position`` must have the grid and channels of the ``first`` one."""
-    if (tuple(stacks.grid_shape), stacks.n_channels) != (
-        tuple(first.grid_shape),
-        first.n_channels,
-    ):
-        raise ValueError(
-            f"Batch {position} has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid with "
-            f"{stacks.n_channels} channels, the first batch a {first.grid_shape[0]}x"
-            f"{first.grid_shape[1]} grid with {first.n_channels}; all batches must agree."
-        )
-
-
-def check_labels(estimator, y, n_samples: int) -> np.ndarray:
-    """Validated class labels (n,) of n samples (any hashable, sortable type)."""
-    if y is None:
-        raise ValueError(
-            f"{type(estimator).__name__} requires y to be passed, but the target y is None."
-        )
-    y = column_or_1d(y, warn=True)
-    if y.shape[0] != n_samples:
-        raise ValueError(f"y has {y.shape[0]} labels but X has {n_samples} samples.")
-    check_classification_targets(y)
-    return y
-
-
-def encode_labels(estimator, y, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate class labels of at least two classes; return their codes (n,) in [0, Q) and
-    the classes (Q,)."""
-    encoder = LabelEncoder()
-    codes = encoder.fit_transform(check_labels(estimator, y, n_samples))
-    if len(encoder.classes_) < 2:
-        raise ValueError(
-            f"{type(estimator).__name__} needs samples of at least two classes to measure "
-            f"separability; got 1 class ({encoder.classes_[0]})."
-        )
-    return codes, encoder.classes_
 
 
 def check_params(estimator, names, method: str) -> None:

@@ -1,14 +1,9 @@
-"""SeparabilityPooling: the closed-form learned spatial pooling of Birodkar et al. (2019).
-
-The estimator validates its input, runs the fit protocol of the core
-(:mod:`skpool._core.fit`: the passes, the merges, the distributed split, the solve) and stores
-the fitted operator (:class:`skpool._fitted.FittedOperator`) as numpy attributes.
-"""
+"""SeparabilityPooling (Birodkar et al. 2019): validates its input, runs the core's fit protocol
+(:mod:`skpool._core.fit`) and stores the fitted operator as numpy attributes."""
 
 from __future__ import annotations
 
-import sys
-import warnings
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
@@ -19,40 +14,24 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 
-from .._core import distributed as dist
-from .._core.fit import (
-    DataSummary,
-    FitSettings,
-    channel_statistics,
-    check_process_group,
-    codes_of,
-    add_label_counts,
-    fit_operator,
-    on_every_rank,
-    output_grid,
-    progress_bar,
-    scatter_statistics,
-)
-from .._core.geneig import rayleigh_ratios
+from .._core.apply import pool_into, separability_ratios
+from .._core.fit import DTYPES, FitSettings, check_process_group, fit_batches, fit_stacks
 from .._core.grid import average_pooling_operator
-from .._core.operator import apply_pooling_operator
-from .._core.scatter import class_weights_from_labels, standardise
 from .._device import resolve_device
 from .._fitted import FittedOperator
-from .._grid import check_grid
-from ._batches import reiterable, split_batch
-from ._validation import (
-    atomic_fit,
+from ._batches import reiterable
+from ._fit_input import (
+    check_fitted_grid,
     check_labels,
-    check_params,
-    check_same_grid,
-    check_stacks,
+    device_batches,
     encode_labels,
+    labelled_batches,
+    progress_bars,
+    warn_column_grid,
 )
+from ._validation import atomic_fit, check_params, check_stacks
 
 __all__ = ["SeparabilityPooling"]
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class SeparabilityPooling(TransformerMixin, BaseEstimator):
@@ -83,16 +62,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     component-major (channel ``j*C + c``). ``transform`` computes :math:`Z_j = P_j G` per
     sample and maps it back to the input's scale and centre, :math:`Z_j \sigma + \mu`.
 
-    A is stored through a factor with at most (Q−1)·C columns; when that is below N the
-    eigenproblem is solved in that smaller dimension (``solver="auto"``). Everything runs in
-    torch, batched over all output cells, on CPU or GPU.
-
     Data larger than memory: ``fit`` reads ``X`` batch by batch (a :class:`numpy.memmap` stays
     on disk), and :meth:`fit_batches` fits from a re-iterable of ``(X_batch, y_batch)`` batches
     such as a torch ``DataLoader``; both give the in-memory result (the statistics are exact
-    sums). With ``distributed=True`` every process of a :mod:`torch.distributed` group fits on
-    its own shard and they reduce their statistics into one operator. ``support_radius``
-    truncates each row's support to make large grids (64×64 and up) practical.
+    sums). With ``distributed=True`` the processes of a :mod:`torch.distributed` group fit one
+    operator on their shards. Everything runs in torch, batched over the output cells, on CPU
+    or GPU; the protocol is :mod:`skpool._core.fit`, the solve :mod:`skpool._core.geneig`.
 
     Parameters
     ----------
@@ -122,19 +97,14 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     solver : {"auto", "low_rank", "full"}, default="auto"
         Route of the eigenproblem: ``"low_rank"`` solves an r×r problem with r ≤ (Q−1)·C
         (needs ``n_components <= r``), ``"full"`` an N×N one; ``"auto"`` picks low-rank when
-        r < N. Both give the same operator up to rounding. On CPU the low-rank route factors
-        each cell's system and whitens A's factor in one blocked pass, a few cells at a time;
-        the top components come from a subspace iteration certified by its residual, with
-        ``eigh`` as the fallback (:mod:`skpool._core.geneig`).
+        r < N. Both give the same operator up to rounding.
     device : str or torch.device, default="auto"
         Where to compute: "auto" (CUDA when available), "cpu", "cuda" or "cuda:<index>".
     dtype : {"float64", "float32"}, default="float64"
         Precision of the within-class scatter and of the solve. float32 is faster (about 2×
         on CPU, much more on most GPUs) and agrees with float64 to about 1e-4 on
-        well-conditioned data. Whatever the dtype, the channel statistics, the normalisation
-        of the features and the class means are computed in float64 (the features are
-        rounded to ``dtype`` only once normalised), so large channel means or data beyond
-        float32's range cost no accuracy.
+        well-conditioned data. The channel statistics, the normalisation and the class means
+        are float64 whatever the dtype.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
@@ -145,24 +115,18 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         peak memory of a fit does not grow with the number of samples.
     support_radius : float, default=None
         Truncated support, in input pixels: row m only weighs the input locations within this
-        distance of its cell's centre and is exactly zero elsewhere, so each cell solves an
-        n×n problem (n ≈ π·radius² ≪ N) instead of N×N (64×64 grid, M = 1024: seconds
-        instead of minutes on a CPU). It is the same maximisation restricted to that support,
-        so a row's ratio is at most the exact one. How close the rows stay depends on
-        ``alpha``: with a large ``alpha`` the exact rows concentrate near their centre (16×16
-        grid, ``alpha=1000``, radius 6: within 0.06 rad of the exact rows), with a small one
-        they spread over the grid and truncation changes them (see
-        ``benchmarks/bench_large_grid.py``). None (default) solves exactly; a radius covering
-        the whole grid gives the exact operator.
+        distance of its cell's centre (exactly zero elsewhere), so each cell solves an n×n
+        problem (n ≈ π·radius² ≪ N): a 64×64 grid in seconds instead of minutes on a CPU.
+        The rows stay close to the exact ones where ``alpha`` is large (16×16 grid,
+        ``alpha=1000``, radius 6: within 0.06 rad), not where it is small
+        (``benchmarks/bench_large_grid.py``). None (default) solves exactly.
     distributed : bool, default=False
         Fit with every process of the initialised default :mod:`torch.distributed` process
-        group, each passing its own shard of the data to ``fit`` or ``fit_batches`` (same
-        parameters everywhere). Label counts, channel statistics and scatter statistics are
-        reduced exactly (all-reduce of sums and centred between-rank corrections), the output
-        cells are split between the ranks for the solve and the rows gathered, so every rank
-        ends with the same operator as a single-process fit on all the data. An error on one
-        rank is raised on every rank. Use the ``gloo`` backend for CPU fits and ``nccl`` for
-        CUDA ones.
+        group, each passing its own shard to ``fit`` or ``fit_batches`` (same parameters
+        everywhere): the statistics are reduced exactly, the output cells split between the
+        ranks and the rows gathered, so every rank ends with the operator of a single fit on
+        all the data; an error on one rank is raised on all. ``gloo`` for CPU, ``nccl`` for
+        CUDA.
     verbose : int, default=0
         0 is silent; above 0 ``fit`` and ``fit_batches`` show progress bars (tqdm, on stderr)
         over the batches of each pass and over the output cells of the solve (with
@@ -194,10 +158,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of the columns of a 2-D DataFrame seen in ``fit``.
     fitted_operator_ : FittedOperator
-        All of the above that defines the operator, with the parameters, as one frozen value
-        object (:class:`skpool.io.FittedOperator`: the arrays themselves, not copies); what
-        :func:`skpool.io.save_operator` writes and :meth:`FittedOperator.to_module` turns
-        into a :class:`skpool.nn.SeparabilityPool2d` layer.
+        The operator, grids, channel statistics, eigenvalues, classes and parameters as one
+        frozen :class:`skpool.io.FittedOperator` (the arrays above, not copies): what
+        :func:`skpool.io.save_operator` writes; ``.to_module()`` gives the layer.
 
     See Also
     --------
@@ -205,24 +168,15 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    B is singular when there are fewer samples than locations (K·C < N), at constant
-    locations, or with ``alpha = 0``; a ridge of N·eps times trace(B + αC_m)/N (grown when a
-    factorisation still fails) keeps every system solvable, so the fit never fails or returns
-    NaN on such data (see :mod:`skpool._core.geneig`). Any finite ``alpha`` works: the
-    systems are scaled by powers of two before the solve (``alpha = 1e39`` in float32 gives
-    the ``alpha -> inf`` limit), and maps of any finite magnitude (1e-300 to 1e300) give the
-    operator of the same maps at unit scale.
-
-    Rows without class information. Where the data carry none (every sample identical, or
-    the same samples in every class) A is zero in exact arithmetic and its computed value is
-    rounding, which would decide the rows. A row p is taken for such a row when
-    :math:`\|D^\top p\|` (:math:`A = D D^\top`) is within the worst-case rounding bound of
-    D (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`, about
-    :math:`8 K \ln K` units of float64 roundoff of the data's root mean square at each
-    location, K the number of samples); it is replaced by its cell's average-pooling row,
-    with ratio 0, whatever the batches, the sample order, the dtype or the solver. A small
-    A against B is not a loss of information (the eigenvectors do not depend on A's
-    scale): class means 1e-7 of the spread apart are solved as usual.
+    B is singular with fewer samples than locations (K·C < N), at constant locations, or
+    with ``alpha = 0``: a ridge of N·eps times trace(B + αC_m)/N keeps every system
+    solvable, never a failure or NaN. Any finite ``alpha`` and maps of any finite magnitude
+    work (everything is scaled by powers of two). Where the data carry no class information
+    (identical samples, or the same samples in every class) A is rounding noise: a row p
+    with :math:`\|D^\top p\|` (:math:`A = D D^\top`) within the rounding bound of D is
+    replaced by its cell's average-pooling row, with ratio 0, whatever the batches, order,
+    dtype or solver (:mod:`skpool._core.geneig`). A small A is not such a case: class means
+    1e-7 of the spread apart are solved as usual.
 
     References
     ----------
@@ -250,7 +204,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "grid_shape": [tuple, list, None],
         "solver": [StrOptions({"auto", "low_rank", "full"})],
         "device": [str, torch.device],
-        "dtype": [StrOptions(set(_DTYPES))],
+        "dtype": [StrOptions(set(DTYPES))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
@@ -298,12 +252,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     def fit(self, X, y):
         """Learn the pooling operator from labelled feature maps.
 
-        ``X`` is read in batches of ``batch_size`` samples (twice with channel normalisation:
-        once for the channel statistics, once for the scatter statistics), so a 3-D or 4-D
-        :class:`numpy.memmap` is never loaded whole, and the pages of a shared memmap are
-        released after each batch: the peak memory does not grow with the number of samples.
-        (2-D input first goes through scikit-learn's validation, whose finiteness check reads
-        the whole array once.) With ``distributed=True``, ``(X, y)`` is this process's shard.
+        ``X`` is read in batches of ``batch_size`` samples, twice with channel normalisation
+        (a 3-D or 4-D :class:`numpy.memmap` is never loaded whole; 2-D input is first scanned
+        once by scikit-learn's finiteness check). With ``distributed=True``, ``(X, y)`` is this
+        process's shard.
 
         Parameters
         ----------
@@ -318,97 +270,48 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_process_group(self.distributed)
 
         def validate():
-            stacks = self._check_fit_input(X)
+            stacks = check_stacks(self, X, reset=True, grid_shape=self.grid_shape)
+            warn_column_grid(self, stacks)
             labels = check_labels(self, y, stacks.n_samples)
-            settings = self._settings()
-            classes, counts = np.unique(labels, return_counts=True)
-            summary = DataSummary.of(stacks.grid_shape, stacks.n_channels, classes, counts)
-            return settings, stacks, labels, summary
+            return FitSettings.from_params(self.get_params()), stacks, labels
 
-        settings, stacks, labels, summary = on_every_rank(validate, self.distributed)
-        self._warn_column_grid(stacks)
-        summary = summary.whole(self.distributed)
-        output_grid(summary, settings)  # before any data is read
-        device, progress = settings.device, self._progress()
-        codes = torch.as_tensor(np.searchsorted(summary.classes, labels), device=device)
-
-        def channel_pass():
-            with progress_bar(progress, "channel statistics", stacks.n_samples) as bar:
-                return channel_statistics(_read(stacks, self.batch_size, device), bar)
-
-        def scatter_pass():
-            for index, batch in _read_indexed(stacks, self.batch_size, device):
-                yield batch, codes[torch.as_tensor(index, device=device)]
-
-        channels = None
-        if self.normalize_channels:
-            channels = on_every_rank(channel_pass, self.distributed)
-        return self._set_fitted(fit_operator(summary, channels, scatter_pass, settings, progress))
+        read = partial(device_batches, batch_size=self.batch_size)
+        fitted = fit_stacks(validate, read, self.distributed, progress_bars(self))
+        return self._set_fitted(fitted)
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_batches(self, batches):
         """Learn the pooling operator from batches of labelled feature maps, read twice.
 
-        For data that do not fit in memory. Pass 1 reads every batch for the channel
-        statistics and the class sizes (the class weights :math:`1/K_q` of B need the final
-        sizes before any scatter is accumulated); pass 2 reads them again for the scatter
-        statistics. The result equals ``fit`` on the concatenated batches (to rounding); only
-        one batch (split further into ``batch_size`` samples on the device) is in memory at a
-        time.
+        For data that do not fit in memory. Pass 1 reads every batch for the class sizes (B's
+        weights :math:`1/K_q` need them first) and channel statistics, pass 2 for the scatter
+        statistics. The result equals ``fit`` on the concatenated batches (to rounding); one
+        batch at a time is in memory.
 
         Parameters
         ----------
         batches : re-iterable of (X_batch, y_batch), or callable returning an iterator of them
-            Must be iterable twice: a torch ``DataLoader``, a list, any object whose
-            ``__iter__`` starts afresh, or a function returning a fresh iterator (e.g.
-            ``lambda: read_chunks(path)``). A one-shot iterator such as a generator raises
-            TypeError. ``X_batch`` is any layout ``fit`` accepts (array, memmap or tensor), all
-            batches with the same grid and channels; the grid comes from the first batch
-            (4-D) or ``grid_shape``. ``y_batch`` holds its labels (array, list or tensor).
-            Both passes must yield the same samples (the order may change, e.g. a shuffling
-            DataLoader); the class sizes are checked. With ``distributed=True`` the batches
-            are this process's shard (e.g. a DataLoader with a ``DistributedSampler``).
+            Iterable twice: a torch ``DataLoader``, a list, or a function returning a fresh
+            iterator (``lambda: read_chunks(path)``); a generator is a TypeError. ``X_batch``
+            is any layout ``fit`` accepts, every batch with the first one's grid and
+            channels; ``y_batch`` its labels. Both passes must yield the same samples (in any
+            order; the class sizes are checked). With ``distributed=True``, this process's
+            shard (e.g. a DataLoader with a ``DistributedSampler``).
 
         Returns
         -------
         self
         """
         check_process_group(self.distributed)
-        progress = self._progress()
-        first_pass = "class sizes" + (" and channel statistics" if self.normalize_channels else "")
 
-        def read_first_pass():
-            settings, start_pass = self._settings(), reiterable(batches)
-            first, channels, classes, counts = None, None, None, None
-            with progress_bar(progress, first_pass) as bar:
-                for stacks, labels in self._iter_batches(start_pass, None):
-                    first = stacks if first is None else first
-                    classes, counts = add_label_counts(classes, counts, labels)
-                    if not self.normalize_channels:
-                        bar.update(stacks.n_samples)
-                        continue
-                    batch_stats = _read(stacks, self.batch_size, settings.device)
-                    more = channel_statistics(batch_stats, bar)
-                    channels = more if channels is None else channels.merge(more)
-            if first is None:
-                raise ValueError("batches yielded no (X_batch, y_batch) pair; nothing to fit.")
-            summary = DataSummary.of(first.grid_shape, first.n_channels, classes, counts)
-            return settings, start_pass, channels, summary, first
+        def start():
+            return FitSettings.from_params(self.get_params()), reiterable(batches)
 
-        settings, start_pass, channels, summary, first = on_every_rank(
-            read_first_pass, self.distributed
-        )
-        self._warn_column_grid(first)
-        summary, device = summary.whole(self.distributed), settings.device
-
-        def scatter_pass():
-            for stacks, labels in self._iter_batches(start_pass, summary):
-                codes = torch.as_tensor(codes_of(labels, summary.classes), device=device)
-                for index, batch in _read_indexed(stacks, self.batch_size, device):
-                    yield batch, codes[torch.as_tensor(index, device=device)]
-
-        return self._set_fitted(fit_operator(summary, channels, scatter_pass, settings, progress))
+        passes = partial(labelled_batches, self)
+        read = partial(device_batches, batch_size=self.batch_size)
+        fitted = fit_batches(start, passes, read, self.distributed, progress_bars(self))
+        return self._set_fitted(fitted)
 
     def transform(self, X):
         """Pool each feature map with the learned operator.
@@ -428,32 +331,18 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         check_params(self, ("batch_size", "device", "grid_shape"), "transform")
         device = resolve_device(self.device)
-        stacks = self._check_transform_input(X)
-        n_out = self.operator_.shape[1]
-        width = self.operator_.shape[0] * stacks.n_channels
+        stacks = check_fitted_grid(self, X)
         if stacks.layout != "2d" and _get_output_config("transform", self)["dense"] != "default":
             raise ValueError(
                 "set_output(transform='pandas'/'polars') needs 2-D output: pass 2-D input "
                 f"(n, F) (with grid_shape for several channels), not {stacks.layout} input."
             )
-        operator = torch.as_tensor(self.operator_, device=device, dtype=stacks.dtype)
-        # In the data's dtype (float32 data carry no more precision than float32 statistics
-        # keep), normalised without overflow (standardise), mapped back to the data's scale
-        # per output channel j*C + c.
-        mean = torch.as_tensor(self.channel_mean_, device=device, dtype=stacks.dtype)
-        scale = torch.as_tensor(self.channel_scale_, device=device, dtype=stacks.dtype)
-        out_mean, out_scale = mean.repeat(len(operator)), scale.repeat(len(operator))
+        n_components, n_out, _ = self.operator_.shape
+        width = n_components * stacks.n_channels
         out = np.empty((stacks.n_samples, n_out, width), dtype=stacks.numpy_dtype)
-        for index, batch in _read_indexed(stacks, self.batch_size, device):
-            pooled = apply_pooling_operator(standardise(batch, mean, scale), operator)
-            pooled = pooled.mul_(out_scale).add_(out_mean)  # a fresh tensor
-            if not bool(torch.isfinite(pooled).all()):
-                raise ValueError(
-                    f"The pooled values of the batch starting at sample {int(index[0])} exceed "
-                    f"the range of {stacks.numpy_dtype} (features near its largest value); "
-                    "pass float64 features."
-                )
-            out[index] = pooled.cpu().numpy()
+        arrays = (self.operator_, self.channel_mean_, self.channel_scale_)
+        tensors = [torch.as_tensor(a, device=device, dtype=stacks.dtype) for a in arrays]
+        pool_into(out, device_batches(stacks, device, self.batch_size), *tensors)
         if stacks.layout == "4d":
             return out.reshape(stacks.n_samples, *self.output_shape_, width)
         if stacks.layout == "2d":
@@ -463,13 +352,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     def separability_ratios(self, X, y):
         r"""Per output cell, the separability ratio of the learned rows vs. average pooling.
 
-        The scatters A and B of ``(X, y)`` are computed with the fitted channel
-        normalisation; for every row p the ratio :math:`p^\top A p / p^\top B p` (no locality
-        term) says how well the pooled value separates the classes, relative to its
-        within-class spread. Average pooling's row of cell m is uniform over the cell's
-        stride×stride block (with ``output_shape``, adaptive average pooling's block). A row
-        whose between-class term is within the rounding error of A (data without class
-        information, e.g. the same samples in every class) has ratio 0.
+        With the scatters A and B of ``(X, y)`` (fitted channel normalisation), the ratio
+        :math:`p^\top A p / p^\top B p` (no locality term) of every row p says how well the
+        pooled value separates the classes. Average pooling's row is uniform over the cell's
+        stride×stride block (adaptive pooling's with ``output_shape``). A row whose
+        between-class term is within the rounding error of A has ratio 0.
 
         Parameters
         ----------
@@ -487,38 +374,25 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
                 Reshape either to (…, H', W') for a map.
         """
         check_is_fitted(self)
-        check_params(
-            self,
-            ("batch_size", "device", "grid_shape", "stride", "output_shape"),
-            "separability_ratios",
-        )
+        names = ("batch_size", "device", "grid_shape", "stride", "output_shape")
+        check_params(self, names, "separability_ratios")
         device = resolve_device(self.device)
-        stacks = self._check_transform_input(X)
+        stacks = check_fitted_grid(self, X)
         codes, classes = encode_labels(self, y, stacks.n_samples)
-        dtype = torch.float64
-        mean = torch.as_tensor(self.channel_mean_, device=device, dtype=dtype)
-        scale = torch.as_tensor(self.channel_scale_, device=device, dtype=dtype)
-        codes = torch.as_tensor(codes, device=device)
-        weights = class_weights_from_labels(codes, len(classes), dtype=dtype)
-        batches = (
-            (batch, codes[torch.as_tensor(index, device=device)])
-            for index, batch in _read_indexed(stacks, self.batch_size, device)
-        )
-        stats = scatter_statistics(batches, weights, mean, scale, dtype)
-        factor, noise = stats.between_factor(), stats.between_noise()  # ratio 0 within noise
-        operator = torch.as_tensor(self.operator_, device=device, dtype=dtype)
+        as_tensor = partial(torch.as_tensor, device=device, dtype=torch.float64)
+        stride = self.stride if self.output_shape is None else None
         average = average_pooling_operator(
-            self.grid_shape_,
-            self.output_shape_,
-            stride=self.stride if self.output_shape is None else None,
-            dtype=dtype,
-            device=device,
+            self.grid_shape_, self.output_shape_, stride=stride, dtype=torch.float64, device=device
         )
-        return Bunch(
-            learned=rayleigh_ratios(operator, factor, stats.within, noise=noise).cpu().numpy(),
-            average=rayleigh_ratios(average, factor, stats.within, noise=noise).cpu().numpy(),
-            output_shape=self.output_shape_,
+        learned, average = separability_ratios(
+            device_batches(stacks, device, self.batch_size),
+            torch.as_tensor(codes, device=device),
+            len(classes),
+            [as_tensor(self.operator_), average],
+            as_tensor(self.channel_mean_),
+            as_tensor(self.channel_scale_),
         )
+        return Bunch(learned=learned, average=average, output_shape=self.output_shape_)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the 2-D output columns: ``separabilitypooling_m{m}_j{j}_c{c}``.
@@ -538,14 +412,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         _check_feature_names_in(self, input_features, generate_names=False)
         prefix = type(self).__name__.lower()
-        n_components, n_out, _ = self.operator_.shape
-        names = [
-            f"{prefix}_m{m}_j{j}_c{c}"
-            for m in range(n_out)
-            for j in range(n_components)
-            for c in range(self.n_channels_in_)
-        ]
-        return np.asarray(names, dtype=object)
+        cells = np.ndindex(self.operator_.shape[1], self.operator_.shape[0], self.n_channels_in_)
+        return np.asarray([f"{prefix}_m{m}_j{j}_c{c}" for m, j, c in cells], dtype=object)
 
     @property
     def fitted_operator_(self) -> FittedOperator:
@@ -573,36 +441,6 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
-    # ------------------------------------------------------------------- fitting machinery
-    def _settings(self) -> FitSettings:
-        """The parameters as the core takes them (device resolved here: on every rank)."""
-        return FitSettings(
-            alpha=float(self.alpha),
-            stride=int(self.stride),
-            output_shape=check_grid(self.output_shape, "output_shape", optional=True),
-            n_components=int(self.n_components),
-            norm=self.norm,
-            normalize_channels=bool(self.normalize_channels),
-            solver=self.solver,
-            support_radius=self.support_radius,
-            max_memory_bytes=int(self.max_memory_mb * 2**20),
-            dtype=_DTYPES[self.dtype],
-            device=resolve_device(self.device),
-            distributed=bool(self.distributed),
-        )
-
-    def _progress(self):
-        """A tqdm bar factory for the core when ``verbose`` (on rank 0), else None."""
-        if not self.verbose or (self.distributed and dist.rank() != 0):
-            return None
-        from tqdm.auto import tqdm
-
-        def bar(description: str, total, unit: str):
-            name = f"{type(self).__name__} {description}"
-            return tqdm(desc=name, total=total, unit=unit, file=sys.stderr, disable=False)
-
-        return bar
-
     def _set_fitted(self, fitted: FittedOperator, *, input_attributes: bool = False):
         """Store ``fitted`` as the fitted attributes; with ``input_attributes`` also
         ``n_channels_in_`` and ``n_features_in_`` (``fit`` records those from the data)."""
@@ -614,65 +452,3 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             self.n_channels_in_ = fitted.n_channels
             self.n_features_in_ = fitted.n_locations * fitted.n_channels
         return self
-
-    def _check_fit_input(self, X, position: int = 0, first=None):
-        """Validated stacks of one batch for ``fit`` (the first records ``n_features_in_``,
-        the others must have its grid and channels)."""
-        stacks = check_stacks(self, X, reset=first is None, grid_shape=self.grid_shape)
-        if first is not None:
-            check_same_grid(stacks, first, position)
-        return stacks
-
-    def _warn_column_grid(self, stacks) -> None:
-        """Say so where 2-D (n, F) input without ``grid_shape`` became an F×1 grid (F > 1):
-        flattened maps passed without their grid pool along a column, silently otherwise."""
-        if stacks.layout == "2d" and self.grid_shape is None and stacks.n_locations > 1:
-            warnings.warn(
-                f"{type(self).__name__}: 2-D input (n, {stacks.n_locations}) without "
-                f"grid_shape is treated as a {stacks.n_locations}x1 grid with one channel; "
-                "pass grid_shape=(H, W) for flattened (H, W, C) maps (grid_shape="
-                f"({stacks.n_locations}, 1) keeps the column and silences this warning).",
-                UserWarning,
-                stacklevel=5,  # the caller of fit: _warn, fit, _fit_context, atomic_fit
-            )
-
-    def _iter_batches(self, start_pass, summary):
-        """Validated (stacks, labels) of every batch of one pass; the first pass (``summary``
-        is None) records ``n_features_in_`` from the first batch, the second checks it."""
-        first = summary
-        for position, item in enumerate(start_pass()):
-            features, labels = split_batch(item, position)
-            stacks = self._check_fit_input(features, position, first)
-            first = stacks if first is None else first
-            if isinstance(labels, torch.Tensor):
-                labels = labels.detach().cpu().numpy()
-            yield stacks, check_labels(self, labels, stacks.n_samples)
-
-    def _check_transform_input(self, X):
-        """Validate X for a fitted estimator: same channels and the same grid as ``fit``."""
-        stacks = check_stacks(self, X, reset=False, grid_shape=self.grid_shape)
-        explicit = stacks.layout == "4d" or self.grid_shape is not None
-        fitted_locations = self.grid_shape_[0] * self.grid_shape_[1]
-        if stacks.n_locations != fitted_locations or (
-            explicit and tuple(stacks.grid_shape) != tuple(self.grid_shape_)
-        ):
-            raise ValueError(
-                f"X has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid "
-                f"({stacks.n_locations} locations), but {type(self).__name__} was fitted on "
-                f"a {self.grid_shape_[0]}x{self.grid_shape_[1]} grid; the operator only "
-                "applies to that grid."
-            )
-        return stacks
-
-
-def _read_indexed(stacks, batch_size, device):
-    """(sample indices, batch (b, N, C)) on the device; a memmap's pages are released after
-    every batch (:meth:`FeatureStacks.iter_batches`)."""
-    for index, batch, _ in stacks.iter_batches(batch_size, device):
-        yield index, batch
-
-
-def _read(stacks, batch_size, device):
-    """Batches (b, N, C) on the device (see :func:`_read_indexed`)."""
-    for _, batch in _read_indexed(stacks, batch_size, device):
-        yield batch

@@ -21,8 +21,9 @@ error on stderr); 130 when interrupted.
 All pooling is done by the estimators (:class:`~skpool.GeneralizedMaxPooling`,
 :class:`~skpool.SeparabilityPooling`); this package only reads, batches and writes: the parser
 and the types of its options in ``_parser.py``, the subcommands in ``_commands.py``, reading
-and writing files in ``_files.py``. It imports numpy only: torch and scikit-learn are imported by the commands that compute, so ``--help``,
-usage errors and ``skpool info`` on an ``.npz`` model answer without them.
+and writing files in ``_files.py``. It imports numpy only: torch and scikit-learn are imported
+by the commands that compute, so ``--help``, usage errors and ``skpool info`` on an ``.npz``
+model answer without them.
 """
 
 from __future__ import annotations

@@ -271,41 +271,28 @@ class SeparabilityPool2d(nn.Module):
         dtype=None,
     ):
         """Build the layer from a fitted operator (:class:`skpool.io.FittedOperator`: an
-        estimator's ``fitted_operator_``, or :func:`skpool.io.load_operator`'s result).
+        estimator's ``fitted_operator_``, or what :func:`skpool.io.load_operator` read).
 
         Args:
-            fitted: the fitted operator (its ``operator``, ``channel_mean``,
-                ``channel_scale``, ``grid_shape``, ``output_shape``).
-            trainable, device, dtype: as in the constructor (dtype defaults to
-                ``torch.get_default_dtype()``).
-            channel_statistics: apply the channel normalisation of the fit (the estimator's
-                ``transform``); with False the layer applies the operator alone.
+            fitted: the fitted operator.
+            trainable, device, dtype: as in the constructor.
+            channel_statistics: apply the fit's channel normalisation, as the estimator's
+                ``transform`` does; with False the layer applies the operator alone.
         """
-        keep = channel_statistics
+        stats = (fitted.channel_mean, fitted.channel_scale) if channel_statistics else ()
         return cls(
-            fitted.operator,
-            fitted.channel_mean if keep else None,
-            fitted.channel_scale if keep else None,
-            trainable,
-            output_shape=fitted.output_shape,
-            grid_shape=fitted.grid_shape,
-            device=device,
-            dtype=dtype,
+            fitted.operator, *stats, trainable=trainable, output_shape=fitted.output_shape,
+            grid_shape=fitted.grid_shape, device=device, dtype=dtype,
         )
 
     @classmethod
     def from_estimator(cls, estimator, trainable: bool = False, *, device=None, dtype=None):
-        """Build the layer from a fitted :class:`skpool.SeparabilityPooling`.
+        """Build the layer from a fitted :class:`skpool.SeparabilityPooling` (its
+        ``fitted_operator_``, :meth:`from_operator`).
 
         The layer reproduces ``estimator.transform`` on channels-first data: for maps ``x`` of
         shape (B, C, H, W), ``layer(x)`` equals ``transform(x.permute(0, 2, 3, 1))`` permuted
         back to (B, k·C, H', W').
-
-        Args:
-            estimator: a fitted ``SeparabilityPooling`` (its ``fitted_operator_``; see
-                :meth:`from_operator`).
-            trainable, device, dtype: as in the constructor (dtype defaults to
-                ``torch.get_default_dtype()``).
         """
         if not hasattr(estimator, "operator_"):
             from sklearn.exceptions import NotFittedError
@@ -314,9 +301,7 @@ class SeparabilityPool2d(nn.Module):
                 f"This {type(estimator).__name__} instance is not fitted yet (no operator_): "
                 "call fit before SeparabilityPool2d.from_estimator."
             )
-        return cls.from_operator(
-            estimator.fitted_operator_, trainable, device=device, dtype=dtype
-        )
+        return cls.from_operator(estimator.fitted_operator_, trainable, device=device, dtype=dtype)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -20,6 +20,7 @@ import torch
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
 from skpool.cli import CommandError, main
 from skpool.io import FORMAT_VERSION, load_operator
+from solve_progress import solve_with_progress  # noqa: F401 - a fixture
 
 N_SAMPLES, GRID, CHANNELS = 45, (6, 4), 3
 
@@ -489,26 +490,6 @@ def test_support_radius_and_memory_options_reach_the_estimator(files, capsys):
 
 # --------------------------------------------------------------------------------------------
 # Progress: fit shows it like gmp and transform, on a terminal and unless -q
-@pytest.fixture
-def solve_with_progress(monkeypatch):
-    """As in tests/sklearn/test_fit_protocol.py: a stand-in for the solve's ``progress``
-    keyword where it does not exist yet; nothing once it does."""
-    import inspect
-
-    import skpool._core.fit as fit_protocol
-
-    real = fit_protocol.top_generalized_eigenvectors
-    if "progress" in inspect.signature(real).parameters:
-        return
-    def solve(*args, progress=None, **kwargs):
-        operator, eigenvalues = real(*args, **kwargs)
-        if progress is not None:
-            progress.update(operator.shape[1])
-        return operator, eigenvalues
-
-    monkeypatch.setattr(fit_protocol, "top_generalized_eigenvectors", solve)
-
-
 def test_fit_shows_progress_on_a_terminal_like_gmp_and_transform(
     files, capsys, monkeypatch, solve_with_progress
 ):

@@ -5,7 +5,6 @@ grid, and the progress bars of ``verbose``."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pickle
 import re
 import warnings
@@ -15,10 +14,10 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 
-import skpool._core.fit as fit_protocol
 from skpool import SeparabilityPooling
-from skpool._core.fit import DataSummary
+from skpool._core.passes import DataSummary
 from skpool.io import FittedOperator
+from solve_progress import solve_with_progress  # noqa: F401 - a fixture
 
 
 def labelled_maps(rng, n=30, grid=(4, 6), channels=2, n_classes=3):
@@ -107,9 +106,10 @@ def test_flat_input_without_grid_shape_warns_about_its_column_grid(rng):
         pool = SeparabilityPooling(device="cpu").fit(flat, labels)
     assert pool.grid_shape_ == (48, 1)
     assert record[0].filename == __file__  # points at the caller's line
-    with pytest.warns(UserWarning, match="48x1 grid"):
+    with pytest.warns(UserWarning, match="48x1 grid") as record:
         SeparabilityPooling(device="cpu").fit_batches([(flat[:15], labels[:15]),
                                                        (flat[15:], labels[15:])])
+    assert len(record) == 1 and record[0].filename == __file__  # once, at the caller
     quiet = [
         (SeparabilityPooling(device="cpu", grid_shape=(4, 6)), flat),  # the maps' grid
         (SeparabilityPooling(device="cpu", grid_shape=(48, 1)), flat),  # the column, meant
@@ -125,24 +125,6 @@ def test_flat_input_without_grid_shape_warns_about_its_column_grid(rng):
 
 # --------------------------------------------------------------------------------------------
 # verbose: progress bars over the batches of each pass and the cells of the solve
-@pytest.fixture
-def solve_with_progress(monkeypatch):
-    """The solve as the fit protocol calls it. Where ``top_generalized_eigenvectors`` does not
-    take ``progress`` yet (it gains it with the solve package), a wrapper stands in for that
-    keyword: it solves, then reports every cell at once. Once the solve takes it, the real
-    function runs and this fixture changes nothing."""
-    real = fit_protocol.top_generalized_eigenvectors
-    if "progress" in inspect.signature(real).parameters:
-        return
-    def solve(*args, progress=None, **kwargs):
-        operator, eigenvalues = real(*args, **kwargs)
-        if progress is not None:
-            progress.update(operator.shape[1])
-        return operator, eigenvalues
-
-    monkeypatch.setattr(fit_protocol, "top_generalized_eigenvectors", solve)
-
-
 def final_counts(err: str, description: str) -> str:
     """The last 'done/total' that the bar ``description`` printed."""
     counts = re.findall(rf"SeparabilityPooling {description}: .*?\| (\d+/\d+) ", err)
