@@ -12,7 +12,7 @@ EXPECTED_FAILED_CHECKS = {}
 
 
 # The checks fit generic 2-D (n, F) data, which SeparabilityPooling takes as an Fx1 grid and
-# says so (tests/sklearn/test_separability.py tests that warning).
+# says so (tests/sklearn/test_fit_protocol.py tests that warning).
 @pytest.mark.filterwarnings("ignore:SeparabilityPooling. 2-D input:UserWarning")
 @parametrize_with_checks(
     ESTIMATORS,

@@ -44,6 +44,7 @@ from .geneig import (
 from .grid import average_pooling_operator, locality_costs, output_grid_shape
 from .passes import (
     DataSummary,
+    Progress,
     channel_pass,
     codes_of,
     first_pass,
