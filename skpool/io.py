@@ -17,7 +17,8 @@ Two formats:
   ``params`` (the estimator's parameters as a JSON string), ``kind``
   (``"skpool.SeparabilityPooling"``), ``format_version`` (:data:`FORMAT_VERSION`) and
   ``skpool_version``. Files of another kind or of a newer format version are refused with a
-  clear :class:`OperatorFileError`.
+  clear :class:`OperatorFileError`. In memory a fitted operator is a :class:`FittedOperator`
+  (the estimator's ``fitted_operator_``), whose fields are these arrays.
 - **Whole estimators** (:func:`save_estimator` / :func:`load_estimator`): any fitted skpool
   estimator (or pipeline) through joblib, as scikit-learn recommends. Such files run code when
   loaded: load only files you trust.
@@ -38,17 +39,19 @@ import contextlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from ._fitted import FORMAT_VERSION, FittedOperator
+from ._grid import check_grid
 
 __all__ = [
     "FORMAT_VERSION",
     "OPERATOR_KIND",
     "OperatorFileError",
-    "SavedOperator",
+    "FittedOperator",
     "save_operator",
     "load_operator",
     "estimator_from_arrays",
@@ -58,9 +61,6 @@ __all__ = [
     "atomic_path",
 ]
 
-#: Version of the operator file layout written by :func:`save_operator`. Readers accept files of
-#: this version or older; a newer file means a newer skpool wrote it.
-FORMAT_VERSION = 1
 #: The ``kind`` string of operator files.
 OPERATOR_KIND = "skpool.SeparabilityPooling"
 
@@ -80,63 +80,6 @@ class OperatorFileError(ValueError):
     inconsistent arrays."""
 
 
-@dataclass(frozen=True)
-class SavedOperator:
-    """A fitted separability pooling operator, as loaded from an operator file.
-
-    Attributes
-    ----------
-    operator : ndarray of shape (k, M, N)
-    channel_mean, channel_scale : ndarray of shape (C,)
-    grid_shape : tuple (H, W)
-        Input grid, N = H·W.
-    output_shape : tuple (H', W')
-        Output grid, M = H'·W'.
-    classes : ndarray of shape (Q,) or None
-    eigenvalues : ndarray of shape (k, M) or None
-    params : dict
-        The estimator's parameters at fit time.
-    format_version : int
-    """
-
-    operator: np.ndarray
-    channel_mean: np.ndarray
-    channel_scale: np.ndarray
-    grid_shape: tuple[int, int]
-    output_shape: tuple[int, int]
-    classes: np.ndarray | None = None
-    eigenvalues: np.ndarray | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    @property
-    def n_components(self) -> int:
-        return int(self.operator.shape[0])
-
-    @property
-    def n_channels(self) -> int:
-        return int(self.channel_mean.shape[0])
-
-    def to_module(self, trainable: bool = False, *, device=None, dtype=None):
-        """The operator as a :class:`skpool.nn.SeparabilityPool2d` layer (channels first).
-
-        ``layer(x)`` for ``x`` of shape (B, C, H, W) equals the estimator's ``transform`` of
-        ``x.permute(0, 2, 3, 1)``, permuted back to (B, k·C, H', W').
-        """
-        from .nn import SeparabilityPool2d
-
-        return SeparabilityPool2d(
-            self.operator,
-            self.channel_mean,
-            self.channel_scale,
-            trainable,
-            output_shape=self.output_shape,
-            grid_shape=self.grid_shape,
-            device=device,
-            dtype=dtype,
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Operator files
 def save_operator(estimator, path) -> Path:
@@ -144,7 +87,7 @@ def save_operator(estimator, path) -> Path:
 
     Parameters
     ----------
-    estimator : fitted SeparabilityPooling, or a :class:`SavedOperator`
+    estimator : fitted SeparabilityPooling, or a :class:`FittedOperator`
     path : str or path-like
         Written as given (no suffix is added); ``.npz`` is the customary suffix.
 
@@ -153,10 +96,7 @@ def save_operator(estimator, path) -> Path:
     Path
         The path written.
     """
-    if isinstance(estimator, SavedOperator):
-        saved = estimator
-    else:
-        saved = _saved_from_estimator(estimator)
+    saved = estimator if isinstance(estimator, FittedOperator) else _fitted_of(estimator)
     from . import __version__
 
     arrays = {
@@ -180,7 +120,7 @@ def save_operator(estimator, path) -> Path:
     return path
 
 
-def load_operator(path) -> SavedOperator:
+def load_operator(path) -> FittedOperator:
     """Read an operator file written by :func:`save_operator` (numpy only, no pickle).
 
     Raises
@@ -227,7 +167,7 @@ def estimator_from_arrays(saved, **params):
 
     Parameters
     ----------
-    saved : SavedOperator, or a path to an operator file
+    saved : FittedOperator, or a path to an operator file
     **params
         Parameters to override, e.g. ``device="cpu"`` or ``batch_size=64``.
 
@@ -240,7 +180,7 @@ def estimator_from_arrays(saved, **params):
     from . import SeparabilityPooling
 
     source = saved
-    if not isinstance(saved, SavedOperator):
+    if not isinstance(saved, FittedOperator):
         saved = load_operator(saved)
         source = Path(source)
     else:
@@ -260,53 +200,29 @@ def estimator_from_arrays(saved, **params):
         raise OperatorFileError(f"{source}: invalid stored parameter: {message}") from exc
     estimator = SeparabilityPooling(**{**kept, **params})
     _check_estimator_params(estimator)
-    estimator.operator_ = saved.operator
-    estimator.channel_mean_ = saved.channel_mean
-    estimator.channel_scale_ = saved.channel_scale
-    estimator.grid_shape_ = saved.grid_shape
-    estimator.output_shape_ = saved.output_shape
-    estimator.n_channels_in_ = saved.n_channels
-    estimator.n_features_in_ = saved.grid_shape[0] * saved.grid_shape[1] * saved.n_channels
-    estimator.classes_ = saved.classes
-    estimator.eigenvalues_ = saved.eigenvalues
+    estimator._set_fitted(saved, input_attributes=True)
     return estimator
 
 
 def _check_estimator_params(estimator) -> None:
     """scikit-learn's check of the declared parameter constraints, and of the grid pairs."""
-    from ._sklearn._validation import check_grid_shape
-
     estimator._validate_params()
-    check_grid_shape(estimator.grid_shape)
-    if estimator.output_shape is not None:
-        check_grid_shape(estimator.output_shape, "output_shape")
+    check_grid(estimator.grid_shape, optional=True)
+    check_grid(estimator.output_shape, "output_shape", optional=True)
 
 
-def _saved_from_estimator(estimator) -> SavedOperator:
-    missing = [
-        name
-        for name in ("operator_", "channel_mean_", "channel_scale_", "grid_shape_",
-                     "output_shape_")
-        if not hasattr(estimator, name)
-    ]
-    if missing:
+def _fitted_of(estimator) -> FittedOperator:
+    """The fitted operator of a fitted SeparabilityPooling, or a ValueError saying what is not."""
+    fitted = getattr(estimator, "fitted_operator_", None)  # None before fit (NotFittedError)
+    if not isinstance(fitted, FittedOperator):
         raise ValueError(
             f"save_operator needs a fitted SeparabilityPooling; {type(estimator).__name__} "
-            f"has no {', '.join(missing)} (call fit first)."
+            "has no fitted operator (call fit first)."
         )
-    return SavedOperator(
-        operator=np.asarray(estimator.operator_),
-        channel_mean=np.asarray(estimator.channel_mean_),
-        channel_scale=np.asarray(estimator.channel_scale_),
-        grid_shape=tuple(int(v) for v in estimator.grid_shape_),
-        output_shape=tuple(int(v) for v in estimator.output_shape_),
-        classes=getattr(estimator, "classes_", None),
-        eigenvalues=getattr(estimator, "eigenvalues_", None),
-        params=estimator.get_params(deep=False),
-    )
+    return fitted
 
 
-def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> SavedOperator:
+def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> FittedOperator:
     """Check an operator file's arrays (kind, version, shapes) and wrap them."""
     if "format_version" not in arrays or "kind" not in arrays:
         raise OperatorFileError(
@@ -328,45 +244,12 @@ def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> SavedOperator:
     missing = [name for name in _REQUIRED if name not in arrays]
     if missing:
         raise OperatorFileError(f"{path}: missing array(s) {', '.join(missing)}.")
-    operator = arrays["operator"]
-    mean, scale = arrays["channel_mean"], arrays["channel_scale"]
     grid, out = _grid_pair(arrays["grid_shape"]), _grid_pair(arrays["output_shape"])
-    classes, eigenvalues = arrays.get("classes"), arrays.get("eigenvalues")
-    problems = []
-    if operator.ndim != 3 or operator.dtype.kind != "f":
-        problems.append(f"operator must be a float (k, M, N) array, got {operator.shape}")
-    elif grid is None or out is None:
-        problems.append(
-            f"grid_shape {arrays['grid_shape'].tolist()} and output_shape "
-            f"{arrays['output_shape'].tolist()} must be pairs of positive integers"
+    if grid is None or out is None:
+        raise OperatorFileError(
+            f"{path}: inconsistent operator file: grid_shape {arrays['grid_shape'].tolist()} and "
+            f"output_shape {arrays['output_shape'].tolist()} must be pairs of positive integers."
         )
-    elif grid[0] * grid[1] != operator.shape[2] or out[0] * out[1] != operator.shape[1]:
-        problems.append(
-            f"operator {operator.shape} does not map a {grid} grid to a {out} grid"
-        )
-    elif eigenvalues is not None and eigenvalues.shape != operator.shape[:2]:
-        problems.append(
-            f"eigenvalues {eigenvalues.shape} must be (k, M) = {operator.shape[:2]}"
-        )
-    if mean.ndim != 1 or mean.shape != scale.shape:
-        problems.append(
-            f"channel_mean {mean.shape} and channel_scale {scale.shape} must both be (C,)"
-        )
-    elif mean.dtype.kind != "f" or scale.dtype.kind != "f":
-        problems.append(
-            f"channel_mean and channel_scale must be float arrays, got {mean.dtype} and "
-            f"{scale.dtype}"
-        )
-    elif not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
-        problems.append("channel_mean must be finite and channel_scale finite and > 0")
-    if operator.dtype.kind == "f" and not np.isfinite(operator).all():
-        problems.append("operator contains NaN or infinity")
-    if classes is not None and classes.ndim != 1:
-        problems.append(f"classes must be 1-D, got shape {classes.shape}")
-    if eigenvalues is not None and eigenvalues.dtype.kind not in "fiu":
-        problems.append(f"eigenvalues must be numbers, got {eigenvalues.dtype}")
-    if problems:
-        raise OperatorFileError(f"{path}: inconsistent operator file: {'; '.join(problems)}.")
     try:
         params = json.loads(str(arrays["params"])) if "params" in arrays else {}
     except json.JSONDecodeError as exc:
@@ -376,24 +259,31 @@ def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> SavedOperator:
             f"{path}: params must be a JSON object of parameter names, got "
             f"{type(params).__name__}."
         )
-    return SavedOperator(
-        operator=operator,
-        channel_mean=mean,
-        channel_scale=scale,
+    fitted = FittedOperator(
+        operator=arrays["operator"],
+        channel_mean=arrays["channel_mean"],
+        channel_scale=arrays["channel_scale"],
         grid_shape=grid,
         output_shape=out,
-        classes=classes,
-        eigenvalues=eigenvalues,
+        classes=arrays.get("classes"),
+        eigenvalues=arrays.get("eigenvalues"),
         params=params,
         format_version=version,
     )
+    problems = fitted.problems()
+    if problems:
+        raise OperatorFileError(f"{path}: inconsistent operator file: {'; '.join(problems)}.")
+    return fitted
 
 
 def _grid_pair(values: np.ndarray) -> tuple[int, int] | None:
-    """A stored (H, W) as two positive ints, or None when it is not one."""
-    if values.dtype.kind not in "iu" or values.size != 2 or (values <= 0).any():
+    """A stored (H, W) (integers) as two positive ints, or None when it is not one."""
+    if values.dtype.kind not in "iu" or values.ndim != 1:
         return None
-    return int(values.flat[0]), int(values.flat[1])
+    try:
+        return check_grid(values.tolist())
+    except ValueError:
+        return None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -488,3 +378,15 @@ def _umask() -> int:
 def __dir__():
     """Only the public API (not the modules this one imports) for ``dir()`` and completion."""
     return sorted(__all__)
+
+
+def __getattr__(name: str):
+    if name == "SavedOperator":  # its name until skpool 0.1
+        warnings.warn(
+            "skpool.io.SavedOperator is deprecated; use skpool.io.FittedOperator (the same "
+            "class, also the estimator's fitted_operator_).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return FittedOperator
+    raise AttributeError(f"module 'skpool.io' has no attribute {name!r}")

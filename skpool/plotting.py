@@ -24,6 +24,7 @@ import torch
 
 from ._core.gmp import generalized_max_pool_weights
 from ._core.grid import output_centres
+from ._grid import check_grid
 
 __all__ = ["plot_operator", "plot_gmp_weights"]
 
@@ -56,7 +57,7 @@ def plot_operator(
 
     Parameters
     ----------
-    operator : fitted SeparabilityPooling, SavedOperator, SeparabilityPool2d, or array
+    operator : fitted SeparabilityPooling, FittedOperator, SeparabilityPool2d, or array
         An array (or tensor) of shape (k, M, N) or (M, N) needs ``grid_shape`` and
         ``output_shape`` unless both grids are square.
     locations : None, int, (int, int), "all", or sequence of (u, v)
@@ -294,9 +295,9 @@ def _pyplot():
 def _operator_and_grids(operator, grid_shape, output_shape):
     """(k, M, N) numpy weights, input grid (H, W) and output grid (H', W') of any operator."""
     if hasattr(operator, "operator_"):  # fitted SeparabilityPooling
-        weights, grid, out = operator.operator_, operator.grid_shape_, operator.output_shape_
-    elif hasattr(operator, "operator") and hasattr(operator, "output_shape"):
-        # SavedOperator or SeparabilityPool2d
+        operator = operator.fitted_operator_
+    if hasattr(operator, "operator") and hasattr(operator, "output_shape"):
+        # FittedOperator or SeparabilityPool2d
         weights, grid, out = operator.operator, operator.grid_shape, operator.output_shape
         grid = grid if grid is not None else grid_shape
     else:
@@ -314,15 +315,13 @@ def _operator_and_grids(operator, grid_shape, output_shape):
 
 
 def _grid_or_square(name: str, shape, size: int) -> tuple[int, int]:
+    """``shape`` checked to hold ``size`` cells; None: the square grid of ``size`` cells."""
     if shape is None:
         side = int(round(size**0.5))
         if side * side != size:
             raise ValueError(f"give {name}: {size} cells do not make a square grid.")
         return side, side
-    shape = tuple(int(v) for v in shape)
-    if len(shape) != 2 or shape[0] * shape[1] != size:
-        raise ValueError(f"{name}={shape} does not have {size} cells.")
-    return shape
+    return check_grid(shape, name, n_locations=size)
 
 
 def _cell_layout(locations, out: tuple[int, int]) -> list[list[tuple[int, int]]]:

@@ -15,8 +15,8 @@ from skpool import SeparabilityPooling
 from skpool.io import (
     FORMAT_VERSION,
     OPERATOR_KIND,
+    FittedOperator,
     OperatorFileError,
-    SavedOperator,
     atomic_output,
     estimator_from_arrays,
     load_estimator,
@@ -220,11 +220,68 @@ def test_atomic_output_leaves_nothing_half_written(tmp_path):
             pass
 
 
-def test_saved_operator_is_a_plain_record():
-    saved = SavedOperator(np.zeros((2, 4, 9)), np.zeros(3), np.ones(3), (3, 3), (2, 2))
-    assert (saved.n_components, saved.n_channels) == (2, 3)
+def test_fitted_operator_is_a_plain_record():
+    saved = FittedOperator(np.zeros((2, 4, 9)), np.zeros(3), np.ones(3), (3, 3), (2, 2))
+    assert (saved.n_components, saved.n_channels, saved.n_cells, saved.n_locations) == (
+        2, 3, 4, 9
+    )
+    assert saved.problems() == [] and saved.format_version == FORMAT_VERSION
     with pytest.raises(dataclasses.FrozenInstanceError):
         saved.operator = None  # frozen
+
+
+def test_saved_operator_is_a_deprecated_name_of_fitted_operator():
+    import skpool.io as io
+
+    with pytest.warns(FutureWarning, match="SavedOperator is deprecated; use .*FittedOperator"):
+        assert io.SavedOperator is FittedOperator
+    assert "SavedOperator" not in io.__all__
+    with pytest.raises(AttributeError, match="no attribute 'Saved'"):
+        io.Saved  # noqa: B018 - a missing name is still an AttributeError
+
+
+def write_format_1_file(path, estimator):
+    """An operator file laid out as format version 1 documents it (and as skpool 0.1 wrote it,
+    before the fitted-operator object and the ``verbose`` parameter existed), built here with
+    numpy alone."""
+    params = {name: value for name, value in estimator.get_params().items() if name != "verbose"}
+    np.savez(
+        path,
+        format_version=np.asarray(1, dtype=np.int64),
+        kind=np.asarray("skpool.SeparabilityPooling"),
+        skpool_version=np.asarray("0.1.0"),
+        operator=estimator.operator_,
+        channel_mean=estimator.channel_mean_,
+        channel_scale=estimator.channel_scale_,
+        grid_shape=np.asarray(estimator.grid_shape_, dtype=np.int64),
+        output_shape=np.asarray(estimator.output_shape_, dtype=np.int64),
+        params=np.asarray(json.dumps(params, sort_keys=True)),
+        classes=np.asarray(estimator.classes_),
+        eigenvalues=estimator.eigenvalues_,
+    )
+    return path
+
+
+def test_a_format_1_file_written_before_the_fitted_operator_still_loads(fitted, tmp_path):
+    estimator, maps = fitted
+    path = write_format_1_file(tmp_path / "old.npz", estimator)
+    saved = load_operator(path)
+    assert isinstance(saved, FittedOperator) and saved.format_version == 1
+    assert "verbose" not in saved.params and saved.params["alpha"] == 0.5
+    with np.load(path) as arrays:
+        expected = reference_transform(arrays, maps)
+    rebuilt = estimator_from_arrays(path)
+    assert rebuilt.verbose == 0  # the default of the parameter the file predates
+    # float64 maps, N = 30 terms per output value: rounding far below 1e-12
+    np.testing.assert_allclose(rebuilt.transform(maps), expected, rtol=1e-12, atol=1e-12)
+    out = saved.to_module(dtype=torch.float64)(torch.from_numpy(maps).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(out.permute(0, 2, 3, 1).numpy(), expected, rtol=1e-12, atol=1e-12)
+    # only the required arrays, as the format allows
+    bare = rewrite(path, tmp_path / "bare.npz", params=None, classes=None, eigenvalues=None,
+                   skpool_version=None)
+    assert load_operator(bare).params == {} and load_operator(bare).classes is None
+    np.testing.assert_allclose(estimator_from_arrays(bare).transform(maps), expected,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_torch_only_program_does_not_import_sklearn(tmp_path):

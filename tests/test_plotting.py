@@ -97,7 +97,7 @@ def test_operator_argument_errors(fitted):
         plot_operator(fitted, locations=[(4, 0)])
     with pytest.raises(ValueError, match="give grid_shape"):
         plot_operator(np.zeros((1, 4, 24)))
-    with pytest.raises(ValueError, match="does not have"):
+    with pytest.raises(ValueError, match=r"grid_shape must be \(rows, cols\) with 24 locations"):
         plot_operator(np.zeros((1, 4, 24)), grid_shape=(5, 5), output_shape=(2, 2))
 
 

@@ -27,9 +27,10 @@ import torch
 from sklearn.utils._param_validation import validate_parameter_constraints
 from sklearn.utils.validation import validate_data
 
+from .._grid import check_grid
 from ._batches import release_mapped_pages
 
-__all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_grid_shape", "check_params"]
+__all__ = ["FeatureStacks", "check_stacks", "atomic_fit", "check_params"]
 
 _ALLOWED_NDIM = (2, 3, 4)
 
@@ -104,27 +105,6 @@ class FeatureStacks:
             yield index, batch, mask
 
 
-def check_grid_shape(grid_shape, name: str = "grid_shape") -> tuple[int, int] | None:
-    """Validate a grid parameter (``grid_shape``, ``output_shape``): None or two positive
-    integers (H, W); returns them as a tuple of ints."""
-    if grid_shape is None:
-        return None
-    try:
-        if isinstance(grid_shape, (str, bytes)):
-            raise TypeError
-        height, width = (int(v) for v in grid_shape)
-        valid = height >= 1 and width >= 1 and all(
-            float(v) == int(v) for v in grid_shape
-        )
-    except (TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
-        raise ValueError(
-            f"{name} must be None or a pair of positive integers (H, W), got {grid_shape!r}."
-        )
-    return height, width
-
-
 def check_stacks(
     estimator,
     X,
@@ -140,7 +120,7 @@ def check_stacks(
     ``feature_names_in_``. With ``reset=False`` checks them: a 2-D input must have the fitted
     number of features (scikit-learn's rule), any input the fitted number of channels.
     """
-    grid_shape = check_grid_shape(grid_shape)
+    grid_shape = check_grid(grid_shape, optional=True)
     if _is_ragged(X):
         if not allow_ragged:
             raise ValueError(

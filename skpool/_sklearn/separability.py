@@ -1,45 +1,37 @@
-"""SeparabilityPooling: the closed-form learned spatial pooling of Birodkar et al. (2019)."""
+"""SeparabilityPooling (Birodkar et al. 2019): validates its input, runs the core's fit protocol
+(:mod:`skpool._core.fit`) and stores the fitted operator as numpy attributes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils._set_output import _get_output_config
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, column_or_1d
+from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 
-from .._core import distributed as dist
-from .._core.geneig import (
-    fill_empty_rows,
-    no_class_information,
-    rayleigh_ratios,
-    rows_without_class_information,
-    top_generalized_eigenvectors,
-)
-from .._core.grid import average_pooling_operator, locality_costs, output_grid_shape
-from .._core.operator import apply_pooling_operator
-from .._core.scatter import (
-    ChannelStatistics,
-    ScatterStatistics,
-    class_weights_from_counts,
-    class_weights_from_labels,
-    standardise,
-)
+from .._core.apply import pool_into, separability_ratios
+from .._core.fit import DTYPES, FitSettings, check_process_group, fit_batches, fit_stacks
+from .._core.grid import average_pooling_operator
 from .._device import resolve_device
-from ._batches import reiterable, split_batch
-from ._validation import FeatureStacks, atomic_fit, check_params, check_stacks
+from .._fitted import FittedOperator
+from ._batches import reiterable
+from ._fit_input import (
+    check_fitted_grid,
+    check_labels,
+    device_batches,
+    encode_labels,
+    labelled_batches,
+    progress_bars,
+    warn_column_grid,
+)
+from ._validation import atomic_fit, check_params, check_stacks
 
 __all__ = ["SeparabilityPooling"]
-
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class SeparabilityPooling(TransformerMixin, BaseEstimator):
@@ -70,16 +62,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     component-major (channel ``j*C + c``). ``transform`` computes :math:`Z_j = P_j G` per
     sample and maps it back to the input's scale and centre, :math:`Z_j \sigma + \mu`.
 
-    A is stored through a factor with at most (Q−1)·C columns; when that is below N the
-    eigenproblem is solved in that smaller dimension (``solver="auto"``). Everything runs in
-    torch, batched over all output cells, on CPU or GPU.
-
     Data larger than memory: ``fit`` reads ``X`` batch by batch (a :class:`numpy.memmap` stays
     on disk), and :meth:`fit_batches` fits from a re-iterable of ``(X_batch, y_batch)`` batches
     such as a torch ``DataLoader``; both give the in-memory result (the statistics are exact
-    sums). With ``distributed=True`` every process of a :mod:`torch.distributed` group fits on
-    its own shard and they reduce their statistics into one operator. ``support_radius``
-    truncates each row's support to make large grids (64×64 and up) practical.
+    sums). With ``distributed=True`` the processes of a :mod:`torch.distributed` group fit one
+    operator on their shards. Everything runs in torch, batched over the output cells, on CPU
+    or GPU; the protocol is :mod:`skpool._core.fit`, the solve :mod:`skpool._core.geneig`.
 
     Parameters
     ----------
@@ -102,55 +90,47 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         constant channel keeps scale 1.
     grid_shape : tuple of (int, int), default=None
         The (H, W) grid of 3-D ``(n, N, C)`` input, or, for 2-D ``(n, F)`` input, the grid of
-        flattened ``(H, W, C)`` stacks. Without it, 3-D input is an N×1 grid and 2-D input F
-        locations (an F×1 grid) with one channel.
+        flattened ``(H, W, C)`` stacks (C = F / (H·W)). Without it, 3-D input is an N×1 grid
+        and 2-D input F locations (an F×1 grid) with one channel; ``fit`` warns about the
+        latter when F > 1 (flattened maps passed without their grid are a common mistake;
+        ``grid_shape=(F, 1)`` says the column is meant).
     solver : {"auto", "low_rank", "full"}, default="auto"
         Route of the eigenproblem: ``"low_rank"`` solves an r×r problem with r ≤ (Q−1)·C
         (needs ``n_components <= r``), ``"full"`` an N×N one; ``"auto"`` picks low-rank when
-        r < N. Both give the same operator up to rounding. On CPU the low-rank route factors
-        each cell's system and whitens A's factor in one blocked pass, a few cells at a time;
-        the top components come from a subspace iteration certified by its residual, with
-        ``eigh`` as the fallback (:mod:`skpool._core.geneig`).
+        r < N. Both give the same operator up to rounding.
     device : str or torch.device, default="auto"
         Where to compute: "auto" (CUDA when available), "cpu", "cuda" or "cuda:<index>".
     dtype : {"float64", "float32"}, default="float64"
         Precision of the within-class scatter and of the solve. float32 is faster (about 2×
         on CPU, much more on most GPUs) and agrees with float64 to about 1e-4 on
-        well-conditioned data. Whatever the dtype, the channel statistics, the normalisation
-        of the features and the class means are computed in float64 (the features are
-        rounded to ``dtype`` only once normalised), so large channel means or data beyond
-        float32's range cost no accuracy.
+        well-conditioned data. The channel statistics, the normalisation and the class means
+        are float64 whatever the dtype.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
-        Memory budget of the work matrices of one chunk of output cells in the solve (each cell
-        needs a few N×N matrices: about (2·N² + 2·N·r + 3·r²)·8 bytes in float64 for the
-        low-rank route, (7·N² + 2·N·r)·8 for the full one; n×n with n the largest support
-        when ``support_radius`` is set). At least one cell is solved at a time; on CPU the
-        low-rank route takes at most 4 cells at a time, or 32 MiB of them (faster: they stay
-        in cache), so it usually needs well under the budget. The statistics
-        (N×N), the costs and the operator (k·M·N) come on top; the peak memory of a fit
-        does not grow with the number of samples when they come in batches.
+        Memory budget of the work matrices of one chunk of output cells in the solve (a few
+        N×N matrices per cell, n×n with ``support_radius``; the formulas per route are in
+        :func:`skpool._core.geneig.top_generalized_eigenvectors`). At least one cell is solved
+        at a time. The statistics (N×N), the costs and the operator (k·M·N) come on top; the
+        peak memory of a fit does not grow with the number of samples.
     support_radius : float, default=None
         Truncated support, in input pixels: row m only weighs the input locations within this
-        distance of its cell's centre and is exactly zero elsewhere, so each cell solves an
-        n×n problem (n ≈ π·radius² ≪ N) instead of N×N (64×64 grid, M = 1024: seconds
-        instead of minutes on a CPU). It is the same maximisation restricted to that support,
-        so a row's ratio is at most the exact one. How close the rows stay depends on
-        ``alpha``: with a large ``alpha`` the exact rows concentrate near their centre (16×16
-        grid, ``alpha=1000``, radius 6: within 0.06 rad of the exact rows), with a small one
-        they spread over the grid and truncation changes them (see
-        ``benchmarks/bench_large_grid.py``). None (default) solves exactly; a radius covering
-        the whole grid gives the exact operator.
+        distance of its cell's centre (exactly zero elsewhere), so each cell solves an n×n
+        problem (n ≈ π·radius² ≪ N): a 64×64 grid in seconds instead of minutes on a CPU.
+        The rows stay close to the exact ones where ``alpha`` is large (16×16 grid,
+        ``alpha=1000``, radius 6: within 0.06 rad), not where it is small
+        (``benchmarks/bench_large_grid.py``). None (default) solves exactly.
     distributed : bool, default=False
         Fit with every process of the initialised default :mod:`torch.distributed` process
-        group, each passing its own shard of the data to ``fit`` or ``fit_batches`` (same
-        parameters everywhere). Label counts, channel statistics and scatter statistics are
-        reduced exactly (all-reduce of sums and centred between-rank corrections), the output
-        cells are split between the ranks for the solve and the rows gathered, so every rank
-        ends with the same operator as a single-process fit on all the data. An error on one
-        rank is raised on every rank. Use the ``gloo`` backend for CPU fits and ``nccl`` for
-        CUDA ones.
+        group, each passing its own shard to ``fit`` or ``fit_batches`` (same parameters
+        everywhere): the statistics are reduced exactly, the output cells split between the
+        ranks and the rows gathered, so every rank ends with the operator of a single fit on
+        all the data; an error on one rank is raised on all. ``gloo`` for CPU, ``nccl`` for
+        CUDA.
+    verbose : int, default=0
+        0 is silent; above 0 ``fit`` and ``fit_batches`` show progress bars (tqdm, on stderr)
+        over the batches of each pass and over the output cells of the solve (with
+        ``distributed``, on rank 0 only).
 
     Attributes
     ----------
@@ -177,6 +157,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Channels C per location seen in ``fit``.
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of the columns of a 2-D DataFrame seen in ``fit``.
+    fitted_operator_ : FittedOperator
+        The operator, grids, channel statistics, eigenvalues, classes and parameters as one
+        frozen :class:`skpool.io.FittedOperator` (the arrays above, not copies): what
+        :func:`skpool.io.save_operator` writes; ``.to_module()`` gives the layer.
 
     See Also
     --------
@@ -184,24 +168,15 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
 
     Notes
     -----
-    B is singular when there are fewer samples than locations (K·C < N), at constant
-    locations, or with ``alpha = 0``; a ridge of N·eps times trace(B + αC_m)/N (grown when a
-    factorisation still fails) keeps every system solvable, so the fit never fails or returns
-    NaN on such data (see :mod:`skpool._core.geneig`). Any finite ``alpha`` works: the
-    systems are scaled by powers of two before the solve (``alpha = 1e39`` in float32 gives
-    the ``alpha -> inf`` limit), and maps of any finite magnitude (1e-300 to 1e300) give the
-    operator of the same maps at unit scale.
-
-    Rows without class information. Where the data carry none (every sample identical, or
-    the same samples in every class) A is zero in exact arithmetic and its computed value is
-    rounding, which would decide the rows. A row p is taken for such a row when
-    :math:`\|D^\top p\|` (:math:`A = D D^\top`) is within the worst-case rounding bound of
-    D (:meth:`skpool._core.scatter.ScatterStatistics.between_noise`, about
-    :math:`8 K \ln K` units of float64 roundoff of the data's root mean square at each
-    location, K the number of samples); it is replaced by its cell's average-pooling row,
-    with ratio 0, whatever the batches, the sample order, the dtype or the solver. A small
-    A against B is not a loss of information (the eigenvectors do not depend on A's
-    scale): class means 1e-7 of the spread apart are solved as usual.
+    B is singular with fewer samples than locations (K·C < N), at constant locations, or
+    with ``alpha = 0``: a ridge of N·eps times trace(B + αC_m)/N keeps every system
+    solvable, never a failure or NaN. Any finite ``alpha`` and maps of any finite magnitude
+    work (everything is scaled by powers of two). Where the data carry no class information
+    (identical samples, or the same samples in every class) A is rounding noise: a row p
+    with :math:`\|D^\top p\|` (:math:`A = D D^\top`) within the rounding bound of D is
+    replaced by its cell's average-pooling row, with ratio 0, whatever the batches, order,
+    dtype or solver (:mod:`skpool._core.geneig`). A small A is not such a case: class means
+    1e-7 of the spread apart are solved as usual.
 
     References
     ----------
@@ -229,11 +204,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "grid_shape": [tuple, list, None],
         "solver": [StrOptions({"auto", "low_rank", "full"})],
         "device": [str, torch.device],
-        "dtype": [StrOptions(set(_DTYPES))],
+        "dtype": [StrOptions(set(DTYPES))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
         "distributed": ["boolean"],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -253,6 +229,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         max_memory_mb=1024,
         support_radius=None,
         distributed=False,
+        verbose=0,
     ):
         self.alpha = alpha
         self.stride = stride
@@ -268,18 +245,17 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.max_memory_mb = max_memory_mb
         self.support_radius = support_radius
         self.distributed = distributed
+        self.verbose = verbose
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
         """Learn the pooling operator from labelled feature maps.
 
-        ``X`` is read in batches of ``batch_size`` samples (twice with channel normalisation:
-        once for the channel statistics, once for the scatter statistics), so a 3-D or 4-D
-        :class:`numpy.memmap` is never loaded whole, and the pages of a shared memmap are
-        released after each batch: the peak memory does not grow with the number of samples.
-        (2-D input first goes through scikit-learn's validation, whose finiteness check reads
-        the whole array once.) With ``distributed=True``, ``(X, y)`` is this process's shard.
+        ``X`` is read in batches of ``batch_size`` samples, twice with channel normalisation
+        (a 3-D or 4-D :class:`numpy.memmap` is never loaded whole; 2-D input is first scanned
+        once by scikit-learn's finiteness check). With ``distributed=True``, ``(X, y)`` is this
+        process's shard.
 
         Parameters
         ----------
@@ -291,86 +267,51 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        self._check_process_group()
+        check_process_group(self.distributed)
 
         def validate():
-            device, dtype = resolve_device(self.device), _DTYPES[self.dtype]
             stacks = check_stacks(self, X, reset=True, grid_shape=self.grid_shape)
-            labels = _check_labels(self, y, stacks.n_samples)
-            shard = _Shard.of(stacks, *np.unique(labels, return_counts=True))
-            return device, dtype, stacks, labels, shard
+            warn_column_grid(self, stacks)
+            labels = check_labels(self, y, stacks.n_samples)
+            return FitSettings.from_params(self.get_params()), stacks, labels
 
-        device, dtype, stacks, labels, shard = self._on_every_rank(validate)
-        shard = self._whole_data(shard)
-        self._check_shard(shard)
-        codes = torch.as_tensor(np.searchsorted(shard.classes, labels), device=device)
-
-        def channel_pass():
-            return _channel_statistics(_read(stacks, self.batch_size, device), dtype)
-
-        def scatter_pass():
-            for index, batch in _read_indexed(stacks, self.batch_size, device):
-                yield batch, codes[torch.as_tensor(index, device=device)]
-
-        channels = self._on_every_rank(channel_pass) if self.normalize_channels else None
-        return self._fit_from_passes(shard, channels, scatter_pass, device, dtype)
+        read = partial(device_batches, batch_size=self.batch_size)
+        fitted = fit_stacks(validate, read, self.distributed, progress_bars(self))
+        return self._set_fitted(fitted)
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_batches(self, batches):
         """Learn the pooling operator from batches of labelled feature maps, read twice.
 
-        For data that do not fit in memory. Pass 1 reads every batch for the channel
-        statistics and the class sizes (the class weights :math:`1/K_q` of B need the final
-        sizes before any scatter is accumulated); pass 2 reads them again for the scatter
-        statistics. The result equals ``fit`` on the concatenated batches (to rounding); only
-        one batch (split further into ``batch_size`` samples on the device) is in memory at a
-        time.
+        For data that do not fit in memory. Pass 1 reads every batch for the class sizes (B's
+        weights :math:`1/K_q` need them first) and channel statistics, pass 2 for the scatter
+        statistics. The result equals ``fit`` on the concatenated batches (to rounding); one
+        batch at a time is in memory.
 
         Parameters
         ----------
         batches : re-iterable of (X_batch, y_batch), or callable returning an iterator of them
-            Must be iterable twice: a torch ``DataLoader``, a list, any object whose
-            ``__iter__`` starts afresh, or a function returning a fresh iterator (e.g.
-            ``lambda: read_chunks(path)``). A one-shot iterator such as a generator raises
-            TypeError. ``X_batch`` is any layout ``fit`` accepts (array, memmap or tensor), all
-            batches with the same grid and channels; the grid comes from the first batch
-            (4-D) or ``grid_shape``. ``y_batch`` holds its labels (array, list or tensor).
-            Both passes must yield the same samples (the order may change, e.g. a shuffling
-            DataLoader); the class sizes are checked. With ``distributed=True`` the batches
-            are this process's shard (e.g. a DataLoader with a ``DistributedSampler``).
+            Iterable twice: a torch ``DataLoader``, a list, or a function returning a fresh
+            iterator (``lambda: read_chunks(path)``); a generator is a TypeError. ``X_batch``
+            is any layout ``fit`` accepts, every batch with the first one's grid and
+            channels; ``y_batch`` its labels. Both passes must yield the same samples (in any
+            order; the class sizes are checked). With ``distributed=True``, this process's
+            shard (e.g. a DataLoader with a ``DistributedSampler``).
 
         Returns
         -------
         self
         """
-        self._check_process_group()
+        check_process_group(self.distributed)
 
-        def first_pass():
-            device, dtype = resolve_device(self.device), _DTYPES[self.dtype]
-            start_pass = reiterable(batches)
-            first, channels, classes, counts = None, None, None, None
-            for position, (stacks, labels) in enumerate(self._iter_batches(start_pass, None)):
-                first = stacks if first is None else first
-                _check_same_grid(stacks, first, position)
-                classes, counts = _add_label_counts(classes, counts, labels)
-                if self.normalize_channels:
-                    more = _channel_statistics(_read(stacks, self.batch_size, device), dtype)
-                    channels = more if channels is None else channels.merge(more)
-            if first is None:
-                raise ValueError("batches yielded no (X_batch, y_batch) pair; nothing to fit.")
-            return device, dtype, start_pass, channels, _Shard.of(first, classes, counts)
+        def start():
+            return FitSettings.from_params(self.get_params()), reiterable(batches)
 
-        device, dtype, start_pass, channels, shard = self._on_every_rank(first_pass)
-        shard = self._whole_data(shard)
-
-        def scatter_pass():
-            for stacks, labels in self._iter_batches(start_pass, shard):
-                codes = torch.as_tensor(_codes_of(labels, shard.classes), device=device)
-                for index, batch in _read_indexed(stacks, self.batch_size, device):
-                    yield batch, codes[torch.as_tensor(index, device=device)]
-
-        return self._fit_from_passes(shard, channels, scatter_pass, device, dtype)
+        passes = partial(labelled_batches, self)
+        read = partial(device_batches, batch_size=self.batch_size)
+        fitted = fit_batches(start, passes, read, self.distributed, progress_bars(self))
+        return self._set_fitted(fitted)
 
     def transform(self, X):
         """Pool each feature map with the learned operator.
@@ -390,32 +331,18 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         check_params(self, ("batch_size", "device", "grid_shape"), "transform")
         device = resolve_device(self.device)
-        stacks = self._check_transform_input(X)
-        n_out = self.operator_.shape[1]
-        width = self.operator_.shape[0] * stacks.n_channels
+        stacks = check_fitted_grid(self, X)
         if stacks.layout != "2d" and _get_output_config("transform", self)["dense"] != "default":
             raise ValueError(
                 "set_output(transform='pandas'/'polars') needs 2-D output: pass 2-D input "
                 f"(n, F) (with grid_shape for several channels), not {stacks.layout} input."
             )
-        operator = torch.as_tensor(self.operator_, device=device, dtype=stacks.dtype)
-        # In the data's dtype (float32 data carry no more precision than float32 statistics
-        # keep), normalised without overflow (standardise), mapped back to the data's scale
-        # per output channel j*C + c.
-        mean = torch.as_tensor(self.channel_mean_, device=device, dtype=stacks.dtype)
-        scale = torch.as_tensor(self.channel_scale_, device=device, dtype=stacks.dtype)
-        out_mean, out_scale = mean.repeat(len(operator)), scale.repeat(len(operator))
+        n_components, n_out, _ = self.operator_.shape
+        width = n_components * stacks.n_channels
         out = np.empty((stacks.n_samples, n_out, width), dtype=stacks.numpy_dtype)
-        for index, batch in _read_indexed(stacks, self.batch_size, device):
-            pooled = apply_pooling_operator(standardise(batch, mean, scale), operator)
-            pooled = pooled.mul_(out_scale).add_(out_mean)  # a fresh tensor
-            if not bool(torch.isfinite(pooled).all()):
-                raise ValueError(
-                    f"The pooled values of the batch starting at sample {int(index[0])} exceed "
-                    f"the range of {stacks.numpy_dtype} (features near its largest value); "
-                    "pass float64 features."
-                )
-            out[index] = pooled.cpu().numpy()
+        arrays = (self.operator_, self.channel_mean_, self.channel_scale_)
+        tensors = [torch.as_tensor(a, device=device, dtype=stacks.dtype) for a in arrays]
+        pool_into(out, device_batches(stacks, device, self.batch_size), *tensors)
         if stacks.layout == "4d":
             return out.reshape(stacks.n_samples, *self.output_shape_, width)
         if stacks.layout == "2d":
@@ -425,13 +352,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     def separability_ratios(self, X, y):
         r"""Per output cell, the separability ratio of the learned rows vs. average pooling.
 
-        The scatters A and B of ``(X, y)`` are computed with the fitted channel
-        normalisation; for every row p the ratio :math:`p^\top A p / p^\top B p` (no locality
-        term) says how well the pooled value separates the classes, relative to its
-        within-class spread. Average pooling's row of cell m is uniform over the cell's
-        stride×stride block (with ``output_shape``, adaptive average pooling's block). A row
-        whose between-class term is within the rounding error of A (data without class
-        information, e.g. the same samples in every class) has ratio 0.
+        With the scatters A and B of ``(X, y)`` (fitted channel normalisation), the ratio
+        :math:`p^\top A p / p^\top B p` (no locality term) of every row p says how well the
+        pooled value separates the classes. Average pooling's row is uniform over the cell's
+        stride×stride block (adaptive pooling's with ``output_shape``). A row whose
+        between-class term is within the rounding error of A has ratio 0.
 
         Parameters
         ----------
@@ -449,39 +374,25 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
                 Reshape either to (…, H', W') for a map.
         """
         check_is_fitted(self)
-        check_params(
-            self,
-            ("batch_size", "device", "grid_shape", "stride", "output_shape"),
-            "separability_ratios",
-        )
+        names = ("batch_size", "device", "grid_shape", "stride", "output_shape")
+        check_params(self, names, "separability_ratios")
         device = resolve_device(self.device)
-        stacks = self._check_transform_input(X)
-        codes, classes = _encode_labels(self, y, stacks.n_samples)
-        dtype = torch.float64
-        mean = torch.as_tensor(self.channel_mean_, device=device, dtype=dtype)
-        scale = torch.as_tensor(self.channel_scale_, device=device, dtype=dtype)
-        codes = torch.as_tensor(codes, device=device)
-        weights = class_weights_from_labels(codes, len(classes), dtype=dtype)
-        batches = (
-            (batch, codes[torch.as_tensor(index, device=device)])
-            for index, batch in _read_indexed(stacks, self.batch_size, device)
-        )
-        stats = _scatter_statistics(batches, weights, mean, scale, dtype)
-        factor = stats.between_factor()
-        operator = torch.as_tensor(self.operator_, device=device, dtype=dtype)
+        stacks = check_fitted_grid(self, X)
+        codes, classes = encode_labels(self, y, stacks.n_samples)
+        as_tensor = partial(torch.as_tensor, device=device, dtype=torch.float64)
+        stride = self.stride if self.output_shape is None else None
         average = average_pooling_operator(
-            self.grid_shape_,
-            self.output_shape_,
-            stride=self.stride if self.output_shape is None else None,
-            dtype=dtype,
-            device=device,
+            self.grid_shape_, self.output_shape_, stride=stride, dtype=torch.float64, device=device
         )
-        noise = stats.between_noise()  # ratio 0 where A is within its rounding
-        return Bunch(
-            learned=rayleigh_ratios(operator, factor, stats.within, noise=noise).cpu().numpy(),
-            average=rayleigh_ratios(average, factor, stats.within, noise=noise).cpu().numpy(),
-            output_shape=self.output_shape_,
+        learned, average = separability_ratios(
+            device_batches(stacks, device, self.batch_size),
+            torch.as_tensor(codes, device=device),
+            len(classes),
+            [as_tensor(self.operator_), average],
+            as_tensor(self.channel_mean_),
+            as_tensor(self.channel_scale_),
         )
+        return Bunch(learned=learned, average=average, output_shape=self.output_shape_)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the 2-D output columns: ``separabilitypooling_m{m}_j{j}_c{c}``.
@@ -501,14 +412,27 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         _check_feature_names_in(self, input_features, generate_names=False)
         prefix = type(self).__name__.lower()
-        n_components, n_out, _ = self.operator_.shape
-        names = [
-            f"{prefix}_m{m}_j{j}_c{c}"
-            for m in range(n_out)
-            for j in range(n_components)
-            for c in range(self.n_channels_in_)
-        ]
-        return np.asarray(names, dtype=object)
+        cells = np.ndindex(self.operator_.shape[1], self.operator_.shape[0], self.n_channels_in_)
+        return np.asarray([f"{prefix}_m{m}_j{j}_c{c}" for m, j, c in cells], dtype=object)
+
+    @property
+    def fitted_operator_(self) -> FittedOperator:
+        """The fitted operator and the parameters as one value object (see Attributes)."""
+        check_is_fitted(self)
+        return FittedOperator(
+            operator=self.operator_,
+            channel_mean=self.channel_mean_,
+            channel_scale=self.channel_scale_,
+            grid_shape=tuple(int(v) for v in self.grid_shape_),
+            output_shape=tuple(int(v) for v in self.output_shape_),
+            classes=getattr(self, "classes_", None),
+            eigenvalues=getattr(self, "eigenvalues_", None),
+            params=self.get_params(deep=False),
+        )
+
+    def __setstate__(self, state):
+        state.setdefault("verbose", 0)  # pickled before skpool had the parameter
+        super().__setstate__(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -517,354 +441,14 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
-    # ------------------------------------------------------------------- fitting machinery
-    def _check_process_group(self) -> None:
-        """``distributed=True`` needs a process group (checked before any collective)."""
-        if self.distributed and not dist.is_initialized():
-            raise ValueError(
-                "distributed=True needs an initialised torch.distributed process group "
-                "(torch.distributed.init_process_group) in every process; none is initialised."
-            )
-
-    def _on_every_rank(self, step: Callable):
-        """``step()``; with ``distributed``, every rank raises when any rank's step failed.
-
-        Without this a rank that fails before a collective would leave the others waiting in
-        it. The failing rank raises its own error, the others a RuntimeError naming it.
-        """
-        if not self.distributed:
-            return step()
-        try:
-            result, error = step(), None
-        except Exception as exc:  # re-raised below, here or on the other ranks
-            result, error = None, exc
-        messages = dist.all_gather_objects(
-            None if error is None else f"{type(error).__name__}: {error}"
-        )
-        if error is not None:
-            raise error
-        for rank, message in enumerate(messages):
-            if message is not None:
-                raise RuntimeError(f"SeparabilityPooling.fit failed on rank {rank}: {message}")
-        return result
-
-    def _whole_data(self, shard: _Shard) -> _Shard:
-        """The shard seen from all the data: with ``distributed``, merged over the ranks."""
-        if not self.distributed:
-            return shard
-        return _Shard.merge(dist.all_gather_objects(shard), shard)
-
-    def _iter_batches(self, start_pass, shard) -> Iterator[tuple[FeatureStacks, np.ndarray]]:
-        """Validated (stacks, labels) of every batch of one pass; the first pass (``shard`` is
-        None) records ``n_features_in_`` from the first batch, the second checks against it."""
-        for position, item in enumerate(start_pass()):
-            features, labels = split_batch(item, position)
-            reset = shard is None and position == 0
-            stacks = check_stacks(self, features, reset=reset, grid_shape=self.grid_shape)
-            if shard is not None:
-                _check_same_grid(stacks, shard, position)
-            if isinstance(labels, torch.Tensor):
-                labels = labels.detach().cpu().numpy()
-            yield stacks, _check_labels(self, labels, stacks.n_samples)
-
-    def _check_shard(self, shard: _Shard) -> tuple[int, int]:
-        """Check the data against the parameters before reading it; return the output grid."""
-        _check_two_classes(shard.classes)
-        out_shape = output_grid_shape(
-            shard.grid_shape, self.stride, _check_pair(self.output_shape)
-        )
-        if self.n_components > shard.n_locations:
-            raise ValueError(
-                f"n_components={self.n_components} exceeds the {shard.n_locations} input "
-                "locations per sample."
-            )
-        return out_shape
-
-    def _fit_from_passes(self, shard, channels, scatter_pass, device, dtype):
-        """Reduce the channel statistics, run the scatter pass, solve, set the attributes."""
-        if channels is None:
-            mean = torch.zeros(shard.n_channels, dtype=torch.float64, device=device)
-            scale = torch.ones_like(mean)
-        else:
-            if self.distributed:
-                channels = dist.all_reduce_channel_statistics(channels)
-            # float64 whatever the solve's dtype (only C numbers each): the features are
-            # normalised in float64 and only then rounded to the solve's dtype
-            mean, scale = channels.mean, channels.scale
-        grid = shard.grid_shape
-        out_shape = self._check_shard(shard)
-        counts = torch.as_tensor(shard.counts, dtype=torch.float64, device=device)
-        weights = class_weights_from_counts(counts)
-
-        def scatter_step():
-            stats = _scatter_statistics(scatter_pass(), weights, mean, scale, dtype)
-            seen = np.zeros(0) if stats is None else stats.counts.cpu().numpy()
-            if not np.array_equal(seen, shard.local_counts):
-                raise ValueError(
-                    "The batches changed between the two passes over the data (class sizes "
-                    f"{shard.local_counts.tolist()} in pass 1, "
-                    f"{seen.astype(np.int64).tolist()} in pass 2). "
-                    "Both passes must yield the same samples; random augmentation or "
-                    "drop_last with shuffling break this."
-                )
-            return stats
-
-        stats = self._on_every_rank(scatter_step)
-        if self.distributed:
-            stats = dist.all_reduce_scatter_statistics(stats)
-        self._check_statistics(stats, dtype)
-        factor, noise = stats.between_factor(), stats.between_noise()
-        if no_class_information(factor, noise):  # every row would be rounding noise
-            cells, locations = out_shape[0] * out_shape[1], grid[0] * grid[1]
-            operator = stats.within.new_zeros((self.n_components, cells, locations))
-            eigenvalues = torch.zeros(operator.shape[:2], dtype=torch.float64, device=device)
-        else:
-            operator, eigenvalues = self._solve(stats, factor, grid, out_shape, dtype, device)
-        # Rows that see no class information beyond the rounding of A get the cell's
-        # average-pooling row, whatever the rounding fell like (batch size, sample order).
-        empty = rows_without_class_information(operator, factor, noise)
-        operator = self._fill_uninformative_rows(operator, grid, out_shape, empty)
-        eigenvalues = torch.where(empty, 0.0, eigenvalues)
-        self.operator_ = operator.cpu().numpy()
-        self.eigenvalues_ = eigenvalues.cpu().numpy()
-        self.channel_mean_ = mean.cpu().double().numpy()
-        self.channel_scale_ = scale.cpu().double().numpy()
-        self.classes_ = shard.classes
-        self.grid_shape_ = grid
-        self.output_shape_ = out_shape
+    def _set_fitted(self, fitted: FittedOperator, *, input_attributes: bool = False):
+        """Store ``fitted`` as the fitted attributes; with ``input_attributes`` also
+        ``n_channels_in_`` and ``n_features_in_`` (``fit`` records those from the data)."""
+        self.operator_, self.eigenvalues_ = fitted.operator, fitted.eigenvalues
+        self.channel_mean_, self.channel_scale_ = fitted.channel_mean, fitted.channel_scale
+        self.grid_shape_, self.output_shape_ = fitted.grid_shape, fitted.output_shape
+        self.classes_ = fitted.classes
+        if input_attributes:
+            self.n_channels_in_ = fitted.n_channels
+            self.n_features_in_ = fitted.n_locations * fitted.n_channels
         return self
-
-    def _check_statistics(self, stats, dtype) -> None:
-        """The scatter statistics must be finite (normalised features always are)."""
-        if bool(torch.isfinite(stats.within).all()) and bool(torch.isfinite(stats.means).all()):
-            return
-        remedies = [] if dtype == torch.float64 else ["dtype='float64'"]
-        remedies += [] if self.normalize_channels else ["normalize_channels=True"]
-        raise ValueError(
-            f"The within-class scatter of the features overflows {str(dtype)[6:]} (features "
-            f"of too large a magnitude); use {' or '.join(remedies) or 'smaller features'}."
-        )
-
-    def _fill_uninformative_rows(self, operator, grid, out_shape, rows):
-        """The rows ``rows`` (k, M) get the cell's average-pooling row, normalised."""
-        stride = self.stride if self.output_shape is None else None
-        average = average_pooling_operator(
-            grid, out_shape, stride=stride, dtype=operator.dtype, device=operator.device
-        )
-        return fill_empty_rows(operator, average, self.norm, rows)
-
-    def _solve(self, stats, factor, grid, out_shape, dtype, device):
-        """The operator (k, M, N) and ratios (k, M); distributed: each rank solves a slice."""
-        costs = locality_costs(grid, out_shape, dtype=dtype, device=device)
-        ranks = dist.world_size() if self.distributed else 1
-        cells = torch.arange(costs.shape[0]).tensor_split(ranks)
-        mine = cells[dist.rank()]
-
-        def solve():
-            if mine.numel() == 0:  # more ranks than output cells
-                return (
-                    stats.within.new_zeros((self.n_components, 0, costs.shape[1])),
-                    torch.zeros((self.n_components, 0), dtype=torch.float64, device=device),
-                )
-            return top_generalized_eigenvectors(
-                factor,
-                stats.within,
-                costs[mine.to(device)],
-                float(self.alpha),
-                int(self.n_components),
-                norm=self.norm,
-                method=self.solver,
-                support_radius=self.support_radius,
-                max_memory_bytes=int(self.max_memory_mb * 2**20),
-            )
-
-        operator, eigenvalues = self._on_every_rank(solve)
-        if ranks > 1:
-            sizes = [part.numel() for part in cells]
-            operator = dist.all_gather_along(operator, 1, sizes)
-            eigenvalues = dist.all_gather_along(eigenvalues, 1, sizes)
-        return operator, eigenvalues
-
-    def _check_transform_input(self, X) -> FeatureStacks:
-        """Validate X for a fitted estimator: same channels and the same grid as ``fit``."""
-        stacks = check_stacks(self, X, reset=False, grid_shape=self.grid_shape)
-        explicit = stacks.layout == "4d" or self.grid_shape is not None
-        fitted_locations = self.grid_shape_[0] * self.grid_shape_[1]
-        if stacks.n_locations != fitted_locations or (
-            explicit and tuple(stacks.grid_shape) != tuple(self.grid_shape_)
-        ):
-            raise ValueError(
-                f"X has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid "
-                f"({stacks.n_locations} locations), but {type(self).__name__} was fitted on "
-                f"a {self.grid_shape_[0]}x{self.grid_shape_[1]} grid; the operator only "
-                "applies to that grid."
-            )
-        return stacks
-
-
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Shard:
-    """What the passes need to know about the data before the scatter statistics.
-
-    grid_shape, n_channels : the samples' grid (H, W) and channels
-    classes, counts : the classes (Q,) and their sizes (Q,) in all the data (all ranks)
-    local_counts : the class sizes (Q,) in this process's data
-    """
-
-    grid_shape: tuple[int, int]
-    n_channels: int
-    classes: np.ndarray
-    counts: np.ndarray
-    local_counts: np.ndarray
-
-    @classmethod
-    def of(cls, stacks: FeatureStacks, classes, counts) -> _Shard:
-        return cls(tuple(stacks.grid_shape), stacks.n_channels, classes, counts, counts)
-
-    @property
-    def n_locations(self) -> int:
-        return self.grid_shape[0] * self.grid_shape[1]
-
-    @staticmethod
-    def merge(shards: list[_Shard], local: _Shard) -> _Shard:
-        """The union of every rank's shard, seen from ``local``; the ranks must agree."""
-        classes, counts = None, None
-        for rank, shard in enumerate(shards):
-            if (shard.grid_shape, shard.n_channels) != (local.grid_shape, local.n_channels):
-                raise ValueError(
-                    f"Rank {rank} has a {shard.grid_shape[0]}x{shard.grid_shape[1]} grid with "
-                    f"{shard.n_channels} channels, this rank a {local.grid_shape[0]}x"
-                    f"{local.grid_shape[1]} grid with {local.n_channels}; every rank must pass "
-                    "data of the same shape."
-                )
-            classes, counts = _add_label_counts(classes, counts, shard.classes, shard.counts)
-        local_counts = np.zeros_like(counts)
-        local_counts[np.searchsorted(classes, local.classes)] = local.counts
-        return _Shard(local.grid_shape, local.n_channels, classes, counts, local_counts)
-
-
-def _check_labels(estimator, y, n_samples: int) -> np.ndarray:
-    """Validated class labels (n,) of n samples (any hashable, sortable type)."""
-    name = type(estimator).__name__
-    if y is None:
-        raise ValueError(f"{name} requires y to be passed, but the target y is None.")
-    y = column_or_1d(y, warn=True)
-    if y.shape[0] != n_samples:
-        raise ValueError(f"y has {y.shape[0]} labels but X has {n_samples} samples.")
-    check_classification_targets(y)
-    return y
-
-
-def _check_two_classes(classes: np.ndarray) -> None:
-    if len(classes) < 2:
-        raise ValueError(
-            "SeparabilityPooling needs samples of at least two classes to measure "
-            f"separability; got 1 class ({classes[0]})."
-        )
-
-
-def _encode_labels(estimator, y, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate class labels; return their codes (n,) in [0, Q) and the classes (Q,)."""
-    y = _check_labels(estimator, y, n_samples)
-    encoder = LabelEncoder()
-    codes = encoder.fit_transform(y)
-    _check_two_classes(encoder.classes_)
-    return codes, encoder.classes_
-
-
-def _add_label_counts(classes, counts, labels, label_counts=None):
-    """Merge labels (or unique labels with their counts) into sorted (classes, counts)."""
-    if label_counts is None:
-        labels, label_counts = np.unique(labels, return_counts=True)
-    if classes is None:
-        return labels, label_counts
-    merged = np.union1d(classes, labels)
-    total = np.zeros(len(merged), dtype=np.int64)
-    np.add.at(total, np.searchsorted(merged, classes), counts)
-    np.add.at(total, np.searchsorted(merged, labels), label_counts)
-    return merged, total
-
-
-def _codes_of(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Codes in [0, Q) of labels that must all be among the (sorted) classes."""
-    codes = np.searchsorted(classes, labels).clip(0, len(classes) - 1)
-    unseen = classes[codes] != labels
-    if np.any(unseen):
-        raise ValueError(
-            f"Label {labels[np.argmax(unseen)]!r} appears in the second pass over the batches "
-            "but not in the first: both passes must yield the same samples."
-        )
-    return codes
-
-
-def _check_same_grid(stacks: FeatureStacks, first, position: int) -> None:
-    """Every batch must have the grid and channels of the first one."""
-    if (tuple(stacks.grid_shape), stacks.n_channels) != (
-        tuple(first.grid_shape),
-        first.n_channels,
-    ):
-        raise ValueError(
-            f"Batch {position} has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid with "
-            f"{stacks.n_channels} channels, the first batch a {first.grid_shape[0]}x"
-            f"{first.grid_shape[1]} grid with {first.n_channels}; all batches must agree."
-        )
-
-
-def _check_pair(shape) -> tuple[int, int] | None:
-    """Validate ``output_shape``: None or two positive integers."""
-    if shape is None:
-        return None
-    try:
-        pair = tuple(int(v) for v in shape)
-        valid = len(pair) == 2 and min(pair) >= 1 and all(float(v) == int(v) for v in shape)
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ValueError(
-            f"output_shape must be None or a pair of positive integers (H', W'), got {shape!r}."
-        )
-    return pair
-
-
-def _read_indexed(stacks: FeatureStacks, batch_size, device):
-    """(sample indices, batch (b, N, C)) on the device; a memmap's pages are released after
-    every batch (:meth:`FeatureStacks.iter_batches`)."""
-    for index, batch, _ in stacks.iter_batches(batch_size, device):
-        yield index, batch
-
-
-def _read(stacks: FeatureStacks, batch_size, device):
-    """Batches (b, N, C) on the device (see :func:`_read_indexed`)."""
-    for _, batch in _read_indexed(stacks, batch_size, device):
-        yield batch
-
-
-def _channel_statistics(batches, dtype) -> ChannelStatistics | None:
-    """First pass: per-channel count, mean and centred sum of squares of the batches.
-
-    Always accumulated in float64 (``dtype`` is the solve's, used later): squared deviations
-    of float32 maps beyond about 1e19 overflow float32, those below 1e-19 underflow it.
-    """
-    total = None
-    for batch in batches:
-        stats = ChannelStatistics.from_batch(batch.to(torch.float64))
-        total = stats if total is None else total.merge(stats)
-    return total
-
-
-def _scatter_statistics(batches, class_weights, mean, scale, dtype) -> ScatterStatistics | None:
-    """Second pass: class means and within-class scatter of the normalised batches.
-
-    ``batches`` yields (features (b, N, C), class codes (b,)); None when it yields nothing.
-    The features are normalised with the float64 channel statistics in float64 (float64 data
-    of magnitude 1e40, or channels with a mean of 1e8, would lose everything to a float32
-    cast first); the class means stay in float64 and the within-class scatter is accumulated
-    in ``dtype``, the solve's.
-    """
-    total = None
-    for batch, labels in batches:
-        normalised = standardise(batch.to(torch.float64), mean, scale)
-        stats = ScatterStatistics.from_batch(normalised, labels, class_weights, dtype)
-        total = stats if total is None else total.merge(stats)
-    return total

@@ -9,7 +9,6 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from ..nn import SeparabilityPool2d
 from ._skorch import PoolingCNNClassifier, check_images, check_labels
 from .cnn import PoolingCNN
 
@@ -133,11 +132,8 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
             estimator = _separability_pooling()(
                 **estimator_params, stride=net.module_.stage_stride, device=net.device
             ).fit_batches(maps)
-            layers[point] = SeparabilityPool2d(
-                estimator.operator_,
-                output_shape=tuple(estimator.output_shape_),
-                grid_shape=tuple(estimator.grid_shape_),
-            )
+            # the operator alone: the fit's channel statistics describe this net's channels
+            layers[point] = estimator.fitted_operator_.to_module(channel_statistics=False)
             nets.append(net)
             poolings.append(estimator)
             shapes.append(maps.shape)

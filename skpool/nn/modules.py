@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._core.gmp import check_options
+from .._grid import check_grid
 from . import functional as F
 
 __all__ = [
@@ -235,10 +236,10 @@ class SeparabilityPool2d(nn.Module):
         operator = _copy_as_tensor(operator, factory, "operator")
         if operator.ndim != 3:
             raise ValueError(f"operator must have shape (k, M, N), got {tuple(operator.shape)}.")
-        self.output_shape = _check_grid("output_shape", output_shape, operator.shape[1])
-        self.grid_shape = None
-        if grid_shape is not None:
-            self.grid_shape = _check_grid("grid_shape", grid_shape, operator.shape[2])
+        self.output_shape = check_grid(output_shape, "output_shape", n_locations=operator.shape[1])
+        self.grid_shape = check_grid(
+            grid_shape, "grid_shape", n_locations=operator.shape[2], optional=True
+        )
         if (channel_mean is None) != (channel_scale is None):
             raise ValueError("Give both channel_mean and channel_scale, or neither.")
         stats = {"channel_mean": channel_mean, "channel_scale": channel_scale}
@@ -265,18 +266,33 @@ class SeparabilityPool2d(nn.Module):
                 self.register_buffer(name, value)
 
     @classmethod
+    def from_operator(
+        cls, fitted, trainable: bool = False, *, channel_statistics: bool = True, device=None,
+        dtype=None,
+    ):
+        """Build the layer from a fitted operator (:class:`skpool.io.FittedOperator`: an
+        estimator's ``fitted_operator_``, or what :func:`skpool.io.load_operator` read).
+
+        Args:
+            fitted: the fitted operator.
+            trainable, device, dtype: as in the constructor.
+            channel_statistics: apply the fit's channel normalisation, as the estimator's
+                ``transform`` does; with False the layer applies the operator alone.
+        """
+        stats = (fitted.channel_mean, fitted.channel_scale) if channel_statistics else ()
+        return cls(
+            fitted.operator, *stats, trainable=trainable, output_shape=fitted.output_shape,
+            grid_shape=fitted.grid_shape, device=device, dtype=dtype,
+        )
+
+    @classmethod
     def from_estimator(cls, estimator, trainable: bool = False, *, device=None, dtype=None):
-        """Build the layer from a fitted :class:`skpool.SeparabilityPooling`.
+        """Build the layer from a fitted :class:`skpool.SeparabilityPooling` (its
+        ``fitted_operator_``, :meth:`from_operator`).
 
         The layer reproduces ``estimator.transform`` on channels-first data: for maps ``x`` of
         shape (B, C, H, W), ``layer(x)`` equals ``transform(x.permute(0, 2, 3, 1))`` permuted
         back to (B, k·C, H', W').
-
-        Args:
-            estimator: a fitted ``SeparabilityPooling`` (its ``operator_``,
-                ``channel_mean_``, ``channel_scale_``, ``grid_shape_``, ``output_shape_``).
-            trainable, device, dtype: as in the constructor (dtype defaults to
-                ``torch.get_default_dtype()``).
         """
         if not hasattr(estimator, "operator_"):
             from sklearn.exceptions import NotFittedError
@@ -285,16 +301,7 @@ class SeparabilityPool2d(nn.Module):
                 f"This {type(estimator).__name__} instance is not fitted yet (no operator_): "
                 "call fit before SeparabilityPool2d.from_estimator."
             )
-        return cls(
-            estimator.operator_,
-            getattr(estimator, "channel_mean_", None),
-            getattr(estimator, "channel_scale_", None),
-            trainable,
-            output_shape=tuple(int(v) for v in estimator.output_shape_),
-            grid_shape=tuple(int(v) for v in estimator.grid_shape_),
-            device=device,
-            dtype=dtype,
-        )
+        return cls.from_operator(estimator.fitted_operator_, trainable, device=device, dtype=dtype)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -490,15 +497,6 @@ def _check_positive(name: str, value) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     return value
-
-
-def _check_grid(name: str, shape, n_locations: int) -> tuple[int, int]:
-    shape = tuple(int(v) for v in shape)
-    if len(shape) != 2 or shape[0] * shape[1] != n_locations:
-        raise ValueError(
-            f"{name} must be (rows, cols) with {n_locations} locations in all, got {shape}."
-        )
-    return shape
 
 
 def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
 from skpool.cli import CommandError, main
 from skpool.io import FORMAT_VERSION, load_operator
+from solve_progress import solve_with_progress  # noqa: F401 - a fixture
 
 N_SAMPLES, GRID, CHANNELS = 45, (6, 4), 3
 
@@ -487,12 +489,41 @@ def test_support_radius_and_memory_options_reach_the_estimator(files, capsys):
 
 
 # --------------------------------------------------------------------------------------------
+# Progress: fit shows it like gmp and transform, on a terminal and unless -q
+def test_fit_shows_progress_on_a_terminal_like_gmp_and_transform(
+    files, capsys, monkeypatch, solve_with_progress
+):
+    tmp, _, _ = files
+    fit = ["fit", tmp / "train.npz", "-o", tmp / "model.npz", "--device", "cpu"]
+    gmp = ["gmp", tmp / "train.npz", "-o", tmp / "gmp.npy", "--device", "cpu"]
+    transform = ["transform", tmp / "model.npz", tmp / "train.npz", "-o", tmp / "t.npy",
+                 "--device", "cpu"]
+    for argv in (fit, gmp, transform):  # not a terminal: no bars
+        code, _, err = run(capsys, *argv)
+        assert (code, err) == (0, "")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, err = run(capsys, *fit)
+    assert code == 0
+    for bar in ("channel statistics", "scatter statistics", "solve"):
+        assert f"SeparabilityPooling {bar}: 100%" in err
+    assert "45/45" in err and "6/6" in err  # samples of each pass, the 3x2 output cells
+    for argv in (gmp, transform):
+        assert f"skpool {argv[0]}: 100%" in run(capsys, *argv)[2]
+    for argv in (fit, gmp, transform):  # -q silences them all
+        code, out, err = run(capsys, *argv, "-q")
+        assert (code, out, err) == (0, "", "")
+
+
+# --------------------------------------------------------------------------------------------
 # info: the grid, and the eigenvalues named for what they are
 def test_info_names_the_eigenvalues_and_flags_a_column_grid(files, capsys):
     tmp, maps, labels = files
     np.savez(tmp / "flat.npz", X=maps.reshape(N_SAMPLES, -1), y=labels)  # (n, F): a mistake
-    code, out, _ = run(capsys, "fit", tmp / "flat.npz", "-o", tmp / "flat_model.npz")
+    with warnings.catch_warnings(record=True) as caught:  # the note says it, not a warning
+        warnings.simplefilter("always")
+        code, out, _ = run(capsys, "fit", tmp / "flat.npz", "-o", tmp / "flat_model.npz")
     assert code == 0 and "72x1 grid" in out and "--grid-shape H,W" in out
+    assert not [w for w in caught if "grid" in str(w.message)]
     code, out, _ = run(capsys, "info", tmp / "flat_model.npz", "--json")
     description = json.loads(out)
     assert description["input_grid"] == "72x1 (72 locations)"
