@@ -24,6 +24,8 @@ optional ``progress`` factory (:func:`skpool._core.passes.progress_bar`).
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -66,7 +68,9 @@ __all__ = [
 ]
 
 #: The solve's dtype of each value of the ``dtype`` parameter.
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+#: The solve's precision; "auto" (None here) follows the data: float32 when every sample is
+#: float32 (or narrower), float64 otherwise (see :attr:`FitSettings.dtype`).
+DTYPES = {"auto": None, "float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class FitSettings:
     solver: str
     support_radius: float | None
     max_memory_bytes: int
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: follow the data (DataSummary.float32_data)
     device: torch.device
     distributed: bool = False
 
@@ -173,7 +177,10 @@ def fit_stacks(validate: Callable, read: Callable, distributed: bool, progress=N
     def summarise():
         settings, stacks, labels = validate()
         classes, counts = np.unique(labels, return_counts=True)
-        summary = DataSummary.of(stacks.grid_shape, stacks.n_channels, classes, counts)
+        summary = DataSummary.of(
+            stacks.grid_shape, stacks.n_channels, classes, counts,
+            float32_data=stacks.dtype != torch.float64,
+        )
         return settings, stacks, labels, summary
 
     settings, stacks, labels, summary = on_every_rank(summarise, distributed)
@@ -230,6 +237,9 @@ def fit_operator(
     ``summary`` is the whole data's (:meth:`DataSummary.whole`), ``channels`` this rank's
     pass-1 statistics (None without channel normalisation).
     """
+    if settings.dtype is None:  # "auto": the data's precision
+        float32 = torch.float32 if summary.float32_data else torch.float64
+        settings = dataclasses.replace(settings, dtype=float32)
     device, dtype, distributed = settings.device, settings.dtype, settings.distributed
     if channels is None:
         mean = torch.zeros(summary.n_channels, dtype=torch.float64, device=device)

@@ -47,6 +47,8 @@ class DataSummary:
     grid_shape, n_channels : the samples' grid (H, W) and channels C
     classes, counts : the sorted classes (Q,) and their sizes (Q,) in all the data (all ranks)
     local_counts : the class sizes (Q,) in this process's data
+    float32_data : whether every sample was float32 (or narrower) in every process: the
+        solve's precision when ``dtype="auto"``
     """
 
     grid_shape: tuple[int, int]
@@ -54,11 +56,12 @@ class DataSummary:
     classes: np.ndarray
     counts: np.ndarray
     local_counts: np.ndarray
+    float32_data: bool = False
 
     @classmethod
-    def of(cls, grid_shape, n_channels: int, classes, counts) -> DataSummary:
+    def of(cls, grid_shape, n_channels: int, classes, counts, float32_data=False) -> DataSummary:
         """The summary of one process's data (classes sorted, with their counts)."""
-        return cls(tuple(grid_shape), int(n_channels), classes, counts, counts)
+        return cls(tuple(grid_shape), int(n_channels), classes, counts, counts, float32_data)
 
     @property
     def n_locations(self) -> int:
@@ -68,6 +71,7 @@ class DataSummary:
         """The union of every rank's summary (``summaries``, in rank order), seen from this
         rank's; every rank must have the same grid and channels."""
         classes, counts = None, None
+        float32_data = all(other.float32_data for other in summaries)
         for rank, other in enumerate(summaries):
             if (other.grid_shape, other.n_channels) != (self.grid_shape, self.n_channels):
                 raise ValueError(
@@ -79,7 +83,9 @@ class DataSummary:
             classes, counts = add_label_counts(classes, counts, other.classes, other.counts)
         local_counts = np.zeros_like(counts)
         local_counts[np.searchsorted(classes, self.classes)] = self.local_counts
-        return DataSummary(self.grid_shape, self.n_channels, classes, counts, local_counts)
+        return DataSummary(
+            self.grid_shape, self.n_channels, classes, counts, local_counts, float32_data
+        )
 
     def whole(self, distributed: bool) -> DataSummary:
         """The summary of all the data: with ``distributed``, merged over the ranks."""
@@ -174,11 +180,12 @@ def first_pass(batches, read, normalize_channels: bool, progress=None):
     ``(sample indices, tensor (b', N, C))`` on the device. Returns the summary of this
     process's data and its channel statistics (None without ``normalize_channels``).
     """
-    first, channels, classes, counts = None, None, None, None
+    first, channels, classes, counts, float32_data = None, None, None, None, True
     description = "class sizes" + (" and channel statistics" if normalize_channels else "")
     with progress_bar(progress, description) as bar:
         for stacks, labels in batches:
             first = stacks if first is None else first
+            float32_data = float32_data and stacks.dtype != torch.float64
             classes, counts = add_label_counts(classes, counts, labels)
             if not normalize_channels:
                 bar.update(stacks.n_samples)
@@ -187,7 +194,8 @@ def first_pass(batches, read, normalize_channels: bool, progress=None):
             channels = more if channels is None else channels.merge(more)
     if first is None:
         raise ValueError("batches yielded no (X_batch, y_batch) pair; nothing to fit.")
-    return DataSummary.of(first.grid_shape, first.n_channels, classes, counts), channels
+    summary = DataSummary.of(first.grid_shape, first.n_channels, classes, counts, float32_data)
+    return summary, channels
 
 
 def channel_pass(indexed_batches, total: int, progress=None) -> ChannelStatistics | None:

@@ -232,9 +232,10 @@ def _separability_options(group) -> None:
     group.add_argument("--no-normalize-channels", dest="normalize_channels",
                        action="store_false",
                        help="do not standardise the channels before fitting")
-    group.add_argument("--precision", choices=("float64", "float32"), default="float64",
-                       help="precision of the statistics and the solve, the estimator's dtype "
-                       "(--dtype is the element type of a raw feature file) (default: float64)")
+    group.add_argument("--precision", choices=("auto", "float64", "float32"), default="auto",
+                       help="precision of the scatter and the solve, the estimator's dtype "
+                       "(--dtype is the element type of a raw feature file); auto follows "
+                       "the features: float32 for float32 files (default: auto)")
     group.add_argument("--solver", choices=("auto", "low_rank", "full"), default="auto",
                        help="route of the eigenproblem (default: auto)")
     group.add_argument("--support-radius", type=_positive_float, default=None, metavar="R",

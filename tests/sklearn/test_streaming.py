@@ -102,11 +102,12 @@ def test_float32_memmap_and_private_memmap(rng, tmp_path):
     maps, labels = make_maps(rng)
     maps = maps.astype(np.float32)
     np.save(tmp_path / "maps.npy", maps)
-    expected = SeparabilityPooling(**PARAMS).fit(maps, labels)
+    expected = SeparabilityPooling(**PARAMS, dtype="float64").fit(maps, labels)
     for mode in ("r", "c"):  # "c" (copy-on-write) pages are never dropped: they may be modified
         mapped = np.load(tmp_path / "maps.npy", mmap_mode=mode)
         assert isinstance(mapped, np.memmap)
-        assert_same_fit(SeparabilityPooling(**PARAMS, batch_size=7).fit(mapped, labels), expected)
+        fitted = SeparabilityPooling(**PARAMS, dtype="float64", batch_size=7).fit(mapped, labels)
+        assert_same_fit(fitted, expected)
 
 
 # ------------------------------------------------------------------------------- batches
