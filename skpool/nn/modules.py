@@ -30,6 +30,27 @@ __all__ = [
 LOG_LAM_RANGE = (-80.0, 80.0)
 
 
+def _setup_learnable_lam(
+    module, lam, learnable, normalize, lam_scale, refine_steps, device, dtype
+) -> None:
+    """Check and store the options of a GMP layer (2-D or sequence) and register its
+    θ = log λ (an ``nn.Parameter`` when ``learnable``, else a buffer), in
+    :data:`LOG_LAM_RANGE`."""
+    lam = _check_positive("lam", lam)
+    check_options(lam_scale, refine_steps)
+    log_lam = math.log(lam)
+    if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
+        raise ValueError(
+            f"lam must lie in [exp({LOG_LAM_RANGE[0]:g}), exp({LOG_LAM_RANGE[1]:g})], "
+            f"got {lam!r}."
+        )
+    module.learnable = learnable
+    module.normalize = normalize
+    module.lam_scale = lam_scale
+    module.refine_steps = refine_steps
+    _register_scalar(module, "log_lam", log_lam, learnable, device, dtype)
+
+
 class GeneralizedMaxPool2d(nn.Module):
     r"""Global generalized max pooling with a learnable ridge λ (Deep GMP).
 
@@ -132,20 +153,10 @@ class GeneralizedMaxPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        lam = _check_positive("lam", lam)
-        check_options(lam_scale, refine_steps)
-        log_lam = math.log(lam)
-        if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
-            raise ValueError(
-                f"lam must lie in [exp({LOG_LAM_RANGE[0]:g}), exp({LOG_LAM_RANGE[1]:g})], "
-                f"got {lam!r}."
-            )
-        self.learnable = learnable
-        self.normalize = normalize
         self.flatten = flatten
-        self.lam_scale = lam_scale
-        self.refine_steps = refine_steps
-        _register_scalar(self, "log_lam", log_lam, learnable, device, dtype)
+        _setup_learnable_lam(
+            self, lam, learnable, normalize, lam_scale, refine_steps, device, dtype
+        )
 
     @property
     def lam(self) -> torch.Tensor:

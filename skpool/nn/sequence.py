@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .._core.gmp import check_options, generalized_max_pool
-from .modules import LOG_LAM_RANGE, _at_least_float32, _check_positive, _register_scalar
+from .._core.gmp import generalized_max_pool
+from .modules import LOG_LAM_RANGE, _at_least_float32, _setup_learnable_lam
 
 __all__ = ["generalized_max_pool_sequence", "SequenceGeneralizedMaxPool"]
 
@@ -153,21 +153,9 @@ class SequenceGeneralizedMaxPool(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        lam = _check_positive("lam", lam)
-        check_options(lam_scale, refine_steps)
-        if not (refine_steps == "auto" or (isinstance(refine_steps, int) and refine_steps >= 0)):
-            raise ValueError(f"refine_steps must be 'auto' or an int >= 0, got {refine_steps!r}.")
-        log_lam = math.log(lam)
-        if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
-            raise ValueError(
-                f"lam must lie in [exp({LOG_LAM_RANGE[0]:g}), exp({LOG_LAM_RANGE[1]:g})], "
-                f"got {lam!r}."
-            )
-        self.learnable = learnable
-        self.normalize = normalize
-        self.refine_steps = refine_steps
-        self.lam_scale = lam_scale
-        _register_scalar(self, "log_lam", log_lam, learnable, device, dtype)
+        _setup_learnable_lam(
+            self, lam, learnable, normalize, lam_scale, refine_steps, device, dtype
+        )
 
     @property
     def lam(self) -> torch.Tensor:
