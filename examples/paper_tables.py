@@ -312,99 +312,154 @@ def paper(value) -> str:
 
 def report(record: dict) -> str:
     """Markdown tables from the cells of ``record`` (whatever seeds are complete or not)."""
+    cells = _Cells(record["cells"])
+    parts = [_table1(cells), _robustness_tables(cells), _table4(cells), _retrieval_table(cells),
+             _classification_table(cells)]
+    return "\n\n".join(parts)
+
+
+class _Cells:
+    """The cells by (table, model, seed), and one measurement of a model over the seeds."""
+
+    def __init__(self, cells):
+        self.by_key = {(c["table"], c["model"], c["seed"]): c for c in cells}
+        self.seeds = sorted({seed for (table, _, seed) in self.by_key if table != "cv"})
+
+    def get(self, table, model, seed):
+        return self.by_key.get((table, model, seed))
+
+    def values(self, table, model, key) -> list:
+        return [self.by_key[(table, model, s)][key] for s in self.seeds
+                if (table, model, s) in self.by_key]
+
+
+def _table1(cells) -> str:
+    lines = [
+        "### Birodkar et al., Table 1: test error (%)\n",
+        "| network | training set | strided | learned (separability) | chosen α, norm "
+        "| paper (SVHN): strided → learned |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for arch in ARCHITECTURES:
+        cv = cells.get("cv", arch, 0)
+        chosen = f"{cv['best_params']['alpha']:g}, {cv['best_params']['norm']}" if cv else "n/a"
+        for regime in REGIMES:
+            row = [mean_std(cells.values("birodkar1", f"{arch}/{regime}/{p}", "test_error"), 100)
+                   for p in ("strided", "separability")]
+            theirs = PAPER_TABLE1.get((arch, regime))
+            theirs = f"{theirs[0]} → {theirs[1]}" if theirs else "—"
+            lines.append(f"| {arch} | {regime} | {row[0]} | {row[1]} | {chosen} | {theirs} |")
+    return "\n".join(lines)
+
+
+def _robustness_tables(cells) -> str:
+    """Tables 2–3: group means of CE and FR, then CE per corruption and FR per perturbation."""
     from skpool.evaluation import (
+        CORRUPTIONS,
         GEOMETRIC_CORRUPTIONS,
         GEOMETRIC_PERTURBATIONS,
         NON_GEOMETRIC_CORRUPTIONS,
         NON_GEOMETRIC_PERTURBATIONS,
+        PERTURBATIONS,
         corruption_error,
         flip_rate,
     )
 
-    cells = {(c["table"], c["model"], c["seed"]): c for c in record["cells"]}
-    seeds = sorted({seed for (table, _, seed) in cells if table != "cv"})
-
-    def values(table, model, key):
-        return [cells[(table, model, s)][key] for s in seeds if (table, model, s) in cells]
-
-    lines = []
-    out = lines.append
-    out("### Birodkar et al., Table 1: test error (%)\n")
-    out("| network | training set | strided | learned (separability) | chosen α, norm "
-        "| paper (SVHN): strided → learned |")
-    out("| --- | --- | --- | --- | --- | --- |")
+    lines = [
+        "### Birodkar et al., Tables 2–3: corruption error and flip rate of the learned "
+        "pooling vs strided (full training set; below 100 = more robust)\n",
+        "| network | clean error strided → learned (%) | mCE geometric | mCE non-geometric "
+        "| mFR geometric | mFR non-geometric | geometric perturbations flipping less |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    per_name = {}  # arch -> ("CE" or "FR", name) -> the ratio per seed
     for arch in ARCHITECTURES:
-        cv = cells.get(("cv", arch, 0))
-        chosen = (f"{cv['best_params']['alpha']:g}, {cv['best_params']['norm']}" if cv else "n/a")
-        for regime in REGIMES:
-            row = [mean_std(values("birodkar1", f"{arch}/{regime}/{p}", "test_error"), 100)
-                   for p in ("strided", "separability")]
-            theirs = PAPER_TABLE1.get((arch, regime))
-            theirs = f"{theirs[0]} → {theirs[1]}" if theirs else "—"
-            out(f"| {arch} | {regime} | {row[0]} | {row[1]} | {chosen} | {theirs} |")
-
-    out("\n### Birodkar et al., Tables 2–3: corruption error and flip rate of the learned "
-        "pooling vs strided (full training set; below 100 = more robust)\n")
-    out("| network | clean error strided → learned (%) | mCE geometric | mCE non-geometric "
-        "| mFR geometric | mFR non-geometric | geometric perturbations flipping less |")
-    out("| --- | --- | --- | --- | --- | --- | --- |")
-    for arch in ARCHITECTURES:
-        stats = {key: [] for key in ("ceg", "cen", "frg", "frn", "better")}
-        for seed in seeds:
-            base = cells.get(("birodkar1", f"{arch}/full/strided", seed))
-            learned = cells.get(("birodkar1", f"{arch}/full/separability", seed))
+        ces, frs = [], []
+        for seed in cells.seeds:
+            base = cells.get("birodkar1", f"{arch}/full/strided", seed)
+            learned = cells.get("birodkar1", f"{arch}/full/separability", seed)
             if base is None or learned is None:
                 continue
-            ce = _ratios(learned["robustness"]["corruption_errors"],
-                         base["robustness"]["corruption_errors"], corruption_error)
-            fr = _ratios(learned["robustness"]["flip_probability"],
-                         base["robustness"]["flip_probability"], flip_rate)
-            stats["ceg"].append(_group_mean(ce, GEOMETRIC_CORRUPTIONS))
-            stats["cen"].append(_group_mean(ce, NON_GEOMETRIC_CORRUPTIONS))
-            stats["frg"].append(_group_mean(fr, GEOMETRIC_PERTURBATIONS))
-            stats["frn"].append(_group_mean(fr, NON_GEOMETRIC_PERTURBATIONS))
-            stats["better"].append(sum(fr.get(p) is not None and fr[p] < 1
-                                       for p in GEOMETRIC_PERTURBATIONS))
-        clean = " → ".join(mean_std(values("birodkar1", f"{arch}/full/{p}", "test_error"), 100)
-                           for p in ("strided", "separability"))
-        better = (f"{mean_std(stats['better'], digits=1)} of {len(GEOMETRIC_PERTURBATIONS)}"
-                  if stats["better"] else "n/a")
-        out(f"| {arch} | {clean} | {mean_std(stats['ceg'], 100, 1)} "
-            f"| {mean_std(stats['cen'], 100, 1)} | {mean_std(stats['frg'], 100, 1)} "
-            f"| {mean_std(stats['frn'], 100, 1)} | {better} |")
-    out(f"\nPaper (CIFAR-10-C/P): {PAPER_TABLE3_FLIPS}; its CE figures are not listed here.")
+            ces.append(_ratios(learned["robustness"]["corruption_errors"],
+                               base["robustness"]["corruption_errors"], corruption_error))
+            frs.append(_ratios(learned["robustness"]["flip_probability"],
+                               base["robustness"]["flip_probability"], flip_rate))
+        per_name[arch] = {("CE", name): [r[name] for r in ces] for name in CORRUPTIONS}
+        per_name[arch].update({("FR", name): [r[name] for r in frs] for name in PERTURBATIONS})
+        better = [sum(r.get(p) is not None and r[p] < 1 for p in GEOMETRIC_PERTURBATIONS)
+                  for r in frs]
+        means = [
+            mean_std([_group_mean(r, names) for r in ratios], 100, 1)
+            for ratios, names in ((ces, GEOMETRIC_CORRUPTIONS), (ces, NON_GEOMETRIC_CORRUPTIONS),
+                                  (frs, GEOMETRIC_PERTURBATIONS),
+                                  (frs, NON_GEOMETRIC_PERTURBATIONS))
+        ]
+        clean = " → ".join(
+            mean_std(cells.values("birodkar1", f"{arch}/full/{p}", "test_error"), 100)
+            for p in ("strided", "separability"))
+        count = (f"{mean_std(better, digits=1)} of {len(GEOMETRIC_PERTURBATIONS)}" if better
+                 else "n/a")
+        lines.append(f"| {arch} | {clean} | {' | '.join(means)} | {count} |")
+    lines.append(f"\nPaper (CIFAR-10-C/P): {PAPER_TABLE3_FLIPS}; its CE figures are not listed "
+                 "here.\n")
+    lines.append("| corruption (CE %) or perturbation (FR %) | geometric | "
+                 + " | ".join(ARCHITECTURES) + " |")
+    lines.append("| --- | --- |" + " --- |" * len(ARCHITECTURES))
+    geometric = set(GEOMETRIC_CORRUPTIONS) | set(GEOMETRIC_PERTURBATIONS)
+    for kind, names in (("CE", CORRUPTIONS), ("FR", PERTURBATIONS)):
+        for name in names:
+            row = [mean_std(per_name[arch][kind, name], 100, 1) for arch in ARCHITECTURES]
+            lines.append(f"| {kind} {name} | {'yes' if name in geometric else 'no'} "
+                         f"| {' | '.join(row)} |")
+    return "\n".join(lines)
 
-    out("\n### Birodkar et al., Table 4: SGD-learned vs closed-form pooling, test error (%)\n")
-    out("| network | training set | strided | closed form (separability) | learned by SGD |")
-    out("| --- | --- | --- | --- | --- |")
+
+def _table4(cells) -> str:
+    lines = [
+        "### Birodkar et al., Table 4: SGD-learned vs closed-form pooling, test error (%)\n",
+        "| network | training set | strided | closed form (separability) | learned by SGD |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for arch in ARCHITECTURES:
         for regime in REGIMES:
-            row = [mean_std(values("birodkar1", f"{arch}/{regime}/{p}", "test_error"), 100)
-                   for p in ("strided", "separability")]
-            sgd = mean_std(values("birodkar4", f"{arch}/{regime}/sgd", "test_error"), 100)
-            out(f"| {arch} | {regime} | {row[0]} | {row[1]} | {sgd} |")
+            row = [mean_std(cells.values(table, f"{arch}/{regime}/{p}", "test_error"), 100)
+                   for table, p in (("birodkar1", "strided"), ("birodkar1", "separability"),
+                                    ("birodkar4", "sgd"))]
+            lines.append(f"| {arch} | {regime} | {' | '.join(row)} |")
+    return "\n".join(lines)
 
-    out("\n### Christlein et al., Tables I–II: retrieval, test images querying each other "
-        "(%)\n")
-    out("| global pooling | mAP | top-1 | learned λ | paper mAP (ICDAR17) |")
-    out("| --- | --- | --- | --- | --- |")
+
+def _retrieval_table(cells) -> str:
+    lines = [
+        "### Christlein et al., Tables I–II: retrieval, test images querying each other (%)\n",
+        "| global pooling | mAP | top-1 | learned λ | paper mAP (ICDAR17) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for head in RETRIEVAL_HEADS:
-        lam = mean_std(values("christlein12", head, "learned_lambda"), digits=3) \
-            if head in DGMP_LAMBDAS else "—"
-        theirs = PAPER_TABLE2_MAP["dgmp" if head in DGMP_LAMBDAS else head]
-        out(f"| {_head_name(head)} | {mean_std(values('christlein12', head, 'mAP'), 100)} "
-            f"| {mean_std(values('christlein12', head, 'top1'), 100)} | {lam} | {paper(theirs)} |")
+        dgmp = head in DGMP_LAMBDAS
+        lam = mean_std(cells.values("christlein12", head, "learned_lambda"), digits=3) \
+            if dgmp else "—"
+        theirs = PAPER_TABLE2_MAP["dgmp" if dgmp else head]
+        lines.append(
+            f"| {_head_name(head)} | {mean_std(cells.values('christlein12', head, 'mAP'), 100)} "
+            f"| {mean_std(cells.values('christlein12', head, 'top1'), 100)} | {lam} "
+            f"| {paper(theirs)} |")
+    return "\n".join(lines)
 
-    out("\n### Christlein et al., Table III: classification accuracy (%)\n")
-    out("| global pooling | accuracy | paper (CLaMM16) |")
-    out("| --- | --- | --- |")
-    avg = values("birodkar1", "cnn/full/strided", "test_error")
-    out(f"| average (Table 1's strided CNN) | {mean_std([1 - e for e in avg], 100)} "
-        f"| {paper(PAPER_TABLE3_ACCURACY['avg'])} |")
+
+def _classification_table(cells) -> str:
+    lines = [
+        "### Christlein et al., Table III: classification accuracy (%)\n",
+        "| global pooling | accuracy | paper (CLaMM16) |",
+        "| --- | --- | --- |",
+    ]
+    avg = cells.values("birodkar1", "cnn/full/strided", "test_error")
+    lines.append(f"| average (Table 1's strided CNN) | {mean_std([1 - e for e in avg], 100)} "
+                 f"| {paper(PAPER_TABLE3_ACCURACY['avg'])} |")
     for head in CLASSIFICATION_HEADS:
-        accuracy = [1 - e for e in values("christlein3", head, "test_error")]
+        accuracy = [1 - e for e in cells.values("christlein3", head, "test_error")]
         theirs = PAPER_TABLE3_ACCURACY["dgmp" if head in DGMP_LAMBDAS else head]
-        out(f"| {_head_name(head)} | {mean_std(accuracy, 100)} | {paper(theirs)} |")
+        lines.append(f"| {_head_name(head)} | {mean_std(accuracy, 100)} | {paper(theirs)} |")
     return "\n".join(lines)
 
 

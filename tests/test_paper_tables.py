@@ -129,6 +129,13 @@ def test_report_computes_ce_and_fr_as_hendrycks_and_dietterich(tables, rng):
         # printed to 0.1 (x100): half a unit of the last digit, plus float64 roundoff
         assert abs(mean - 100 * np.mean(reference)) <= 0.05 + 1e-9
         assert abs(std - 100 * np.std(reference)) <= 0.05 + 1e-9
+    # "rotate" names a corruption and a perturbation: each row must show its own ratio.
+    for kind, key in (("CE", "corruption_errors"), ("FR", "flip_probability")):
+        ratios = [np.sum(cells[2 * s + 1]["robustness"][key]["rotate"])
+                  / np.sum(cells[2 * s]["robustness"][key]["rotate"]) for s in (0, 1)]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {kind} rotate |"))
+        mean = float(row.split("|")[3].split(" ± ")[0])
+        assert abs(mean - 100 * np.mean(ratios)) <= 0.05 + 1e-9  # printed to 0.1
     assert "32.53 → 21.56" in text and "54.8" in text and "85.9" in text
     assert "| resnet | n/a → n/a |" in text  # not run: said so, not invented
 
