@@ -606,13 +606,63 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+def run_cells(todo, done, results, args, argv) -> None:
+    """Compute the cells ``todo`` in order, saving the file after each; one session record."""
+    from tqdm.auto import tqdm
+
+    session = {
+        "command": shlex.join(["python", "examples/paper_tables.py", *(argv or sys.argv[1:])]),
+        "machine": machine(args.threads),
+        "device": args.device,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "computed": 0,
+        "resumed": len(done),
+        "seconds": 0.0,
+    }
+    results.record["sessions"].append(session)
+    start = time.perf_counter()
+    data = load_data(args)
+    bar = tqdm(todo, desc="cells", unit="cell", disable=args.no_progress, file=sys.stderr)
+    for table, model, seed in bar:
+        bar.set_postfix_str(f"{table} {model} seed {seed}")
+        began = time.perf_counter()
+        measured = compute_cell(table, model, seed, data, args, done)
+        cell = {"table": table, "model": model, "seed": seed,
+                "seconds": round(time.perf_counter() - began, 2), **measured}
+        done[(table, model, seed)] = cell
+        session["computed"] += 1
+        session["seconds"] = round(time.perf_counter() - start, 1)
+        results.add_cell(cell)
+
+
+def describe(settings: dict, record: dict) -> str:
+    """The sizes, and for every session its command, machine, cells and wall time."""
+    lines = [
+        f"SVHN-like digits: {settings['train_size']:,} training images (reduced: 5%), "
+        f"{settings['test_size']:,} test images, {settings['sequences']} perturbation "
+        f"sequences; CNN width {settings['width']}, ResNet-18 × {settings['resnet_width']:g}; "
+        f"{settings['epochs']} epochs (reduced: {settings['reduced_epochs']}); learned point "
+        f"{settings['stage']}; α ∈ {settings['alpha_grid']}, norm ∈ {settings['norm_grid']} by "
+        f"{settings['cv']}-fold CV; seeds {sorted({c['seed'] for c in record['cells']})}."
+    ]
+    for number, session in enumerate(record["sessions"], start=1):
+        info = session["machine"]
+        lines.append(
+            f"Session {number} ({session['started']}): {session['computed']} cells in "
+            f"{session['seconds']:.0f} s on {info['cpu']} ({info['cpus']} CPUs, ATen "
+            f"{info['simd']}), {info['threads']} torch thread(s), device {session['device']}, "
+            f"{info['gpu'] or 'no GPU'}, torch {info['torch']}: `{session['command']}`"
+        )
+    compute = sum(c["seconds"] for c in record["cells"])
+    lines.append(f"All {len(record['cells'])} cells: {compute:.0f} s of compute.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic CUDA GEMMs
     torch.set_num_threads(args.threads)  # a fixed summation order (no batched LU is used)
     torch.use_deterministic_algorithms(True)
-    from tqdm.auto import tqdm
-
     settings = {key: getattr(args, key) for key in SETTINGS}
     try:
         results = ResultsFile(args.out, settings)
@@ -620,49 +670,11 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {error}")
     done = results.done
     todo = [cell for cell in planned_cells(args.seeds) if cell not in done]
-    session = {
-        "command": shlex.join(["python", "examples/paper_tables.py", *(argv or sys.argv[1:])]),
-        "machine": machine(args.threads),
-        "device": args.device,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "computed": 0,
-        "skipped": len(planned_cells(args.seeds)) - len(todo),
-        "seconds": 0.0,
-    }
-    results.record["sessions"].append(session)
-    print(f"{len(todo)} cells to compute, {session['skipped']} already in {args.out}", flush=True)
-    start = time.perf_counter()
-    if todo:
-        data = load_data(args)
-        bar = tqdm(todo, desc="cells", unit="cell", disable=args.no_progress, file=sys.stderr)
-        for table, model, seed in bar:
-            bar.set_postfix_str(f"{table} {model} seed {seed}")
-            began = time.perf_counter()
-            measured = compute_cell(table, model, seed, data, args, done)
-            cell = {"table": table, "model": model, "seed": seed,
-                    "seconds": round(time.perf_counter() - began, 2), **measured}
-            done[(table, model, seed)] = cell
-            session["computed"] += 1
-            session["seconds"] = round(time.perf_counter() - start, 1)
-            results.add_cell(cell)
-    session["seconds"] = round(time.perf_counter() - start, 1)
-    results.save()
-
+    print(f"{len(todo)} cells to compute, {len(done)} already in {args.out}", flush=True)
+    if todo:  # a run with nothing to compute leaves the file as it was
+        run_cells(todo, done, results, args, argv)
     record = results.record
-    info = session["machine"]
-    compute = sum(c["seconds"] for c in record["cells"])
-    header = (
-        f"SVHN-like digits: {settings['train_size']:,} training images (reduced: 5%), "
-        f"{settings['test_size']:,} test images, {settings['sequences']} perturbation "
-        f"sequences; CNN width {settings['width']}, ResNet-18 × {settings['resnet_width']:g}; "
-        f"{settings['epochs']} epochs (reduced: {settings['reduced_epochs']}); learned point "
-        f"{settings['stage']}; α ∈ {settings['alpha_grid']}, norm ∈ {settings['norm_grid']} by "
-        f"{settings['cv']}-fold CV; seeds {sorted({c['seed'] for c in record['cells']})}.\n"
-        f"Machine: {info['cpu']} ({info['cpus']} CPUs, ATen {info['simd']}), "
-        f"{info['threads']} torch thread(s), {info['gpu'] or 'no GPU'}, torch {info['torch']}.\n"
-        f"This session: {session['computed']} cells computed, {session['skipped']} resumed, "
-        f"{session['seconds']:.0f} s; all cells: {compute:.0f} s of compute.\n"
-    )
+    header = describe(settings, record)
     text = header + "\n" + report(record)
     print("\n" + text)
     args.out.with_suffix(".md").write_text(text + "\n")
