@@ -24,6 +24,8 @@ __all__ = [
     "MixedMaxAvgPool2d",
     "LogSumExpPool2d",
 ]
+# MixedMaxAvgPool2d and LogSumExpPool2d live in :mod:`skpool.nn.baselines`; they are imported
+# at the end of this module (they use its helpers) so that ``skpool.nn.modules`` keeps them.
 
 #: θ = log λ is clamped to this range in ``forward``: exp stays finite and positive in float32
 #: (exp(±80) ≈ 5.5e34, 1.8e-35). Outside it the gradient w.r.t. θ is zero.
@@ -367,142 +369,6 @@ class SeparabilityPool2d(nn.Module):
         )
 
 
-class MixedMaxAvgPool2d(nn.Module):
-    r"""Global mixed max/average pooling with a learnable mix (Lee et al. 2016; a baseline of
-    Deep GMP).
-
-    .. math::
-
-        \text{out}_c = a \max_{i} x_{c,i} + (1 - a) \frac{1}{N}\sum_{i} x_{c,i},
-        \qquad a = \operatorname{sigmoid}(\omega) \in (0, 1) .
-
-    Args:
-        mix: initial weight a of max pooling, in (0, 1). Default: 0.5.
-        learnable: learn ω (an ``nn.Parameter``); otherwise a buffer. Default: True.
-        flatten: return :math:`(B, C)`; with False, :math:`(B, C, 1, 1)`. Default: True.
-
-    Shape:
-        - Input: :math:`(B, C, H, W)`, optional ``mask`` :math:`(B, H, W)` bool.
-        - Output: :math:`(B, C)`, or :math:`(B, C, 1, 1)` with ``flatten=False``.
-
-    Examples::
-
-        >>> import torch
-        >>> from skpool.nn import MixedMaxAvgPool2d
-        >>> MixedMaxAvgPool2d(mix=0.3)(torch.randn(8, 64, 7, 7)).shape
-        torch.Size([8, 64])
-    """
-
-    def __init__(
-        self,
-        mix: float = 0.5,
-        learnable: bool = True,
-        flatten: bool = True,
-        *,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        mix = float(mix)
-        if not 0.0 < mix < 1.0:
-            raise ValueError(f"mix must lie in (0, 1), got {mix!r}.")
-        self.learnable = learnable
-        self.flatten = flatten
-        _register_scalar(self, "mix_logit", math.log(mix) - math.log1p(-mix), learnable,
-                         device, dtype)
-
-    @property
-    def mix(self) -> torch.Tensor:
-        """The current weight of max pooling, sigmoid(ω)."""
-        return torch.sigmoid(self.mix_logit)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.mixed_max_avg_pool2d(x, self.mix, mask, keepdim=not self.flatten)
-
-    def extra_repr(self) -> str:
-        mix = float(self.mix.detach())
-        return f"mix={mix:.4g}, learnable={self.learnable}, flatten={self.flatten}"
-
-
-class LogSumExpPool2d(nn.Module):
-    r"""Global log-sum-exp pooling with a learnable sharpness r (Pinheiro & Collobert 2015;
-    a baseline of Deep GMP).
-
-    .. math::
-
-        \text{out}_c = \frac{1}{r} \log \Big( \frac{1}{N} \sum_{i} e^{r x_{c,i}} \Big),
-        \qquad r = r_{\min} + \operatorname{softplus}(\rho) ,
-
-    average pooling as :math:`r \to 0`, max pooling as :math:`r \to \infty`. The floor
-    :math:`r_{\min} > 0` keeps r away from 0 (where the raw formula divides 0 by 0), and the
-    evaluation (see :func:`skpool.nn.functional.log_sum_exp_pool2d`) is accurate for every r,
-    however small or large (an r whose products with the input underflow gives the average,
-    its limit to working precision). ``r_min`` must be a normal number of the parameters'
-    dtype (at least 1.2e-38 in float32), or the floor would round to 0.
-
-    Args:
-        r: initial sharpness, greater than ``r_min``. Default: 1.0.
-        learnable: learn ρ (an ``nn.Parameter``); otherwise a buffer. Default: True.
-        r_min: the floor of r. Default: 1e-3.
-        flatten: return :math:`(B, C)`; with False, :math:`(B, C, 1, 1)`. Default: True.
-
-    Shape:
-        - Input: :math:`(B, C, H, W)`, optional ``mask`` :math:`(B, H, W)` bool.
-        - Output: :math:`(B, C)`, or :math:`(B, C, 1, 1)` with ``flatten=False``.
-
-    Examples::
-
-        >>> import torch
-        >>> from skpool.nn import LogSumExpPool2d
-        >>> LogSumExpPool2d(r=5.0)(torch.randn(8, 64, 7, 7)).shape
-        torch.Size([8, 64])
-    """
-
-    def __init__(
-        self,
-        r: float = 1.0,
-        learnable: bool = True,
-        r_min: float = 1e-3,
-        flatten: bool = True,
-        *,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        r_min = _check_positive("r_min", r_min)
-        r = _check_positive("r", r)
-        if not r > r_min:
-            raise ValueError(f"r must be greater than r_min={r_min!r}, got {r!r}.")
-        parameter_dtype = dtype or torch.get_default_dtype()
-        smallest = torch.finfo(parameter_dtype).tiny
-        if r_min < smallest:
-            raise ValueError(
-                f"r_min={r_min!r} underflows in {parameter_dtype} (smallest normal number "
-                f"{smallest:.3g}): the floor of r would be 0. Give r_min >= {smallest:.3g}, or "
-                "dtype=torch.float64."
-            )
-        self.learnable = learnable
-        self.r_min = r_min
-        self.flatten = flatten
-        excess = r - r_min  # ρ = softplus⁻¹(excess), written to avoid overflow of expm1
-        _register_scalar(self, "r_raw", excess + math.log(-math.expm1(-excess)), learnable,
-                         device, dtype)
-
-    @property
-    def r(self) -> torch.Tensor:
-        """The current sharpness r = r_min + softplus(ρ)."""
-        return self.r_min + torch.nn.functional.softplus(self.r_raw)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.log_sum_exp_pool2d(x, self.r, mask, keepdim=not self.flatten)
-
-    def extra_repr(self) -> str:
-        return (
-            f"r={float(self.r.detach()):.4g}, learnable={self.learnable}, r_min={self.r_min:g}, "
-            f"flatten={self.flatten}"
-        )
-
-
 def _check_positive(name: str, value) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
@@ -533,3 +399,6 @@ def _register_scalar(module, name, value, learnable, device, dtype):
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+from .baselines import LogSumExpPool2d, MixedMaxAvgPool2d  # noqa: E402  (see __all__)
