@@ -117,3 +117,46 @@ def row_error_bounds(between, within, costs, alpha, n_components, eps):
         )
         value_bounds.append(np.full(n_components, error))
     return np.array(vector_bounds).T, np.array(value_bounds).T
+
+
+def locality_costs(grid_shape, output_shape):
+    """(M, N) diagonals of the C_m of every output cell, in the operator's row order."""
+    return np.stack([
+        np.diag(locality_cost_matrix(grid_shape, output_shape, u, v))
+        for u in range(output_shape[0]) for v in range(output_shape[1])
+    ])
+
+
+def fit_row_bounds(stacks, labels, grid_shape, output_shape, alpha, n_components, eps,
+                   statistics_eps=float(np.finfo(np.float64).eps)):
+    """Per-row ``(vector_bounds, value_bounds)`` (each (k, M)) of an estimator's fit from raw
+    stacks (K, N, C): :func:`row_error_bounds` of the solve in precision ``eps``, plus the
+    rounding of the statistics, which skpool accumulates in float64 for every solve dtype
+    (K-term sums per entry of A and B: a perturbation of about K ``statistics_eps`` relative,
+    on top of the solve's n ``eps``). Valid where the class means differ by about the data's
+    spread (no cancellation in the class-mean differences)."""
+    stacks = np.asarray(stacks, dtype=np.float64)
+    normalised, _, _ = normalise_channels(stacks)
+    between, within = scatter_matrices(normalised, labels)
+    n_samples, n_locations = stacks.shape[:2]
+    effective = eps + statistics_eps * n_samples / n_locations
+    costs = locality_costs(grid_shape, output_shape)
+    return row_error_bounds(between, within, costs, alpha, n_components, effective)
+
+
+def pooling_bound(stacks, operator, mean=None, scale=None, eps=float(np.finfo(np.float64).eps)):
+    """Max-abs rounding bound of ``apply_pooling_operator`` (the transform and the layer) in
+    precision ``eps``: ((F - mu) / sigma) then the N-term products with the rows, then
+    * sigma + mu. The products err by N eps |P| |G| (Higham's gamma_N, taken as N eps); the
+    subtraction, division, multiplication and the operator's cast to the dtype add 4 eps of
+    the same size; rounding mu (cast to the dtype) moves the output by (1 + sum|p|) eps |mu|,
+    since the division and the multiplication by the same sigma cancel to first order.
+    ``stacks`` (B, N, C) raw values, ``operator`` (k, M, N), ``mean``/``scale`` (C,) or None."""
+    stacks = np.asarray(stacks, dtype=np.float64)
+    operator = np.abs(np.asarray(operator, dtype=np.float64))
+    n_locations = stacks.shape[1]
+    mean = np.zeros(stacks.shape[-1]) if mean is None else np.asarray(mean, dtype=np.float64)
+    centred = np.abs(stacks - mean)  # |F - mu|; |P| |G| sigma = |P| |F - mu|
+    products = np.einsum("kmn,bnc->bkmc", operator, centred).max()
+    row_sums = operator.sum(axis=-1).max()
+    return float((n_locations + 4) * eps * products + (1 + row_sums) * eps * np.abs(mean).max())
