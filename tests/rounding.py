@@ -1,0 +1,48 @@
+"""Rounding-error bounds of small computations, for the tests' tolerances (importable as
+``rounding`` because pyproject sets ``pythonpath = ["tests"]``).
+
+``eps`` is the machine epsilon of a dtype (twice the unit roundoff u). Elementary functions
+(exp, log, sigmoid, softplus) are taken as correctly rounded to within 1 ulp, i.e. a relative
+error <= eps, which libm, SLEEF's u10 kernels and CUDA's float functions all meet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+EPS16 = float(torch.finfo(torch.float16).eps)
+EPSBF16 = float(torch.finfo(torch.bfloat16).eps)
+EPS32 = float(np.finfo(np.float32).eps)
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def eps(dtype) -> float:
+    """Machine epsilon of a numpy or torch floating dtype."""
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
+
+
+def exp_of_log_rtol(value: float, unit: float) -> float:
+    """Relative error of ``exp(fl(log(value)))`` in a precision of machine epsilon ``unit``
+    (the layers' lam = exp(theta)): rounding theta moves it by u |theta| absolute, a relative
+    change of u |theta| of the value, and exp adds eps."""
+    return unit * (abs(math.log(value)) / 2 + 1)
+
+
+def sigmoid_of_logit_rtol(value: float, unit: float) -> float:
+    """Relative error of ``sigmoid(fl(logit(value)))`` (the mixed layer's weight): rounding
+    omega moves a by a (1 - a) u |omega|, at most u |omega| relative, and sigmoid adds eps."""
+    return unit * (abs(math.log(value) - math.log1p(-value)) / 2 + 1)
+
+
+def softplus_shift_rtol(value: float, floor: float, unit: float) -> float:
+    """Relative error of ``floor + softplus(fl(rho))`` with rho = softplus^-1(value - floor)
+    (the log-sum-exp layer's r): d softplus / d rho <= 1, so rounding rho moves r by at most
+    u |rho|; softplus (a few operations) and the addition add 3 eps of r."""
+    excess = value - floor
+    rho = excess + math.log(-math.expm1(-excess))
+    return unit * (abs(rho) / 2 / value + 3)
