@@ -41,8 +41,26 @@ def sigmoid_of_logit_rtol(value: float, unit: float) -> float:
 
 def softplus_shift_rtol(value: float, floor: float, unit: float) -> float:
     """Relative error of ``floor + softplus(fl(rho))`` with rho = softplus^-1(value - floor)
-    (the log-sum-exp layer's r): d softplus / d rho <= 1, so rounding rho moves r by at most
-    u |rho|; softplus (a few operations) and the addition add 3 eps of r."""
+    (the log-sum-exp layer's r): d softplus / d rho = sigmoid(rho), so rounding rho moves r
+    by sigmoid(rho) u |rho|; softplus (a few operations) and the addition add 3 eps of r."""
     excess = value - floor
     rho = excess + math.log(-math.expm1(-excess))
-    return unit * (abs(rho) / 2 / value + 3)
+    slope = 1 / (1 + math.exp(-rho)) if rho > -700 else math.exp(rho)
+    return unit * (slope * abs(rho) / 2 / value + 3)
+
+
+def lse_bound(flat: np.ndarray, unit: float) -> np.ndarray:
+    """Per-row rounding bound of skpool's log-sum-exp pooling of (rows, N) values in a
+    precision of machine epsilon ``unit`` (stated in test_baseline_layers): each term is
+    rounded a few times and N of them are summed pairwise, (8 + log2 N) eps times the size of
+    the terms, |max| + spread."""
+    flat = np.asarray(flat, dtype=np.float64)
+    scale = np.abs(flat.max(axis=-1)) + (flat.max(axis=-1) - flat.min(axis=-1))
+    return (8 + np.log2(flat.shape[-1])) * unit * scale
+
+
+def mean_bound(flat: np.ndarray, unit: float) -> np.ndarray:
+    """Per-row rounding bound of a mean of (rows, N) values: an N-term sum in any order
+    (Higham's gamma_N, N eps) and the division, (N + 1) eps max|x|."""
+    flat = np.asarray(flat, dtype=np.float64)
+    return (flat.shape[-1] + 1) * unit * np.abs(flat).max(axis=-1)
