@@ -144,19 +144,25 @@ def fit_row_bounds(stacks, labels, grid_shape, output_shape, alpha, n_components
     return row_error_bounds(between, within, costs, alpha, n_components, effective)
 
 
-def pooling_bound(stacks, operator, mean=None, scale=None, eps=float(np.finfo(np.float64).eps)):
+def pooling_bound(stacks, operator, mean=None, scale=None, eps=float(np.finfo(np.float64).eps),
+                  accumulation_eps=None):
     """Max-abs rounding bound of ``apply_pooling_operator`` (the transform and the layer) in
     precision ``eps``: ((F - mu) / sigma) then the N-term products with the rows, then
-    * sigma + mu. The products err by N eps |P| |G| (Higham's gamma_N, taken as N eps); the
-    subtraction, division, multiplication and the operator's cast to the dtype add 4 eps of
-    the same size; rounding mu (cast to the dtype) moves the output by (1 + sum|p|) eps |mu|,
-    since the division and the multiplication by the same sigma cancel to first order.
+    * sigma + mu. The products err by N eps |P| |G| (Higham's gamma_N, taken as N eps), or
+    by N ``accumulation_eps`` where the sums accumulate in a wider type (bfloat16 matrix
+    products on CPU accumulate in float32: oneDNN's and ATen's cpublas's f32 accumulator);
+    the subtraction, division, multiplication, the operator's cast to the dtype and the
+    rounding of the products' result add 5 eps of the same size; rounding mu (cast to the
+    dtype) moves the output by (1 + sum|p|) eps |mu|, since the division and the
+    multiplication by the same sigma cancel to first order.
     ``stacks`` (B, N, C) raw values, ``operator`` (k, M, N), ``mean``/``scale`` (C,) or None."""
     stacks = np.asarray(stacks, dtype=np.float64)
     operator = np.abs(np.asarray(operator, dtype=np.float64))
     n_locations = stacks.shape[1]
+    accumulation_eps = eps if accumulation_eps is None else accumulation_eps
     mean = np.zeros(stacks.shape[-1]) if mean is None else np.asarray(mean, dtype=np.float64)
     centred = np.abs(stacks - mean)  # |F - mu|; |P| |G| sigma = |P| |F - mu|
     products = np.einsum("kmn,bnc->bkmc", operator, centred).max()
     row_sums = operator.sum(axis=-1).max()
-    return float((n_locations + 4) * eps * products + (1 + row_sums) * eps * np.abs(mean).max())
+    return float((n_locations * accumulation_eps + 5 * eps) * products
+                 + (1 + row_sums) * eps * np.abs(mean).max())
