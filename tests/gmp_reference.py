@@ -190,3 +190,11 @@ def reference_error_bound(phi: np.ndarray, lam: float) -> float:
     residual = np.linalg.norm(target - system @ xi)
     return float((n_locations + n_channels) * EPS64 * kappa
                  * (2 + (kappa + 1) * residual / (singular[0] * size)))
+
+
+def auto_unit_bound(phi: np.ndarray, lam: float) -> float:
+    """Max-abs error bound of the normalised output of a float32 ``refine_steps="auto"``
+    solve: twice :func:`auto_solve_bound` (normalising) plus the norm's and division's
+    (C + 2) eps32. Like :func:`float32_tolerance`, with the first-order size factors of the
+    unrefined solve (its Gram, right-hand side and Cholesky terms) kept."""
+    return 2 * auto_solve_bound(phi, lam) + (np.shape(phi)[1] + 2) * EPS32
