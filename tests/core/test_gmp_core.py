@@ -9,6 +9,7 @@ from gmp_reference import (
     EPS32,
     EPS64,
     auto_solve_bound,
+    auto_unit_bound,
     batch_bounds,
     float32_tolerance,
     gmp_batch,
@@ -367,8 +368,8 @@ def test_auto_refinement_decision(rng, monkeypatch, lam_in_s2, refined):
     assert bool(calls) == refined
     values = torch.as_tensor(phi, dtype=torch.float32).double()  # the same rounded values
     expected = generalized_max_pool(values, lam)
-    # float32 "auto" (gmp_reference.float32_tolerance) against the float64 layer's bound
-    bounds = np.array([float32_tolerance(p, lam) + unit_error_bound(p, lam, EPS64)
+    # float32 "auto" (gmp_reference.auto_unit_bound) against the float64 layer's bound
+    bounds = np.array([auto_unit_bound(p, lam) + unit_error_bound(p, lam, EPS64)
                        for p in values.numpy()])
     errors = (got.double() - expected).abs().amax(dim=1).numpy()
     assert np.all(errors <= bounds), (errors / bounds).max()

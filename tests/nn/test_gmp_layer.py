@@ -15,7 +15,7 @@ from gmp_reference import (
     EPS32,
     EPS64,
     auto_solve_bound,
-    float32_tolerance,
+    auto_unit_bound,
     solve_error_bound,
     unit_error_bound,
 )
@@ -57,7 +57,7 @@ def output_bounds(stacks, lam, dtype, normalize) -> np.ndarray:
     for phi in stacks:
         if normalize:
             bound = (unit_error_bound(phi, lam, EPS64) if dtype == torch.float64
-                     else float32_tolerance(phi, lam))
+                     else auto_unit_bound(phi, lam))
         else:
             relative = (solve_error_bound(phi, lam, EPS64) if dtype == torch.float64
                         else auto_solve_bound(phi, lam))
@@ -462,13 +462,13 @@ def test_refine_steps_recover_float64_accuracy_at_tiny_lambda():
     refined = layer32(x)
     # plain float32 misses AUTO_REFINE_TOLERANCE (the accuracy "auto" accepts unrefined)
     assert (plain.double() - exact).norm(dim=1).max() > AUTO_REFINE_TOLERANCE
-    # "auto" within gmp_reference.float32_tolerance at its own lam (exp(log lam) in
+    # "auto" within gmp_reference.auto_unit_bound at its own lam (exp(log lam) in
     # float32), the float64 layer within its bound at its own; the two lams differ by a
     # relative d, which moves the unit output by at most 2 d.
     lam32, lam64 = float(layer32.lam), float(layer64.lam)
     shift = 2 * abs(lam32 - lam64) / lam64
     stacks = stacks_of(x)
-    bounds = np.array([float32_tolerance(phi, lam32) + unit_error_bound(phi, lam64, EPS64)
+    bounds = np.array([auto_unit_bound(phi, lam32) + unit_error_bound(phi, lam64, EPS64)
                        for phi in stacks]) + shift
     assert_within(refined.double().numpy(), exact.numpy(), bounds)
     with pytest.raises(ValueError, match="refine_steps"):

@@ -12,7 +12,7 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from gmp_reference import EPS64, batch_bounds, float32_tolerance, unit_error_bound
+from gmp_reference import EPS64, auto_unit_bound, batch_bounds, unit_error_bound
 from skpool import GeneralizedMaxPooling
 from testing_utils import CUDA_AVAILABLE, DEVICES
 
@@ -72,8 +72,8 @@ def test_float32_small_lambda_matches_float64_reference(rng):
     out = GeneralizedMaxPooling(lam=lam, lam_scale="absolute", device="cpu").fit_transform(maps)
     stacks = maps.reshape(4, 36, 36).astype(np.float64)
     expected = reference_gmp(stacks, lam)
-    # float32 "auto" within gmp_reference.float32_tolerance, the reference within its bound
-    bounds = [float32_tolerance(p, lam) + unit_error_bound(p, lam, EPS64) for p in stacks]
+    # float32 "auto" within gmp_reference.auto_unit_bound, the reference within its bound
+    bounds = [auto_unit_bound(p, lam) + unit_error_bound(p, lam, EPS64) for p in stacks]
     assert_within(out, expected, np.array(bounds))
 
 
@@ -229,5 +229,5 @@ def test_device_parameter(rng, device):
     maps = rng.random((5, 4, 4, 8)).astype(np.float32)
     out = GeneralizedMaxPooling(lam_scale="absolute", device=device).fit_transform(maps)
     stacks = maps.reshape(5, 16, 8).astype(np.float64)
-    bounds = [float32_tolerance(p, 1.0) + unit_error_bound(p, 1.0, EPS64) for p in stacks]
+    bounds = [auto_unit_bound(p, 1.0) + unit_error_bound(p, 1.0, EPS64) for p in stacks]
     assert_within(out, reference_gmp(stacks, 1.0), np.array(bounds))
