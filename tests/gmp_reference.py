@@ -114,6 +114,8 @@ def solve_error_bound(phi: np.ndarray, lam: float, eps: float) -> float:
     on the better conditioned augmented problem) errs by at most this bound at ``EPS64``.
     """
     phi = np.asarray(phi, dtype=np.float64)
+    if not np.any(phi):
+        return 0.0  # all-zero descriptors pool to exactly zero
     n_locations, n_channels = phi.shape
     dual = n_locations <= n_channels
     n, m = min(phi.shape), max(phi.shape)
@@ -163,6 +165,8 @@ def auto_solve_bound(phi: np.ndarray, lam: float) -> float:
     float32 :func:`solve_error_bound`; otherwise it is refined to an estimated REFINE_TARGET,
     or solved in float64 (within :func:`solve_error_bound` at eps64). The result's rounding to
     float32 adds eps32."""
+    if not np.any(phi):
+        return 0.0  # all-zero descriptors pool to exactly zero
     unrefined = EPS32 * ridge_condition(phi, lam) <= AUTO_REFINE_TOLERANCE
     plain = solve_error_bound(phi, lam, EPS32) if unrefined else 0.0
     return max(plain, REFINE_TARGET, solve_error_bound(phi, lam, EPS64)) + EPS32
@@ -178,6 +182,8 @@ def reference_error_bound(phi: np.ndarray, lam: float) -> float:
     while ||xi|| ~ 1/lam): there the reference, not skpool's normal equations, is the less
     accurate of the two."""
     phi = np.asarray(phi, dtype=np.float64)
+    if not np.any(phi):
+        return 0.0  # all-zero descriptors: the reference gives exactly zero too
     n_locations, n_channels = phi.shape
     system = np.vstack([phi, np.sqrt(lam) * np.eye(n_channels)])
     target = np.concatenate([np.ones(n_locations), np.zeros(n_channels)])
