@@ -64,3 +64,10 @@ def mean_bound(flat: np.ndarray, unit: float) -> np.ndarray:
     (Higham's gamma_N, N eps) and the division, (N + 1) eps max|x|."""
     flat = np.asarray(flat, dtype=np.float64)
     return (flat.shape[-1] + 1) * unit * np.abs(flat).max(axis=-1)
+
+
+def assert_rows_within(actual, expected, bounds) -> None:
+    """Per row (sample), the max-abs difference is within that row's bound ((rows,) array)."""
+    errors = np.abs(np.asarray(actual, dtype=np.float64) - np.asarray(expected)).max(axis=1)
+    bounds = np.broadcast_to(np.asarray(bounds, dtype=np.float64), errors.shape)
+    assert np.all(errors <= bounds), (errors / np.maximum(bounds, 1e-300)).max()

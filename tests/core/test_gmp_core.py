@@ -20,7 +20,12 @@ from gmp_reference import (
     uneven,
     unit_error_bound,
 )
-from skpool._core.gmp import AUTO_REFINE_TOLERANCE, REFINE_TARGET, generalized_max_pool, lengths_to_mask
+from skpool._core.gmp import (
+    AUTO_REFINE_TOLERANCE,
+    REFINE_TARGET,
+    generalized_max_pool,
+    lengths_to_mask,
+)
 from testing_utils import DEVICES
 
 SHAPES = [(12, 40), (24, 24), (50, 10), (1, 5), (7, 1)]  # N < C, N = C, N > C, edge cases

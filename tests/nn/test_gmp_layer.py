@@ -19,7 +19,7 @@ from gmp_reference import (
     solve_error_bound,
     unit_error_bound,
 )
-from rounding import exp_of_log_rtol
+from rounding import assert_rows_within, exp_of_log_rtol
 from skpool import GeneralizedMaxPooling
 from skpool.nn import GeneralizedMaxPool2d
 from skpool.nn.functional import generalized_max_pool2d
@@ -66,12 +66,6 @@ def output_bounds(stacks, lam, dtype, normalize) -> np.ndarray:
     return np.array(bounds)
 
 
-def assert_within(actual, expected, bounds):
-    """Per sample (row), the max-abs difference is within that sample's bound."""
-    errors = np.abs(np.asarray(actual, dtype=np.float64) - expected).max(axis=1)
-    assert np.all(errors <= bounds), (errors / bounds).max()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 6, 4, 5), (3, 24, 3, 2)], ids=["N>C", "N<=C"])
@@ -94,7 +88,7 @@ def test_matches_float64_reference(device, dtype, shape, normalize):
     stacks = stacks_of(values)
     bounds = output_bounds(stacks, layer_lam, dtype, normalize)
     bounds = bounds + output_bounds(stacks, layer_lam, torch.float64, normalize)
-    assert_within(out.detach().cpu().numpy(), expected, bounds)
+    assert_rows_within(out.detach().cpu().numpy(), expected, bounds)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -140,7 +134,7 @@ def test_equals_estimator_transform(dtype, lam, lam_scale):
     shift = abs(float(layer.lam) - lam) / lam
     bounds = np.array([2 * output_bounds(p[None], l, torch_dtype, True)[0] for p, l in
                        zip(stacks, lams)]) + 2 * shift
-    assert_within(got, expected, bounds)
+    assert_rows_within(got, expected, bounds)
 
 
 def test_masked_padded_batch_equals_each_image_alone():
@@ -167,7 +161,7 @@ def test_masked_padded_batch_equals_each_image_alone():
         bound = unit_error_bound(phi, layer_lam, EPS64) + unit_error_bound(
             padded_phi, layer_lam, EPS64)
         assert float((batched[b] - alone[0]).abs().max()) <= bound
-        assert_within(alone.numpy(), gmp_reference(image[None], layer_lam),
+        assert_rows_within(alone.numpy(), gmp_reference(image[None], layer_lam),
                       np.array([2 * unit_error_bound(phi, layer_lam, EPS64)]))
     # The padding is ignored exactly: pooling without the mask gives something else.
     assert not torch.allclose(layer(padded).detach(), batched)
@@ -470,6 +464,6 @@ def test_refine_steps_recover_float64_accuracy_at_tiny_lambda():
     stacks = stacks_of(x)
     bounds = np.array([auto_unit_bound(phi, lam32) + unit_error_bound(phi, lam64, EPS64)
                        for phi in stacks]) + shift
-    assert_within(refined.double().numpy(), exact.numpy(), bounds)
+    assert_rows_within(refined.double().numpy(), exact.numpy(), bounds)
     with pytest.raises(ValueError, match="refine_steps"):
         GeneralizedMaxPool2d(refine_steps=-1)

@@ -24,7 +24,7 @@ from gmp_reference import (
     unit_error_bound,
 )
 from reliability.helpers import labelled_maps
-from rounding import EPS32, EPS64, eps
+from rounding import EPS32, EPS64, assert_rows_within, eps
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
 from skpool.nn import GeneralizedMaxPool2d, LogSumExpPool2d, MixedMaxAvgPool2d, SeparabilityPool2d
 from skpool.nn.functional import generalized_max_pool2d
@@ -71,12 +71,6 @@ def gmp_bounds(stacks, lam, dtype, normalize=True):
             size = np.linalg.norm(gmp_reference(phi[None], lam, normalize=False))
             bounds.append((own + reference) * size)
     return np.array(bounds)
-
-
-def assert_rows_within(actual, expected, bounds):
-    """Per sample (row), the max-abs difference is within that sample's bound."""
-    errors = np.abs(np.asarray(actual, dtype=np.float64) - expected).max(axis=1)
-    assert np.all(errors <= bounds), (errors / np.maximum(bounds, 1e-300)).max()
 
 
 def unit_norm_rtol(n_entries, dtype):

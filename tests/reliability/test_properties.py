@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import separability_reference as ref
 from gmp_reference import EPS32, EPS64, auto_unit_bound, solve_error_bound, unit_error_bound
+from rounding import assert_rows_within
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
 from skpool.nn.functional import generalized_max_pool2d
 
@@ -68,11 +69,6 @@ def relative_ridges(stacks, lam):
     """The estimator's ridge per sample with lam_scale="relative": lam x mean squared norm."""
     stacks = np.asarray(stacks, dtype=np.float64)
     return lam * np.sum(stacks**2, axis=(1, 2)) / stacks.shape[1]
-
-
-def assert_rows_within(actual, expected, bounds):
-    errors = np.abs(np.asarray(actual, dtype=np.float64) - expected).max(axis=1)
-    assert np.all(errors <= bounds), (errors / np.maximum(bounds, 1e-300)).max()
 
 
 # ============================================================================================

@@ -13,6 +13,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from gmp_reference import EPS64, auto_unit_bound, batch_bounds, unit_error_bound
+from rounding import assert_rows_within
 from skpool import GeneralizedMaxPooling
 from testing_utils import CUDA_AVAILABLE, DEVICES
 
@@ -24,12 +25,6 @@ def reference_gmp(phi, lam):
         xi = np.linalg.solve(p.T @ p + lam * np.eye(p.shape[1]), p.sum(axis=0))
         out.append(xi / np.linalg.norm(xi))
     return np.stack(out)
-
-
-def assert_within(actual, expected, bounds):
-    """Per sample (row), the max-abs difference is within that sample's bound."""
-    errors = np.abs(np.asarray(actual, dtype=np.float64) - expected).max(axis=1)
-    assert np.all(errors <= bounds), (errors / bounds).max()
 
 
 def float64_bounds(stacks, lam):
@@ -44,10 +39,10 @@ def test_layouts_agree(rng):
     gmp = GeneralizedMaxPooling(lam=0.2, lam_scale="absolute", device="cpu")
     expected = reference_gmp(maps.reshape(6, 20, 3), 0.2)
     bounds = float64_bounds(maps.reshape(6, 20, 3), 0.2)
-    assert_within(gmp.fit_transform(maps), expected, bounds)
-    assert_within(gmp.fit_transform(maps.reshape(6, 20, 3)), expected, bounds)
+    assert_rows_within(gmp.fit_transform(maps), expected, bounds)
+    assert_rows_within(gmp.fit_transform(maps.reshape(6, 20, 3)), expected, bounds)
     flat = GeneralizedMaxPooling(lam=0.2, lam_scale="absolute", device="cpu", grid_shape=(4, 5))
-    assert_within(flat.fit_transform(maps.reshape(6, 60)), expected, bounds)
+    assert_rows_within(flat.fit_transform(maps.reshape(6, 60)), expected, bounds)
     assert flat.n_features_in_ == 60 and flat.n_channels_in_ == 3
 
 
@@ -55,7 +50,7 @@ def test_two_d_input_is_locations_with_one_channel(rng):
     X = rng.standard_normal((5, 9))
     out = GeneralizedMaxPooling(lam=0.5, lam_scale="absolute", device="cpu").fit_transform(X)
     assert out.shape == (5, 1)
-    assert_within(out, reference_gmp(X[:, :, None], 0.5), float64_bounds(X[:, :, None], 0.5))
+    assert_rows_within(out, reference_gmp(X[:, :, None], 0.5), float64_bounds(X[:, :, None], 0.5))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -74,7 +69,7 @@ def test_float32_small_lambda_matches_float64_reference(rng):
     expected = reference_gmp(stacks, lam)
     # float32 "auto" within gmp_reference.auto_unit_bound, the reference within its bound
     bounds = [auto_unit_bound(p, lam) + unit_error_bound(p, lam, EPS64) for p in stacks]
-    assert_within(out, expected, np.array(bounds))
+    assert_rows_within(out, expected, np.array(bounds))
 
 
 def test_ragged_list_equals_each_sample_alone(rng):
@@ -89,8 +84,8 @@ def test_ragged_list_equals_each_sample_alone(rng):
         padded = np.zeros((30, 5))
         padded[: len(stack)] = stack
         bound = unit_error_bound(stack, 0.3, EPS64) + unit_error_bound(padded, 0.3, EPS64)
-        assert_within(row[None], gmp.transform(stack[None]), np.array([bound]))
-        assert_within(row[None], reference_gmp(stack[None], 0.3),
+        assert_rows_within(row[None], gmp.transform(stack[None]), np.array([bound]))
+        assert_rows_within(row[None], reference_gmp(stack[None], 0.3),
                       float64_bounds(stack[None], 0.3))
 
 
@@ -102,7 +97,7 @@ def test_batched_equals_looped(rng):
     # default relative lam: 1.0 x the sample's mean squared norm).
     stacks = maps.reshape(37, 9, 4)
     lams = [np.sum(p**2) / len(p) for p in stacks]
-    assert_within(batched, looped, float64_bounds(stacks, lams))
+    assert_rows_within(batched, looped, float64_bounds(stacks, lams))
 
 
 def test_other_numbers_of_locations_are_pooled(rng):
@@ -230,4 +225,4 @@ def test_device_parameter(rng, device):
     out = GeneralizedMaxPooling(lam_scale="absolute", device=device).fit_transform(maps)
     stacks = maps.reshape(5, 16, 8).astype(np.float64)
     bounds = [auto_unit_bound(p, 1.0) + unit_error_bound(p, 1.0, EPS64) for p in stacks]
-    assert_within(out, reference_gmp(stacks, 1.0), np.array(bounds))
+    assert_rows_within(out, reference_gmp(stacks, 1.0), np.array(bounds))
