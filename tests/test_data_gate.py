@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse
 import torch
 
+from gmp_reference import EPS64, unit_error_bound
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # torch: beta/prototype layouts
@@ -88,11 +89,15 @@ def test_dense_views_of_the_same_values_are_accepted():
     """The refusal is about the layout, not the values: the dense forms pool as usual."""
     X = maps()
     expected = GeneralizedMaxPooling(device="cpu").fit_transform(X.numpy())
+    # The same float64 values in other memory layouts (other kernels may sum in another
+    # order): each within the solve's bound (unit vectors, the default relative ridge)
+    stacks = X.reshape(N, -1, CHANNELS).numpy()
+    bounds = np.array([2 * unit_error_bound(phi, np.sum(phi**2) / len(phi), EPS64)
+                       for phi in stacks])
     for dense in (X.to_sparse().to_dense(), X.permute(0, 2, 1, 3).transpose(1, 2)):
-        np.testing.assert_allclose(
-            GeneralizedMaxPooling(device="cpu").fit_transform(dense), expected,
-            rtol=1e-12, atol=1e-12,  # the same float64 values: only summation order may differ
-        )
+        got = GeneralizedMaxPooling(device="cpu").fit_transform(dense)
+        errors = np.abs(got - expected).max(axis=1)
+        assert np.all(errors <= bounds), (errors / bounds).max()
 
 
 def test_scipy_sparse_is_refused_like_torch_sparse():

@@ -11,6 +11,7 @@ matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from gmp_reference import EPS64, solve_error_bound  # noqa: E402
 from skpool import SeparabilityPooling  # noqa: E402
 from skpool.io import load_operator, save_operator  # noqa: E402
 from skpool.nn import SeparabilityPool2d  # noqa: E402
@@ -52,16 +53,18 @@ def test_operator_panels_show_each_cell_row_with_a_symmetric_scale(fitted):
     assert len(fig.axes) == out_h * out_w + 1  # and one colorbar
     limit = np.abs(fitted.operator_[1]).max()
     for m, image in enumerate(images):
+        # exact: the panels show copies of the operator's values, the scale is their max
         np.testing.assert_array_equal(image.get_array(), fitted.operator_[1, m].reshape(8, 6))
         low, high = image.get_clim()
-        assert low == -high and high == pytest.approx(limit)
+        assert low == -high and high == limit
 
 
 def test_operator_centre_markers_sit_at_the_cell_centres(fitted):
     fig = plot_operator(fitted, locations=[(0, 0), (3, 2)])
     markers = [ax.lines[0].get_xydata()[0] for ax in fig.axes if ax.lines]
     # 8x6 -> 4x3 (stride 2): cell (u, v) is centred at row 2u + 0.5, column 2v + 0.5
-    np.testing.assert_allclose(markers, [[0.5, 0.5], [4.5, 6.5]])
+    # (exact: (u + 0.5) * 2 - 0.5 is computed without rounding)
+    np.testing.assert_array_equal(markers, [[0.5, 0.5], [4.5, 6.5]])
 
 
 def test_evenly_spaced_locations_on_a_larger_grid():
@@ -87,7 +90,7 @@ def test_every_kind_of_operator_gives_the_same_picture(fitted, tmp_path):
     ]:
         got = [image.get_array() for image in heatmaps(plot_operator(source, **kwargs))]
         for a, b in zip(got, expected, strict=True):
-            np.testing.assert_allclose(a, b)
+            np.testing.assert_array_equal(a, b)  # exact: copies of the same float64 values
 
 
 def test_operator_argument_errors(fitted):
@@ -107,6 +110,22 @@ def gmp_weights_reference(stack, lam):
     return np.linalg.solve(gram + lam * np.eye(len(stack)), np.ones(len(stack)))
 
 
+def gmp_weights_bound(stack, lam):
+    """Max-abs bound between skpool's weights w = (1 - Phi xi) / lam (from its float64 xi,
+    within gmp_reference.solve_error_bound) and the reference's dual solve: an error d(xi)
+    moves w by ||Phi|| ||d xi|| / lam, the products Phi xi round at C eps |Phi| |xi|, and the
+    reference errs by cond(K) (n + 2) eps ||w|| (K = Phi Phi^T + lam I, n = N)."""
+    n, c = stack.shape
+    system = stack.T @ stack + lam * np.eye(c)
+    xi = np.linalg.solve(system, stack.sum(axis=0))
+    bound = np.linalg.norm(stack, 2) * np.linalg.norm(xi) * solve_error_bound(stack, lam, EPS64)
+    bound += (c + 2) * EPS64 * ((np.abs(stack) @ np.abs(xi)).max() + 1)
+    weights = gmp_weights_reference(stack, lam)
+    kernel = stack @ stack.T + lam * np.eye(n)
+    bound = bound / lam + np.linalg.cond(kernel) * (n + 2) * EPS64 * np.linalg.norm(weights)
+    return bound
+
+
 def test_gmp_weight_panels(rng):
     images = rng.random((2, 10, 10))
     maps = rng.random((2, 5, 5, 4))
@@ -121,12 +140,13 @@ def test_gmp_weight_panels(rng):
         for col, lam in enumerate(lams, start=1):
             image = panels[4 * row + col].images[-1]
             expected = gmp_weights_reference(maps[row].reshape(25, 4), lam).reshape(5, 5)
+            bound = gmp_weights_bound(maps[row].reshape(25, 4), lam)
             shown = image.get_array()
-            np.testing.assert_allclose(shown.data, expected, rtol=1e-8)
+            np.testing.assert_allclose(shown.data, expected, rtol=0, atol=bound)
             low, high = image.get_clim()
             assert low == -high
             live = ~np.ma.getmaskarray(shown)
-            assert high == pytest.approx(np.abs(expected[live]).max())
+            assert high == pytest.approx(np.abs(expected[live]).max(), rel=0, abs=bound)
             assert image.get_extent() == [-0.5, 9.5, 9.5, -0.5]  # drawn over the image
     assert np.ma.getmaskarray(panels[5].images[-1].get_array())[0, 0]  # row 1, first lambda
     assert not np.ma.getmaskarray(panels[1].images[-1].get_array()).any()
@@ -162,7 +182,8 @@ def test_gmp_weights_draw_at_most_max_images(rng):
     assert len(panels) == 8 * 3
     last = panels[-1].images[-1].get_array().data  # row 7, lambda = 10
     expected = gmp_weights_reference(maps[7].reshape(9, 4), 10.0).reshape(3, 3)
-    np.testing.assert_allclose(last, expected, rtol=1e-8)
+    np.testing.assert_allclose(last, expected, rtol=0,
+                               atol=gmp_weights_bound(maps[7].reshape(9, 4), 10.0))
 
     with pytest.warns(UserWarning, match="first 3 of 5"):
         assert len(plot_gmp_weights(images[:5], maps[:5], 1.0, max_images=3,

@@ -13,6 +13,16 @@ import torch
 from scipy.special import logsumexp
 from torch.autograd import gradcheck, gradgradcheck
 
+from rounding import (
+    EPS32,
+    EPS64,
+    EPSBF16,
+    eps,
+    lse_bound,
+    mean_bound,
+    sigmoid_of_logit_rtol,
+    softplus_shift_rtol,
+)
 from skpool.nn import LogSumExpPool2d, MixedMaxAvgPool2d
 from skpool.nn.functional import log_sum_exp_pool2d, mixed_max_avg_pool2d
 from testing_utils import DEVICES
@@ -32,6 +42,21 @@ LAYERS = {
     "mixed": (lambda **kw: MixedMaxAvgPool2d(mix=0.3, **kw), lambda m: mixed_reference(m, 0.3)),
     "lse": (lambda **kw: LogSumExpPool2d(r=2.5, **kw), lambda m: lse_reference(m, 2.5)),
 }
+#: The reference at a layer's own parameter (sigmoid(logit a) or r_min + softplus(rho) in its
+#: dtype), so that the comparison measures the pooling's rounding alone.
+OWN_REFERENCE = {
+    "mixed": lambda layer, m: mixed_reference(m, float(layer.mix)),
+    "lse": lambda layer, m: lse_reference(m, float(layer.r)),
+}
+
+
+def rounding_bound(name, flat, unit):
+    """Per-row (rows, N) rounding bound of one computation of the layer: the log-sum-exp
+    bound of ``rounding.lse_bound``; for the mixed layer the mean's (N + 1) eps max|x| and
+    three more roundings (a max, (1 - a) mean, the sum) of the same size."""
+    if name == "lse":
+        return lse_bound(flat, unit)
+    return mean_bound(flat, unit) + 3 * unit * np.abs(flat).max(axis=-1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -41,43 +66,77 @@ def test_matches_float64_reference(device, dtype, name):
     make, reference = LAYERS[name]
     maps = np.random.default_rng(0).standard_normal((3, 4, 5, 6))
     layer = make(device=device, dtype=dtype)
-    out = layer(torch.as_tensor(maps, dtype=dtype, device=device))
+    x = torch.as_tensor(maps, dtype=dtype, device=device)
+    out = layer(x)
     assert out.shape == (3, 4) and out.dtype == dtype and out.device.type == device
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    np.testing.assert_allclose(out.detach().cpu().double().numpy(), reference(maps), rtol=tol,
-                               atol=tol)
+    # Against the float64 reference of the same (rounded) values at the layer's own
+    # parameter: the layer's rounding bound, and the float64 reference's own.
+    values = x.cpu().double().numpy()
+    flat = values.reshape(12, -1)
+    bound = rounding_bound(name, flat, eps(dtype)) + rounding_bound(name, flat, EPS64)
+    errors = np.abs(out.detach().cpu().double().numpy() - OWN_REFERENCE[name](layer, values))
+    np.testing.assert_array_less(errors.ravel(), bound)
+    # The parameter itself: within the rounding of its parametrisation
+    value, rtol = ((float(layer.mix), sigmoid_of_logit_rtol(0.3, eps(dtype))) if name == "mixed"
+                   else (float(layer.r), softplus_shift_rtol(2.5, 1e-3, eps(dtype))))
+    assert value == pytest.approx(0.3 if name == "mixed" else 2.5, rel=rtol)
     assert layer.__class__(flatten=False, device=device, dtype=dtype)(
         torch.as_tensor(maps, dtype=dtype, device=device)
     ).shape == (3, 4, 1, 1)
 
 
 def test_lse_accurate_at_small_r_in_float32():
-    """The textbook (logsumexp(r x) - log N) / r loses ~eps·log N / r; ours does not."""
+    """The textbook (logsumexp(r x) - log N) / r loses ~eps·log N / r; ours does not.
+
+    Bound: rounding.lse_bound in float32 (about 1.3e-5 here; the earlier fixed 2e-6 was
+    tighter than any bound, loosened to it), which the textbook formula's error eps32 log N / r
+    (5e-5 at r = 1e-2, 5e-4 at r = 1e-3) exceeds."""
     maps = np.random.default_rng(1).standard_normal((2, 3, 8, 8))
     x = torch.as_tensor(maps, dtype=torch.float32)
+    values = x.double().numpy()  # the same rounded values
+    flat = values.reshape(6, -1)
+    bound = lse_bound(flat, EPS32) + lse_bound(flat, EPS64)
+    assert np.all(bound < EPS32 * np.log(64) / 1e-2)  # the textbook's error is above it
     for r in (1e-3, 1e-2):
-        expected = lse_reference(maps, r)
-        got = log_sum_exp_pool2d(x, r).double().numpy()
-        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+        expected = lse_reference(values, r).ravel()
+        got = log_sum_exp_pool2d(x, r).double().numpy().ravel()
+        np.testing.assert_array_less(np.abs(got - expected), bound)
 
 
 def test_lse_limits_are_average_and_max():
+    """Exact limits (Hoeffding's lemma and the log-mean-exp sandwich): mean <= LSE_r <=
+    mean + r (max - min)^2 / 8, and max - log(N) / r <= LSE_r <= max; plus the rounding
+    bound of the computation and of the mean or max compared with."""
     maps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     flat = maps.flatten(2)
-    torch.testing.assert_close(log_sum_exp_pool2d(maps, 1e-8), flat.mean(-1), rtol=0, atol=1e-7)
-    torch.testing.assert_close(
-        log_sum_exp_pool2d(maps, 1e6), flat.amax(-1), rtol=0, atol=math.log(16) / 1e6 * 1.01
-    )
+    values = flat.reshape(6, -1).numpy()
+    spread = torch.from_numpy(values.max(axis=1) - values.min(axis=1)).reshape(2, 3)
+    rounding = torch.from_numpy(lse_bound(values, EPS64) + mean_bound(values, EPS64))
+    gap = log_sum_exp_pool2d(maps, 1e-8) - flat.mean(-1)
+    assert torch.all(gap.abs() <= 1e-8 * spread**2 / 8 + rounding.reshape(2, 3))
+    gap = log_sum_exp_pool2d(maps, 1e6) - flat.amax(-1)
+    assert torch.all(gap.abs() <= math.log(16) / 1e6 + rounding.reshape(2, 3))
     # No overflow where exp(r x) overflows.
-    big = log_sum_exp_pool2d(maps.float() * 100, 50.0)
+    scaled = maps.float() * 100  # rounded to float32: the max moves by eps32 |max|
+    big = log_sum_exp_pool2d(scaled, 50.0)
     assert torch.isfinite(big).all()
-    torch.testing.assert_close(big.double(), flat.amax(-1) * 100, rtol=1e-6, atol=0.06)
+    big_values = scaled.double().flatten(2).reshape(6, -1).numpy()
+    bound = (math.log(16) / 50 + lse_bound(big_values, EPS32)
+             + EPS32 * np.abs(big_values).max(axis=1))
+    gap = (big.double() - flat.amax(-1) * 100).reshape(6).numpy()
+    np.testing.assert_array_less(np.abs(gap), bound)
 
 
 def test_mixed_limits_are_max_and_average():
     maps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(mixed_max_avg_pool2d(maps, 1.0), maps.flatten(2).amax(-1))
-    torch.testing.assert_close(mixed_max_avg_pool2d(maps, 0.0), maps.mean(dim=(2, 3)))
+    # Exact: 1 * max + 0 * mean is the max in floating point (the mean is finite).
+    torch.testing.assert_close(mixed_max_avg_pool2d(maps, 1.0), maps.flatten(2).amax(-1),
+                               rtol=0, atol=0)
+    # 0 * max + 1 * mean: the layer's mean and torch.mean (two summation orders), each
+    # within (N + 1) eps64 max|x|.
+    bound = 2 * mean_bound(maps.flatten(2).numpy(), EPS64)
+    difference = (mixed_max_avg_pool2d(maps, 0.0) - maps.mean(dim=(2, 3))).abs().numpy()
+    np.testing.assert_array_less(difference, bound)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -97,10 +156,17 @@ def test_masked_padded_batch_equals_each_image_alone(name):
     batched = layer(padded, mask=mask).detach()
     for b, image in enumerate(images):
         alone = layer(image[None]).detach()[0]
-        torch.testing.assert_close(batched[b], alone, rtol=1e-12, atol=1e-12)
+        # Padded and masked (sums over 42 slots, padding as zeros) vs alone: two code paths,
+        # each within its rounding bound (the padded one's with N = 42).
+        flat = image.flatten(1).numpy()
+        padded_flat = np.zeros((4, 42))
+        padded_flat[:, : flat.shape[1]] = flat
+        padded_flat[:, flat.shape[1]:] = flat[:, :1]  # the bound's scale: the valid values'
+        bound = rounding_bound(name, flat, EPS64) + rounding_bound(name, padded_flat, EPS64)
+        np.testing.assert_array_less((batched[b] - alone).abs().numpy(), bound)
     assert torch.isfinite(batched).all()
     empty = layer(padded, mask=torch.zeros_like(mask)).detach()
-    assert torch.equal(empty, torch.zeros_like(empty))
+    assert torch.equal(empty, torch.zeros_like(empty))  # no valid location: 0 by design
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -134,8 +200,9 @@ def test_gradcheck_functional_per_channel_coefficients():
 
 def test_lse_r_has_a_floor_and_never_nan():
     layer = LogSumExpPool2d(r=0.5, r_min=1e-3)
-    assert layer.r.item() == pytest.approx(0.5, rel=1e-6)
-    assert LogSumExpPool2d(r=1e3).r.item() == pytest.approx(1e3, rel=1e-6)  # no overflow
+    assert layer.r.item() == pytest.approx(0.5, rel=softplus_shift_rtol(0.5, 1e-3, EPS32))
+    assert LogSumExpPool2d(r=1e3).r.item() == pytest.approx(  # no overflow
+        1e3, rel=softplus_shift_rtol(1e3, 1e-3, EPS32))
     maps = torch.randn(2, 3, 4, 4, requires_grad=True)
     for raw in (-1e4, -50.0, 50.0, 1e4):
         with torch.no_grad():
@@ -147,12 +214,17 @@ def test_lse_r_has_a_floor_and_never_nan():
         assert torch.isfinite(grad_raw)
     with torch.no_grad():
         layer.r_raw.fill_(-1e4)
-    torch.testing.assert_close(layer(maps), maps.mean(dim=(2, 3)), rtol=0, atol=1e-2)
+    # r = r_min: LSE_r - mean <= r (max - min)^2 / 8 (Hoeffding), plus both roundings
+    values = maps.detach().double().flatten(2).reshape(6, -1).numpy()
+    bound = (float(layer.r) * (values.max(axis=1) - values.min(axis=1)) ** 2 / 8
+             + lse_bound(values, EPS32) + mean_bound(values, EPS32))
+    gap = (layer(maps) - maps.mean(dim=(2, 3))).detach().double().reshape(6).numpy()
+    np.testing.assert_array_less(np.abs(gap), bound)
 
 
 def test_mix_stays_in_unit_interval():
     layer = MixedMaxAvgPool2d(mix=0.25)
-    assert layer.mix.item() == pytest.approx(0.25, rel=1e-6)
+    assert layer.mix.item() == pytest.approx(0.25, rel=sigmoid_of_logit_rtol(0.25, EPS32))
     maps = torch.randn(2, 3, 4, 4)
     for logit in (-1e4, 1e4):
         with torch.no_grad():
@@ -195,12 +267,31 @@ def test_autocast_compile_and_state_dict(name):
         maps = conv(images)
         low = layer(maps)
     assert maps.dtype == torch.bfloat16 and low.dtype == torch.bfloat16
-    torch.testing.assert_close(low, layer(maps.float()).to(torch.bfloat16))
+    # The same bfloat16 values pooled outside autocast in float32, rounded to bfloat16.
+    # Log-sum-exp computes in float32 for bfloat16 input either way: the same code on the
+    # same values, exact. The mixed layer computes in bfloat16 under autocast: within its
+    # rounding bound in bfloat16 and float32, plus half an ulp of bfloat16 of the result.
+    expected = layer(maps.float()).to(torch.bfloat16)
+    if name == "lse":
+        torch.testing.assert_close(low, expected, rtol=0, atol=0)
+    else:
+        flat = maps.detach().double().flatten(2).reshape(-1, 16).numpy()
+        bound = (rounding_bound(name, flat, EPSBF16) + rounding_bound(name, flat, EPS32)
+                 + EPSBF16 / 2 * np.abs(flat).max(axis=1))
+        gap = (low.double() - expected.double()).detach().reshape(-1).numpy()
+        np.testing.assert_array_less(np.abs(gap), bound)
 
     x = torch.randn(2, 8, 4, 4)
     mask = torch.rand(2, 4, 4) > 0.2
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, mask), layer(x, mask))
+    # Compiled vs eager (decomposed ops): two code paths, each within the rounding bound of
+    # the valid values (padding filled in, N = 16 slots).
+    bound = np.stack([
+        2 * rounding_bound(name, np.where(keep, sample, sample[:, keep][:, :1]), EPS32)
+        for sample, keep in zip(x.flatten(2).double().numpy(), mask.flatten(1).numpy())
+    ])
+    gap = (compiled(x, mask) - layer(x, mask)).detach().double().abs().numpy()
+    np.testing.assert_array_less(gap, bound)
     torch._dynamo.reset()
 
     with torch.no_grad():
@@ -210,7 +301,7 @@ def test_autocast_compile_and_state_dict(name):
     buffer.seek(0)
     fresh = make()
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)  # same code, same data
 
 
 def test_extra_repr():
@@ -279,12 +370,18 @@ def test_lse_gradcheck_at_every_r(r):
 
 def test_lse_gradient_in_r_at_tiny_r_is_half_the_variance():
     """d/dr (1/r) log mean exp(r x) -> var(x) / 2 as r -> 0 (the second cumulant): the
-    gradient keeps its meaning where r x underflows. Bound: first order in r, 1e-12 in float64."""
+    gradient keeps its meaning where r x underflows. The r-term (r times the third cumulant)
+    is below 1e-299; rounding: both sides sum N squared deviations per row (the layer's from
+    the max, mean(d^2) - mean(d)^2, whose terms are up to (max - min)^2), (N + 4) eps64 of
+    the sum of their sizes, for each of the two computations."""
     maps = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     rate = torch.tensor(1e-300, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(log_sum_exp_pool2d(maps, rate).sum(), (rate,))
     expected = maps.flatten(2).var(dim=-1, unbiased=False).sum() / 2
-    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=0)
+    flat = maps.flatten(2).reshape(6, -1).numpy()
+    gaps = flat - flat.max(axis=1, keepdims=True)
+    size = np.sum(np.mean(gaps**2, axis=1) + np.mean(gaps, axis=1) ** 2) / 2
+    torch.testing.assert_close(grad, expected, rtol=0, atol=2 * (16 + 4) * EPS64 * size)
 
 
 def test_lse_layer_r_min_must_be_representable_in_its_dtype():
@@ -293,9 +390,13 @@ def test_lse_layer_r_min_must_be_representable_in_its_dtype():
     with pytest.raises(ValueError, match=r"r_min=1e-300 underflows in torch.float32"):
         LogSumExpPool2d(r=1.0, r_min=1e-300)
     layer = LogSumExpPool2d(r=2e-300, r_min=1e-300, dtype=torch.float64)
-    assert layer.r.item() == pytest.approx(2e-300, rel=1e-6)
+    assert layer.r.item() == pytest.approx(2e-300, rel=softplus_shift_rtol(2e-300, 1e-300, EPS64))
     maps = torch.randn(2, 3, 4, 4, requires_grad=True)
     out = layer(maps)
     out.sum().backward()
-    torch.testing.assert_close(out, maps.detach().mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    # r (max - min)^2 / 8 < 1e-298 from the mean (Hoeffding): the two float32 roundings only
+    values = maps.detach().double().flatten(2).reshape(6, -1).numpy()
+    bound = lse_bound(values, EPS32) + mean_bound(values, EPS32)
+    gap = (out - maps.detach().mean(dim=(2, 3))).detach().double().reshape(6).numpy()
+    np.testing.assert_array_less(np.abs(gap), bound)
     assert torch.isfinite(maps.grad).all() and torch.isfinite(layer.r_raw.grad)

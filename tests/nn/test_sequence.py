@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from gmp_reference import auto_unit_bound, unit_error_bound
+from rounding import EPS32, EPS64, eps, exp_of_log_rtol
 from skpool.nn import GeneralizedMaxPool2d, SequenceGeneralizedMaxPool
 from skpool.nn.sequence import generalized_max_pool_sequence
 from testing_utils import DEVICES
-
-EPS64 = np.finfo(np.float64).eps
-EPS32 = np.finfo(np.float32).eps
 
 
 def reference_gmp(tokens: np.ndarray, lam: float) -> np.ndarray:
@@ -38,6 +37,15 @@ def padded_batch(rng, lengths, dim, n_tokens, fill=np.nan):
     return torch.from_numpy(batch), torch.from_numpy(mask), samples
 
 
+def masked_bound(sample, n_tokens, lam, unit=EPS64, eps_out=None):
+    """Max-abs bound of a masked pooled row against the exact GMP of ``sample``: the solve's
+    bound (gmp_reference.unit_error_bound) for the zero-filled stack of ``n_tokens`` (the
+    batch's sums run over every slot, padding as zeros), plus the float64 reference's own."""
+    stack = np.zeros((n_tokens, sample.shape[1]))
+    stack[: len(sample)] = sample
+    return unit_error_bound(stack, lam, unit, eps_out) + unit_error_bound(sample, lam, EPS64)
+
+
 # Lengths on both sides of D = 6: the core solves the N x N (dual) system for N <= D and the
 # D x D (primal) one otherwise; the reference always uses the dual form.
 LENGTHS = [1, 2, 5, 6, 7, 12]
@@ -50,9 +58,8 @@ def test_masked_pooling_equals_the_unpadded_reference(rng, fill, device):
     lam = 0.5
     pooled = generalized_max_pool_sequence(tokens.to(device), lam, mask.to(device)).cpu().numpy()
     for b, sample in enumerate(samples):
-        # cond(Phi Phi^T + lam I) <= (max eigenvalue + lam) / lam, about 1e2 here (N <= 12
-        # standard-normal tokens of D = 6); rounding error <= cond * N * eps64 ~ 3e-13.
-        np.testing.assert_allclose(pooled[b], reference_gmp(sample, lam), rtol=0, atol=1e-11)
+        np.testing.assert_allclose(pooled[b], reference_gmp(sample, lam), rtol=0,
+                                   atol=masked_bound(sample, 12, lam))
 
 
 def test_float32_agrees_with_the_float64_reference(rng):
@@ -61,11 +68,10 @@ def test_float32_agrees_with_the_float64_reference(rng):
     pooled = generalized_max_pool_sequence(tokens.float(), lam, mask)
     assert pooled.dtype == torch.float32
     for b, sample in enumerate(samples):
-        # float32 solve: error <= cond * size * eps32 with cond <= ~1e2 (as above, larger lam)
-        # and size 12: about 1.4e-4 at worst; observed errors are far smaller.
-        np.testing.assert_allclose(
-            pooled[b].numpy(), reference_gmp(sample, lam), rtol=0, atol=100 * 12 * EPS32
-        )
+        # plain float32 solve (the functional's default refine_steps=0) of the rounded tokens
+        rounded = sample.astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(pooled[b].numpy(), reference_gmp(rounded, lam), rtol=0,
+                                   atol=masked_bound(rounded, 12, lam, EPS32))
 
 
 def test_unmasked_equals_the_reference_and_the_2d_layer(rng):
@@ -73,15 +79,21 @@ def test_unmasked_equals_the_reference_and_the_2d_layer(rng):
     lam = 3.0
     pooled = generalized_max_pool_sequence(tokens, lam)
     for b in range(4):
-        np.testing.assert_allclose(
-            pooled[b].numpy(), reference_gmp(tokens[b].numpy(), lam), rtol=0, atol=1e-11
-        )  # as in the masked test: cond ~1e2, N = 9, float64
+        np.testing.assert_allclose(pooled[b].numpy(), reference_gmp(tokens[b].numpy(), lam),
+                                   rtol=0, atol=masked_bound(tokens[b].numpy(), 9, lam))
     # The same core as the 2-D layer: (B, N, D) tokens are (B, D, N, 1) maps.
     layer_2d = GeneralizedMaxPool2d(lam=lam, dtype=torch.float64)
     layer_seq = SequenceGeneralizedMaxPool(lam=lam, dtype=torch.float64)
     maps = tokens.transpose(1, 2)[..., None]
-    # Both compute exp(log(lam)) and the same solve; the layouts differ, so compare to rounding.
-    torch.testing.assert_close(layer_seq(tokens), layer_2d(maps), rtol=0, atol=1e-12)
+    # Both compute exp(log(lam)) and the same solve; the layouts differ (two code paths),
+    # and with the default lam_scale="relative" each sample's ridge is lam' = lam x its mean
+    # squared norm: each within its bound.
+    layer_lam = float(layer_seq.lam)
+    assert layer_lam == float(layer_2d.lam)
+    bounds = torch.tensor([2 * unit_error_bound(phi, layer_lam * np.sum(phi**2) / len(phi),
+                                                EPS64) for phi in tokens.numpy()])
+    errors = (layer_seq(tokens) - layer_2d(maps)).detach().abs().amax(dim=1)
+    assert torch.all(errors <= bounds), (errors / bounds).max()
 
 
 def test_all_padding_rows_pool_to_zeros_with_finite_gradients(rng):
@@ -89,8 +101,12 @@ def test_all_padding_rows_pool_to_zeros_with_finite_gradients(rng):
     mask = torch.tensor([[True, True, False, True], [False] * 4, [True] * 4])
     pool = SequenceGeneralizedMaxPool(lam=1.0, dtype=torch.float64)
     pooled = pool(tokens, mask)
+    # Exact zeros by construction: no valid token pools to 0, and padding (masked out
+    # before any arithmetic) gets no gradient.
     assert torch.equal(pooled[1], torch.zeros(5, dtype=torch.float64))
-    assert torch.all(pooled[[0, 2]].norm(dim=1) > 0.99)  # l2-normalised rows
+    # l2-normalised rows: norm 1 to the rounding of two 5-term norms and a division
+    norms = pooled[[0, 2]].detach().norm(dim=1)
+    assert torch.all((norms - 1).abs() <= (2 * 5 + 2) * EPS64)
     (pooled * torch.randn_like(pooled)).sum().backward()
     assert torch.isfinite(tokens.grad).all() and torch.isfinite(pool.log_lam.grad)
     assert torch.equal(tokens.grad[1], torch.zeros(4, 5, dtype=torch.float64))
@@ -115,25 +131,31 @@ def test_gradcheck_tokens_and_lambda(rng):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_dtypes(rng, dtype):
     tokens, mask, samples = padded_batch(rng, [3, 8], dim=6, n_tokens=8, fill=0.0)
+    layer = SequenceGeneralizedMaxPool(lam=2.0, lam_scale="absolute")
     with torch.no_grad():
-        pooled = SequenceGeneralizedMaxPool(lam=2.0, lam_scale="absolute")(tokens.to(dtype), mask)
+        pooled = layer(tokens.to(dtype), mask)
     assert pooled.dtype == dtype
-    eps = max(torch.finfo(dtype).eps, EPS32)  # the solve runs in float32 at least
-    for b, sample in enumerate(samples):
-        # Rounding the tokens to `dtype` (relative eps) and the float32 solve move the result
-        # by at most ~cond * eps, cond = (largest eigenvalue of Phi Phi^T + lam) / lam; the
-        # output rounding to `dtype` adds eps; 4x for the constants.
-        cond = (np.linalg.eigvalsh(sample @ sample.T).max() + 2.0) / 2.0
-        np.testing.assert_allclose(
-            pooled[b].double().numpy(), reference_gmp(sample, 2.0), rtol=0,
-            atol=4 * (cond + 1) * eps,
-        )
+    lam = float(layer.lam)  # exp(log 2) in float32: the layer's own ridge
+    rounded_tokens = tokens.to(dtype).double().numpy()
+    for b, (sample, keep) in enumerate(zip(rounded_tokens, mask.numpy())):
+        # The reference of the tokens as rounded to `dtype`. The solve runs in float32 at
+        # least with refine_steps="auto" (the layer's default): gmp_reference's float32
+        # bound, or the float64 solve's bound; rounding the result to `dtype` adds its eps.
+        phi = np.zeros_like(sample)
+        phi[: keep.sum()] = sample[keep]
+        if dtype == torch.float64:
+            bound = unit_error_bound(phi, lam, EPS64)
+        else:
+            bound = auto_unit_bound(phi, lam) + eps(dtype)
+        bound += unit_error_bound(sample[keep], lam, EPS64)  # the reference's own
+        np.testing.assert_allclose(pooled[b].double().numpy(),
+                                   reference_gmp(sample[keep], lam), rtol=0, atol=bound)
 
 
 def test_layer_parameters_state_and_pickle(rng):
     pool = SequenceGeneralizedMaxPool(lam=10.0)
     assert [name for name, _ in pool.named_parameters()] == ["log_lam"]
-    assert float(pool.lam.detach()) == pytest.approx(10.0, rel=1e-6)  # float32 exp(log 10)
+    assert float(pool.lam.detach()) == pytest.approx(10.0, rel=exp_of_log_rtol(10.0, EPS32))
     assert "lam=10" in repr(pool)
     frozen = SequenceGeneralizedMaxPool(lam=10.0, learnable=False)
     assert list(frozen.parameters()) == [] and "log_lam" in frozen.state_dict()
@@ -188,7 +210,7 @@ def test_bad_layer_arguments(kwargs):
 def test_relative_lambda_is_scale_free_and_ignores_padding(rng):
     """lam_scale="relative": lambda = lam * trace(Phi^T Phi) / N_b over the valid tokens only,
     so padding does not change it and scaling a sequence does not change its pooled direction.
-    Reference: the absolute reference at that lambda (float64, cond ~1e2, N = 6: 1e-11)."""
+    Reference: the absolute reference at that lambda, within the solve's bounds."""
     tokens = torch.from_numpy(rng.standard_normal((2, 8, 5)))
     mask = torch.tensor([[True] * 6 + [False] * 2, [True] * 8])
     tokens[0, 6:] = 1e6  # padding that would dominate the trace if it were counted
@@ -196,6 +218,15 @@ def test_relative_lambda_is_scale_free_and_ignores_padding(rng):
     for b, n_valid in enumerate((6, 8)):
         phi = tokens[b, :n_valid].numpy()
         lam = 0.5 * np.trace(phi.T @ phi) / n_valid
-        np.testing.assert_allclose(pooled[b].numpy(), reference_gmp(phi, lam), rtol=0, atol=1e-11)
+        np.testing.assert_allclose(pooled[b].numpy(), reference_gmp(phi, lam), rtol=0,
+                                   atol=masked_bound(phi, 8, lam))
     scaled = generalized_max_pool_sequence(tokens * 1e3, 0.5, mask, lam_scale="relative")
-    torch.testing.assert_close(scaled, pooled, rtol=0, atol=1e-11)  # same bound as above
+    # Scaled tokens (rounded once more by the product: within the bound at twice the unit)
+    # and the originals, each within its bound of the same exact direction.
+    for b, n_valid in enumerate((6, 8)):
+        phi = tokens[b, :n_valid].numpy()
+        lam = 0.5 * np.trace(phi.T @ phi) / n_valid
+        stack = np.zeros((8, 5))
+        stack[:n_valid] = phi
+        bound = unit_error_bound(stack, lam, EPS64) + unit_error_bound(stack, lam, 2 * EPS64)
+        assert float((scaled[b] - pooled[b]).abs().max()) <= bound

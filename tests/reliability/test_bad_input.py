@@ -30,6 +30,8 @@ import torch
 from sklearn.exceptions import NotFittedError
 from skorch.exceptions import NotInitializedError
 
+import separability_reference as ref
+from gmp_reference import EPS64, auto_unit_bound, unit_error_bound
 from reliability.helpers import TINY_NET, digits_like, labelled_maps
 from skpool import GeneralizedMaxPooling, SeparabilityPooling, resolve_device
 from skpool.cli import main
@@ -193,19 +195,37 @@ def test_accepted_dtypes_are_converted(X, out_dtype):
     as_float64 = (
         X.double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
     )
-    tolerance = 1e-12 if out_dtype == np.float64 else 1e-5
     gmp = GeneralizedMaxPooling(lam=0.5, device="cpu")
     pooled = gmp.fit_transform(X)
     assert pooled.dtype == out_dtype
-    np.testing.assert_allclose(pooled, gmp.fit_transform(as_float64), atol=tolerance)
+    # Two computations of the same values (the conversion is exact): each within its bound
+    # (float32 "auto" or float64), at the default relative ridge 0.5 x mean squared norm
+    stacks = as_float64.reshape(6, 9, 2)
+    bounds = []
+    for phi in stacks:
+        ridge = 0.5 * np.sum(phi**2) / len(phi)
+        own = (unit_error_bound(phi, ridge, EPS64) if out_dtype == np.float64
+               else auto_unit_bound(phi, ridge))
+        bounds.append(own + unit_error_bound(phi, ridge, EPS64))
+    errors = np.abs(pooled - gmp.fit_transform(as_float64)).max(axis=1)
+    assert np.all(errors <= np.array(bounds)), (errors / np.array(bounds)).max()
     # the solve in float64 for both (dtype="auto" would solve float32 input in float32): what
     # is checked here is the conversion of the input, not the solve's precision
     separability = SeparabilityPooling(device="cpu", dtype="float64").fit(X, LABELS)
     reference = SeparabilityPooling(device="cpu", dtype="float64").fit(as_float64, LABELS)
-    np.testing.assert_allclose(separability.operator_, reference.operator_, atol=1e-10)
+    # Two float64 fits of the same values (statistics in float64 for every input dtype)
+    vectors, _ = ref.fit_row_bounds(stacks, LABELS, (3, 3), (2, 2), 1.0, 1, EPS64)
+    ref.assert_same_rows(separability.operator_, reference.operator_, 2 * vectors)
     out = separability.transform(X)
     assert out.dtype == out_dtype
-    np.testing.assert_allclose(out, reference.transform(as_float64), atol=tolerance * 10)
+    # One operator each, applied in the output dtype and in float64: the pooling bounds,
+    # and the two operators' difference (2 row bounds) times the pooled magnitudes
+    bound = (ref.pooling_bound(stacks, reference.operator_, reference.channel_mean_,
+                               reference.channel_scale_, np.finfo(out_dtype).eps)
+             + ref.pooling_bound(stacks, reference.operator_, reference.channel_mean_,
+                                 reference.channel_scale_, EPS64)
+             + 2 * vectors.max() * np.abs(stacks - reference.channel_mean_).sum(axis=1).max())
+    np.testing.assert_allclose(out, reference.transform(as_float64), rtol=0, atol=bound)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +388,8 @@ def test_gmp_transform_needs_no_fit():
     """Decision: GMP learns nothing, so ``transform`` works unfitted (tag requires_fit=False);
     only a fitted instance checks the channel count."""
     pooled = GeneralizedMaxPooling(lam=0.5, device="cpu").transform(MAPS)
-    np.testing.assert_allclose(
+    # Exact: fit learns nothing, so both run the same code on the same data
+    np.testing.assert_array_equal(
         pooled, GeneralizedMaxPooling(lam=0.5, device="cpu").fit(MAPS).transform(MAPS)
     )
 
@@ -382,7 +403,9 @@ def test_a_class_with_one_sample_is_allowed():
     for labels in (singleton, np.arange(6)):
         pool = SeparabilityPooling(device="cpu").fit(MAPS, labels)
         assert np.all(np.isfinite(pool.operator_))
-        np.testing.assert_allclose(np.linalg.norm(pool.operator_, axis=-1), 1.0, rtol=1e-12)
+        # unit rows to the rounding of two 9-term norms and a division, (2 N + 4) eps64
+        np.testing.assert_allclose(np.linalg.norm(pool.operator_, axis=-1), 1.0,
+                                   rtol=(2 * 9 + 4) * EPS64)
         assert not np.any(np.isnan(pool.eigenvalues_))
         assert np.all(np.isfinite(pool.transform(MAPS)))
 
@@ -570,6 +593,8 @@ def test_non_finite_maps_are_never_hidden_by_the_layers(layer):
         return
     out = pool(x)
     assert not torch.isfinite(out[1]).all()
+    # Exact: sample 0 has the same values in batches of the same shape, and no kernel mixes
+    # samples (the same code on the same data for it)
     torch.testing.assert_close(out[0], pool(X_NCHW)[0], rtol=0, atol=0)
 
 
@@ -871,7 +896,11 @@ def test_cli_converts_integer_features(cli_files, capsys):
     dtype policy)."""
     out = cli_files / "pooled.npy"
     assert main(["gmp", str(cli_files / "X_int.npy"), "-o", str(out), "-q"]) == 0
-    expected = GeneralizedMaxPooling(device="cpu").fit_transform(
-        np.load(cli_files / "X_int.npy").astype(np.float64)
-    )
-    np.testing.assert_allclose(np.load(out), expected, rtol=1e-12)
+    values = np.load(cli_files / "X_int.npy").astype(np.float64)
+    expected = GeneralizedMaxPooling(device="cpu").fit_transform(values)
+    # Two float64 computations of the same values (the CLI's batches may differ), each
+    # within the solve's bound at the default relative ridge (1 x mean squared norm)
+    bounds = np.array([2 * unit_error_bound(phi, np.sum(phi**2) / len(phi), EPS64)
+                       for phi in values.reshape(len(values), -1, values.shape[-1])])
+    errors = np.abs(np.load(out) - expected).max(axis=1)
+    assert np.all(errors <= bounds), (errors / bounds).max()

@@ -49,6 +49,7 @@ def uninformative_maps(kind, seed=0, grid=(6, 6), n_channels=3, n_per_class=8, n
 # Rows of the fallback are exact fractions 1/4 (l1) and 1/2 (l2), and their numpy reference
 # is computed by one division (and a square root): equal to a couple of u.
 FALLBACK_RTOL = 4 * np.finfo(np.float64).eps
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 @pytest.mark.parametrize("kind", ["identical", "duplicated"])
@@ -142,15 +143,20 @@ def test_small_class_differences_are_information(dtype, shift):
     class means stay in float64 even for a float32 solve), so the rows are solved, not
     average pooling, and match the scipy reference of Algorithm 1 on the same data. A small A
     against B is not a loss of information (the eigenvectors do not depend on A's scale).
-    atol: the reference's own A carries a rounding of about K u |X| / shift ~ 1e-6 relative
-    for shift 1e-7, which moves its rows by that over the relative eigengap: 1e-4 in float64;
-    the README's 1e-3 for a float32 solve."""
+    Tolerance per row: separability_reference.fit_row_bounds for skpool's fit (solve dtype)
+    and for the reference (float64), which both carry A's cancellation: class means 1e-7 of
+    the spread apart leave A about K u |X| / shift ~ 1e-6 relative, amplified by the row's
+    sqrt(kappa_s) kappa_s mu_1 / gap."""
     rng = np.random.default_rng(5)
     maps, labels = uninformative_maps("duplicated", seed=6, n_classes=3)
     maps = maps + shift * rng.normal(size=(3, 6, 6, 3))[labels]
     pool = SeparabilityPooling(alpha=0.5, dtype=dtype, device="cpu").fit(maps, labels)
     assert np.all(pool.eigenvalues_ > 0)
-    stacks, _, _ = ref.normalise_channels(maps.reshape(len(maps), 36, 3))
+    raw = maps.reshape(len(maps), 36, 3)
+    stacks, _, _ = ref.normalise_channels(raw)
     between, within = ref.scatter_matrices(stacks, labels)
     expected, _ = ref.operator(between, within, (6, 6), (3, 3), 0.5, 1, "l2")
-    ref.assert_same_rows(pool.operator_, expected, 1e-3 if dtype == "float32" else 1e-4)
+    unit = np.finfo(np.float32 if dtype == "float32" else np.float64).eps
+    own, _ = ref.fit_row_bounds(raw, labels, (6, 6), (3, 3), 0.5, 1, unit)
+    reference, _ = ref.fit_row_bounds(raw, labels, (6, 6), (3, 3), 0.5, 1, EPS64)
+    ref.assert_same_rows(pool.operator_, expected, own + reference)
