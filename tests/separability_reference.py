@@ -111,7 +111,9 @@ def row_error_bounds(between, within, costs, alpha, n_components, eps):
         values = scipy.linalg.eigh(between, system, eigvals_only=True)[::-1]
         error = n * eps * scaled_condition * max(values[0], 0.0)
         gaps = [np.abs(np.delete(values, j) - values[j]).min() for j in range(n_components)]
-        stretch = np.sqrt(scaled_condition)
+        # back in the original coordinates the unit-diagonal scaling itself can stretch angles
+        # by up to sqrt(max/min diagonal) (uneven where alpha C_m dominates B)
+        stretch = np.sqrt(scaled_condition) * np.sqrt(scale.max() / scale.min())
         vector_bounds.append(
             np.minimum(2.0, stretch * error / np.maximum(gaps, np.finfo(float).tiny))
         )

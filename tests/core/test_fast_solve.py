@@ -210,7 +210,7 @@ def test_low_rank_routes_match_scipy_on_a_large_rank(rng, monkeypatch, n_samples
         ref.assert_same_rows(vectors.numpy(), rows, row_bounds)
         np.testing.assert_array_less(np.abs(values.numpy() - expected_values), value_bounds)
     else:  # singular B (ridged): the same whatever the chunking, within each row's bound
-        assert (row_bounds[0] < 2 * 144 * eps).all() and (row_bounds[1] > 1e-3).all()  # as above
+        assert (row_bounds[0] < 1e-2).all() and (row_bounds[1] > 1e-3).all()  # top determined
         one_by_one, _ = top_generalized_eigenvectors(
             factor.to(dtype), stats.within.to(dtype), costs.to(dtype), 2.0,
             2, method="low_rank", max_memory_bytes=1,  # one location at a time, still fused
