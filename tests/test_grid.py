@@ -52,7 +52,7 @@ def test_the_command_line_form():
 
 
 def test_importing_it_needs_neither_torch_nor_sklearn():
-    code = ("import sys, skpool._grid, skpool._fitted; "
+    code = ("import sys, skpool._grid, skpool._fitted, skpool._parameters; "
             "assert not {'torch', 'sklearn'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
