@@ -1,6 +1,6 @@
 """The one grid validator (skpool._grid) and the places that check an (H, W) pair through it:
-the estimator's grid_shape and output_shape, the layer's grids, the plots' grids, operator
-files and the command line's --grid-shape."""
+the estimator's grid_shape and output_shape, the layers' grids (the models' LearnedPool2d and
+input_size too), the plots' grids, operator files and the command line's --grid-shape."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_the_command_line_form():
 
 
 def test_importing_it_needs_neither_torch_nor_sklearn():
-    code = ("import sys, skpool._grid, skpool._fitted; "
+    code = ("import sys, skpool._grid, skpool._fitted, skpool._parameters; "
             "assert not {'torch', 'sklearn'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -62,6 +62,7 @@ def test_importing_it_needs_neither_torch_nor_sklearn():
 def test_every_grid_parameter_goes_through_the_validator(tmp_path, capsys):
     from skpool import SeparabilityPooling
     from skpool.cli import main
+    from skpool.models import LearnedPool2d, PoolingCNN
     from skpool.nn import SeparabilityPool2d
     from skpool.plotting import plot_operator
 
@@ -76,6 +77,10 @@ def test_every_grid_parameter_goes_through_the_validator(tmp_path, capsys):
         SeparabilityPool2d(operator, output_shape="22")
     with pytest.raises(ValueError, match=r"grid_shape must be \(rows, cols\) with 16 locations"):
         SeparabilityPool2d(operator, output_shape=(2, 2), grid_shape=(4, 5))
+    with pytest.raises(ValueError, match="grid_shape must be a pair of positive integers"):
+        LearnedPool2d((8.5, 8))
+    with pytest.raises(ValueError, match=f"input_size {message}"):
+        PoolingCNN(stage_pooling="sgd", input_size="8x8")
     pytest.importorskip("matplotlib")
     with pytest.raises(ValueError, match=r"output_shape must be \(rows, cols\) with 4 locations"):
         plot_operator(operator.numpy(), grid_shape=(4, 4), output_shape=(1, 3))

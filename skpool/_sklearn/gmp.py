@@ -16,6 +16,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._core.gmp import generalized_max_pool
 from .._device import resolve_device
+from .._parameters import GENERALIZED_MAX_POOLING as _DEFAULTS
+from .._parameters import GENERALIZED_MAX_POOLING_CHOICES as _CHOICES
 from ._validation import atomic_fit, check_stacks
 
 __all__ = ["GeneralizedMaxPooling"]
@@ -112,7 +114,7 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     _parameter_constraints: dict = {
         "lam": [Interval(Real, 0, np.inf, closed="neither")],
-        "lam_scale": [StrOptions({"absolute", "relative"})],
+        "lam_scale": [StrOptions(set(_CHOICES["lam_scale"]))],
         "normalize": ["boolean"],
         "device": [str, torch.device],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -121,13 +123,13 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     def __init__(
         self,
-        lam=1.0,
+        lam=_DEFAULTS.lam,
         *,
-        lam_scale="relative",
-        normalize=True,
-        device="auto",
-        batch_size=256,
-        grid_shape=None,
+        lam_scale=_DEFAULTS.lam_scale,
+        normalize=_DEFAULTS.normalize,
+        device=_DEFAULTS.device,
+        batch_size=_DEFAULTS.batch_size,
+        grid_shape=_DEFAULTS.grid_shape,
     ):
         self.lam = lam
         self.lam_scale = lam_scale

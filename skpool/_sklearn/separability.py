@@ -15,10 +15,12 @@ from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 
 from .._core.apply import pool_into, separability_ratios
-from .._core.fit import DTYPES, FitSettings, check_process_group, fit_batches, fit_stacks
+from .._core.fit import FitSettings, check_process_group, fit_batches, fit_stacks
 from .._core.grid import average_pooling_operator
 from .._device import resolve_device
 from .._fitted import FittedOperator
+from .._parameters import SEPARABILITY_POOLING as _DEFAULTS
+from .._parameters import SEPARABILITY_POOLING_CHOICES as _CHOICES
 from ._batches import reiterable
 from ._fit_input import (
     check_fitted_grid,
@@ -202,12 +204,12 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "stride": [Interval(Integral, 1, None, closed="left")],
         "output_shape": [tuple, list, None],
         "n_components": [Interval(Integral, 1, None, closed="left")],
-        "norm": [StrOptions({"l1", "l2"})],
+        "norm": [StrOptions(set(_CHOICES["norm"]))],
         "normalize_channels": ["boolean"],
         "grid_shape": [tuple, list, None],
-        "solver": [StrOptions({"auto", "low_rank", "full"})],
+        "solver": [StrOptions(set(_CHOICES["solver"]))],
         "device": [str, torch.device],
-        "dtype": [StrOptions(set(DTYPES))],
+        "dtype": [StrOptions(set(_CHOICES["dtype"]))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
@@ -217,22 +219,22 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
 
     def __init__(
         self,
-        alpha=1.0,
+        alpha=_DEFAULTS.alpha,
         *,
-        stride=2,
-        output_shape=None,
-        n_components=1,
-        norm="l2",
-        normalize_channels=True,
-        grid_shape=None,
-        solver="auto",
-        device="auto",
-        dtype="auto",
-        batch_size=256,
-        max_memory_mb=1024,
-        support_radius=None,
-        distributed=False,
-        verbose=0,
+        stride=_DEFAULTS.stride,
+        output_shape=_DEFAULTS.output_shape,
+        n_components=_DEFAULTS.n_components,
+        norm=_DEFAULTS.norm,
+        normalize_channels=_DEFAULTS.normalize_channels,
+        grid_shape=_DEFAULTS.grid_shape,
+        solver=_DEFAULTS.solver,
+        device=_DEFAULTS.device,
+        dtype=_DEFAULTS.dtype,
+        batch_size=_DEFAULTS.batch_size,
+        max_memory_mb=_DEFAULTS.max_memory_mb,
+        support_radius=_DEFAULTS.support_radius,
+        distributed=_DEFAULTS.distributed,
+        verbose=_DEFAULTS.verbose,
     ):
         self.alpha = alpha
         self.stride = stride

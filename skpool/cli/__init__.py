@@ -20,10 +20,11 @@ error on stderr); 130 when interrupted.
 
 All pooling is done by the estimators (:class:`~skpool.GeneralizedMaxPooling`,
 :class:`~skpool.SeparabilityPooling`); this package only reads, batches and writes: the parser
-and the types of its options in ``_parser.py``, the subcommands in ``_commands.py``, reading
-and writing files in ``_files.py``. It imports numpy only: torch and scikit-learn are imported
-by the commands that compute, so ``--help``, usage errors and ``skpool info`` on an ``.npz``
-model answer without them.
+in ``_parser.py``, the estimators' parameters as options in ``_options.py`` (generated from
+:mod:`skpool._parameters`, where the estimators take their defaults from), the subcommands in
+``_commands.py``, reading and writing files in ``_files.py``. It imports numpy only: torch and
+scikit-learn are imported by the commands that compute, so ``--help``, usage errors and
+``skpool info`` on an ``.npz`` model answer without them.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import sys
 
 from ._commands import COMMANDS
 from ._files import CommandError
-# _NOT_OPTIONS and _RENAMED: read by the test that holds the options to the estimators
-from ._parser import _NOT_OPTIONS, _RENAMED, build_parser  # noqa: F401
+from ._parser import build_parser
 
 __all__ = ["main", "build_parser"]
 

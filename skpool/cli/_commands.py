@@ -20,7 +20,7 @@ from ._files import (
     read_features,
     transform_to_file,
 )
-from ._parser import _NOT_OPTIONS, _RENAMED
+from ._options import estimator_params
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def _run_gmp(args) -> int:
     from .. import GeneralizedMaxPooling
 
     data = read_features(args)
-    pooling = GeneralizedMaxPooling(**_estimator_params(GeneralizedMaxPooling, args))
+    pooling = GeneralizedMaxPooling(**estimator_params("GeneralizedMaxPooling", args))
     start = time.perf_counter()
     shape = transform_to_file(pooling, data, args)
     _summary(args, f"GMP-pooled {_describe(data.features)} -> {shape} in "
@@ -45,7 +45,7 @@ def _run_fit(args) -> int:
     from ..io import save_estimator, save_operator
 
     data = read_features(args, need_labels=True)
-    pooling = SeparabilityPooling(**_estimator_params(SeparabilityPooling, args))
+    pooling = SeparabilityPooling(**estimator_params("SeparabilityPooling", args))
     # progress bars like gmp's and transform's: on a terminal, unless -q
     pooling.set_params(verbose=int(not args.quiet and sys.stderr.isatty()))
     start = time.perf_counter()
@@ -98,18 +98,6 @@ def _run_info(args) -> int:
         for key, value in description.items():
             print(f"{key:<{width}}  {value}")
     return 0
-
-
-def _estimator_params(estimator_class, args) -> dict:
-    """The estimator's parameters from the parsed options (``_RENAMED`` maps the names; a
-    parameter without an option keeps the estimator's default)."""
-    names = estimator_class().get_params(deep=False)
-    params = {}
-    for name in names:
-        option = _RENAMED.get(name, name)
-        if name not in _NOT_OPTIONS and hasattr(args, option):
-            params[name] = getattr(args, option)
-    return params
 
 
 def _summary(args, message: str) -> None:

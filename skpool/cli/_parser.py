@@ -1,25 +1,14 @@
-"""The ``skpool`` command line's parser: its subcommands, their options and the types of
-their arguments (numpy and the standard library only, so ``--help`` answers at once)."""
+"""The ``skpool`` command line's parser: its subcommands and their options (numpy and the
+standard library only, so ``--help`` answers at once). The estimators' parameters become options
+in :mod:`._options`, generated from the estimators' own names, defaults and choices."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
 from pathlib import Path
 
-from .._grid import parse_grid
-
-#: Estimator parameters -> the ``args`` attribute (option) that sets them. Every parameter of
-#: the estimator is an option or listed in ``_NOT_OPTIONS`` with the reason (a test holds the
-#: CLI to the estimators' parameters and defaults). ``dtype`` is ``--precision`` because
-#: ``--dtype`` names the element type of a raw feature file.
-_RENAMED = {"dtype": "precision"}
-_NOT_OPTIONS = {
-    "distributed": "the command line runs one process",
-    "verbose": "progress bars follow -q/--quiet: shown on a terminal unless -q, like gmp's and "
-    "transform's",
-}
+from ._options import COMPUTATION, FEATURE_FILES, add_estimator_options
 
 _EPILOG = """\
 examples:
@@ -59,10 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"skpool {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    pooling = [_feature_options(), _computation_options()]
-
     gmp = _add_command(
-        commands, "gmp", pooling,
+        commands, "gmp",
         "generalized max pooling of a feature file",
         "Pool every sample's N local descriptors into one C-vector by generalized max pooling, "
         "xi = (Phi^T Phi + lam I)^-1 Phi^T 1 (Murray & Perronnin 2014). (n, H, W, C) or "
@@ -72,31 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gmp.add_argument("features", type=Path, help="feature file (.npy, .npz or raw memmap)")
     gmp.add_argument("-o", "--output", type=Path, required=True, help="output .npy or .npz")
-    gmp.add_argument(
-        "--lam",
-        type=_positive_float,
-        default=1.0,
-        help="ridge lambda > 0 (default: 1.0); small values equalise the descriptors like max "
-        "pooling, large ones approach sum pooling",
-    )
-    gmp.add_argument(
-        "--lam-scale",
-        dest="lam_scale",
-        choices=("relative", "absolute"),
-        default="relative",
-        help="relative (default): lambda in units of each sample's mean squared descriptor "
-        "norm, trace(Phi^T Phi)/N, so the result does not depend on the features' scale; "
-        "absolute: the papers' lambda",
-    )
-    gmp.add_argument(
-        "--no-normalize",
-        dest="normalize",
-        action="store_false",
-        help="do not l2-normalise the pooled vectors",
-    )
+    _pooling_options(gmp, "GeneralizedMaxPooling", "generalized max pooling")
 
     fit = _add_command(
-        commands, "fit", pooling,
+        commands, "fit",
         "fit a separability pooling operator and save it",
         "Learn a separability pooling operator (Birodkar et al. 2019) from labelled feature "
         "maps and save the fitted model: .npz for plain arrays (loadable by "
@@ -115,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="labels file (.npy, .npz or .txt, one label per line); default: the "
         "--labels-key array of an .npz features file",
     )
-    _separability_options(fit.add_argument_group("separability pooling"))
+    _pooling_options(fit, "SeparabilityPooling", "separability pooling")
 
     transform = _add_command(
-        commands, "transform", pooling,
+        commands, "transform",
         "pool a feature file with a saved model",
         "Transform features with a model saved by 'skpool fit' (.npz operator file, or any "
         "estimator pickled with joblib). (n, H, W, C) maps give (n, H', W', k*C).",
@@ -128,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("features", type=Path, help="feature file (.npy, .npz or raw)")
     transform.add_argument("-o", "--output", type=Path, required=True,
                            help="output .npy or .npz")
+    # a saved model's device, batch size and grid only (their defaults are the same in both
+    # estimators); its fitted parameters stay
+    _pooling_options(transform, "SeparabilityPooling", None)
 
     info = _add_command(
-        commands, "info", [],
+        commands, "info",
         "describe a saved model",
         "Print what a saved model holds: its input and output grids, components, channels, "
         "classes, parameters and the generalised eigenvalues of its rows on the training data "
@@ -145,11 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_command(commands, name, parents, summary, description, examples):
+def _add_command(commands, name, summary, description, examples):
     """A subcommand with its one-line help, a wrapped description and an examples epilog."""
     command = commands.add_parser(
         name,
-        parents=parents,
         help=summary,
         description=_wrap(description),
         epilog="examples:\n" + "".join(f"  {example}\n" for example in examples),
@@ -158,31 +126,23 @@ def _add_command(commands, name, parents, summary, description, examples):
     return command
 
 
-def _computation_options() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
-    group = options.add_argument_group("computation")
-    group.add_argument(
-        "--device",
-        default="auto",
-        help="'auto' (CUDA when available, the default), 'cpu', 'cuda' or 'cuda:<index>'",
-    )
-    group.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=256,
-        metavar="B",
-        help="samples per batch (bounds memory; default: 256)",
-    )
-    group.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    group.add_argument(
-        "--traceback", action="store_true", help="show the full traceback of an error"
-    )
-    return options
+def _pooling_options(command, estimator: str, title: str | None) -> None:
+    """The options of gmp, fit and transform: the feature files', the computation's, and
+    ``estimator``'s parameters (:mod:`._options`), its own in a group ``title`` (None: only the
+    shared ones, device, batch size and grid, as ``transform`` takes)."""
+    groups = {FEATURE_FILES: command.add_argument_group(FEATURE_FILES),
+              COMPUTATION: command.add_argument_group(COMPUTATION)}
+    _feature_file_options(groups[FEATURE_FILES])
+    if title is not None:
+        groups[None] = command.add_argument_group(title)
+    add_estimator_options(groups, estimator, own=title is not None)
+    groups[COMPUTATION].add_argument("-q", "--quiet", action="store_true",
+                                     help="no progress bar or summary")
+    groups[COMPUTATION].add_argument("--traceback", action="store_true",
+                                     help="show the full traceback of an error")
 
 
-def _feature_options() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
-    group = options.add_argument_group("feature files")
+def _feature_file_options(group) -> None:
     group.add_argument(
         "--features-key",
         default="X",
@@ -208,77 +168,6 @@ def _feature_options() -> argparse.ArgumentParser:
         default="float32",
         help="element type of a raw binary feature file (default: float32)",
     )
-    group.add_argument(
-        "--grid-shape",
-        type=_pair,
-        metavar="H,W",
-        help="spatial grid of (n, N, C) stacks (default: an N x 1 grid)",
-    )
-    return options
-
-
-def _separability_options(group) -> None:
-    """The SeparabilityPooling parameters, as options (defaults as in the estimator)."""
-    group.add_argument("--alpha", type=_non_negative_float, default=1.0,
-                       help="locality weight >= 0 (default: 1)")
-    group.add_argument("--stride", type=_positive_int, default=2,
-                       help="output grid ceil(H/s) x ceil(W/s) (default: 2)")
-    group.add_argument("--output-shape", type=_pair, metavar="H',W'",
-                       help="output grid (overrides --stride)")
-    group.add_argument("--n-components", type=_positive_int, default=1, metavar="K",
-                       help="eigenvectors per output cell; K*C output channels (default: 1)")
-    group.add_argument("--norm", choices=("l2", "l1"), default="l2",
-                       help="norm of each operator row (default: l2)")
-    group.add_argument("--no-normalize-channels", dest="normalize_channels",
-                       action="store_false",
-                       help="do not standardise the channels before fitting")
-    group.add_argument("--precision", choices=("auto", "float64", "float32"), default="auto",
-                       help="precision of the scatter and the solve, the estimator's dtype "
-                       "(--dtype is the element type of a raw feature file); auto follows "
-                       "the features: float32 for float32 files (default: auto)")
-    group.add_argument("--solver", choices=("auto", "low_rank", "full"), default="auto",
-                       help="route of the eigenproblem (default: auto)")
-    group.add_argument("--support-radius", type=_positive_float, default=None, metavar="R",
-                       help="solve each output cell over the input locations within R pixels "
-                       "of its centre only (faster on large grids; default: exact)")
-    group.add_argument("--max-memory-mb", type=_positive_float, default=1024, metavar="MB",
-                       help="memory budget of the solve's work matrices (default: 1024)")
-
-
-# --------------------------------------------------------------------------------------------
-# Argument types and messages
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -291,14 +180,6 @@ def _shape(text: str) -> tuple[int, ...]:
             f"expected the shape of one sample, 1 to 3 positive sizes such as H,W,C, got {text!r}"
         )
     return shape
-
-
-def _pair(text: str) -> tuple[int, int]:
-    try:
-        return parse_grid(text)
-    except ValueError:
-        message = f"expected two positive integers H,W, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
 
 
 def _wrap(text: str) -> str:

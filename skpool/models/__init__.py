@@ -1,7 +1,8 @@
 """Deep models: the Birodkar et al. CNN, a CIFAR-style ResNet-18, the SGD-learned pooling layer,
 skorch classifiers running the papers' procedures, and the retrieval embedders (triplet loss).
 
-The classifiers and embedders import skorch, so they load on first use:
+The classifiers and embedders import skorch, so they load on first use (the triplet loss and
+its batch sampler need only torch):
 ``from skpool.models import DGMPClassifier`` works, and ``import skpool.models`` alone does not
 import skorch.
 """
@@ -15,12 +16,11 @@ from .pooling import GLOBAL_POOLINGS, STAGE_POOLINGS, LearnedPool2d
 from .resnet import ResNet18
 
 _CLASSIFIERS = ("PoolingCNNClassifier", "DGMPClassifier", "SeparabilityPoolingClassifier")
-_RETRIEVAL = (
-    "PoolingEmbedder", "DGMPEmbedder", "PoolingEmbeddingNet", "HardBatchTripletLoss",
-    "PKBatchSampler",
-)
+_RETRIEVAL = ("PoolingEmbedder", "DGMPEmbedder", "PoolingEmbeddingNet")
+_TRIPLET = ("HardBatchTripletLoss", "PKBatchSampler")  # also in retrieval; torch only
 _LAZY = {**dict.fromkeys(_CLASSIFIERS, "skpool.models.classifiers"),
-         **dict.fromkeys(_RETRIEVAL, "skpool.models.retrieval")}
+         **dict.fromkeys(_RETRIEVAL, "skpool.models.retrieval"),
+         **dict.fromkeys(_TRIPLET, "skpool.models._triplet")}
 
 __all__ = [
     "PoolingCNN",
@@ -30,6 +30,7 @@ __all__ = [
     "GLOBAL_POOLINGS",
     *_CLASSIFIERS,
     *_RETRIEVAL,
+    *_TRIPLET,
 ]
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .._core.grid import average_pooling_operator, output_grid_shape
+from .._grid import check_grid
 from ..nn import (
     GeneralizedMaxPool2d,
     LogSumExpPool2d,
@@ -95,7 +96,7 @@ class LearnedPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        grid_shape = _check_pair("grid_shape", grid_shape)
+        grid_shape = check_grid(grid_shape, "grid_shape")
         n_components = _check_count("n_components", n_components)
         self.grid_shape = grid_shape
         self.output_shape = output_grid_shape(grid_shape, stride)
@@ -167,7 +168,7 @@ class StagedPoolingMixin:
         components = _per_point("n_components", n_components, n_points)
         self.stage_pooling = stage_pooling
         self.n_components = tuple(_check_count("n_components", k) for k in components)
-        self.input_size = None if input_size is None else _check_pair("input_size", input_size)
+        self.input_size = check_grid(input_size, "input_size", optional=True)
         if "sgd" in stage_pooling and self.input_size is None:
             raise ValueError(
                 "A 'sgd' pooling point learns an operator for one grid: give the input images' "
@@ -293,13 +294,3 @@ def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
     return int(value)
-
-
-def _check_pair(name: str, value) -> tuple[int, int]:
-    try:
-        pair = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        pair = ()
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be two positive integers (H, W), got {value!r}.")
-    return pair

@@ -459,17 +459,91 @@ def subcommand_parser(name: str):
 @pytest.mark.parametrize("command, estimator",
                          [("gmp", GeneralizedMaxPooling), ("fit", SeparabilityPooling)])
 def test_every_estimator_parameter_is_an_option_with_its_default(command, estimator):
-    """A parameter added to an estimator fails this test until the CLI has an option for it
-    (or cli._NOT_OPTIONS says why not)."""
-    from skpool.cli import _NOT_OPTIONS, _RENAMED
+    """Read from the estimator itself (not from the spec the options are generated from): every
+    parameter is an option with the estimator's default and its constraint's choices, or the
+    CLI states why it is none."""
+    from sklearn.utils._param_validation import StrOptions
+
+    from skpool.cli._options import ESTIMATORS, NotAnOption
 
     options = {action.dest: action for action in subcommand_parser(command)._actions}
+    specs = ESTIMATORS[estimator.__name__][2]
     for name, default in estimator().get_params().items():
-        if name in _NOT_OPTIONS:
+        spec = specs[name]
+        if isinstance(spec, NotAnOption):
+            assert spec.reason and name not in options, name
             continue
-        dest = _RENAMED.get(name, name)
+        dest = spec.dest or name
         assert dest in options, f"{estimator.__name__}({name}=...) has no option in '{command}'"
         assert options[dest].default == default, name
+        strings = [c.options for c in estimator._parameter_constraints[name]
+                   if isinstance(c, StrOptions)]
+        assert (set(options[dest].choices) if options[dest].choices else None) == (
+            strings[0] if strings else None), name
+        # the shown default is the estimator's, or words for None (a flag shows none)
+        assert "%(default)s" in options[dest].help or default is None or isinstance(
+            default, bool), name
+
+
+def test_renamed_and_negated_options_set_their_parameters(files, capsys):
+    """--precision sets dtype (--dtype is a raw file's element type), --no-* flags turn a True
+    default off: read back from the saved estimator."""
+    from skpool.io import load_estimator
+
+    tmp, _, _ = files
+    code, _, err = run(capsys, "fit", tmp / "train.npz", "-o", tmp / "m.joblib", "-q",
+                       "--precision", "float64", "--no-normalize-channels", "--norm", "l1",
+                       "--device", "cpu")
+    assert (code, err) == (0, "")
+    params = load_estimator(tmp / "m.joblib").get_params()
+    assert (params["dtype"], params["normalize_channels"], params["norm"]) == (
+        "float64", False, "l1")
+    assert run(capsys, "fit", tmp / "train.npz", "-o", tmp / "m.npz", "--precision",
+               "float16")[0] == 2
+
+
+def test_transform_takes_the_shared_options_with_both_estimators_defaults():
+    """transform overrides a saved model's device, batch size and grid, whichever estimator
+    saved it: their defaults must be the same in both."""
+    from skpool.cli._options import COMPUTATION, FEATURE_FILES, estimator_options
+
+    shared = {name: (default, option) for name, default, option
+              in estimator_options("SeparabilityPooling")
+              if option.group in (COMPUTATION, FEATURE_FILES)}
+    assert set(shared) == {"device", "batch_size", "grid_shape"}
+    for name, default, option in estimator_options("GeneralizedMaxPooling"):
+        if option.group in (COMPUTATION, FEATURE_FILES):
+            assert shared[name] == (default, option), name
+    options = {action.dest: action for action in subcommand_parser("transform")._actions}
+    assert {"device", "batch_size", "grid_shape"} <= set(options)
+    assert not {"alpha", "lam", "precision"} & set(options)
+
+
+def test_a_parameter_without_an_option_stops_the_parser_naming_it(monkeypatch):
+    """A new estimator parameter gets no guessed option: the parser is not built until the CLI
+    has an Option or a NotAnOption (with a reason) for it; a stale entry and a flag that says
+    the opposite of its default stop it too."""
+    import skpool.cli._options as options_module
+    from skpool import _parameters
+    from skpool.cli import build_parser
+
+    defaults, choices, specs = options_module.ESTIMATORS["SeparabilityPooling"]
+    grown = _parameters._defaults("SeparabilityPooling", **defaults._asdict(), tolerance=1e-6)
+    monkeypatch.setitem(options_module.ESTIMATORS, "SeparabilityPooling",
+                        (grown, choices, specs))
+    with pytest.raises(LookupError, match=r"'tolerance' has no Option or NotAnOption"):
+        build_parser()
+    stale = {**specs, "old": options_module.NotAnOption("gone")}
+    monkeypatch.setitem(options_module.ESTIMATORS, "SeparabilityPooling",
+                        (defaults, choices, stale))
+    with pytest.raises(LookupError, match=r"'old' has an entry but is no parameter"):
+        build_parser()
+    flipped = _parameters._defaults(
+        "SeparabilityPooling", **{**defaults._asdict(), "normalize_channels": False})
+    monkeypatch.setitem(options_module.ESTIMATORS, "SeparabilityPooling",
+                        (flipped, choices, specs))
+    with pytest.raises(ValueError, match="--no-normalize-channels cannot set"):
+        build_parser()
 
 
 def test_support_radius_and_memory_options_reach_the_estimator(files, capsys):

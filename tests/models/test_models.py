@@ -181,8 +181,9 @@ def test_learned_pool_state_dict_pickle_and_errors():
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(restored(x), pool(x), rtol=0, atol=0)  # same code, same data
     assert "n_components=2, grid_shape=6x6, output_shape=3x3" in repr(pool)
-    with pytest.raises(ValueError, match="grid_shape must be two positive integers"):
-        LearnedPool2d((0, 4))
+    for bad in [(0, 4), (2.5, 4)]:  # a fraction is refused, not floored to 2
+        with pytest.raises(ValueError, match="grid_shape must be a pair of positive integers"):
+            LearnedPool2d(bad)
     with pytest.raises(ValueError, match="n_components must be an integer >= 1"):
         LearnedPool2d((4, 4), n_components=0)
     with pytest.raises(ValueError, match="fitted on a 6x6 grid"):

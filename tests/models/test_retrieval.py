@@ -169,6 +169,38 @@ def test_loss_rejects_bad_arguments():
         HardBatchTripletLoss()(torch.randn(4, 3), torch.tensor([0, 1, 0]))
 
 
+def test_loss_and_sampler_import_from_every_public_path():
+    """They live in skpool.models._triplet, re-exported by skpool.models and
+    skpool.models.retrieval: the same objects from all three."""
+    import skpool.models
+    import skpool.models.retrieval as retrieval
+
+    for name in ("HardBatchTripletLoss", "PKBatchSampler"):
+        assert getattr(skpool.models, name) is getattr(retrieval, name)
+        assert name in retrieval.__all__ and name in skpool.models.__all__
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds on a loaded machine
+def test_loss_and_sampler_need_no_skorch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from skpool.models import HardBatchTripletLoss, PKBatchSampler; "
+            "print(sorted(m for m in ('skorch', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_loss_and_sampler_docstring_examples():
+    import doctest
+
+    import skpool.models._triplet as triplet
+
+    result = doctest.testmod(triplet)
+    assert result.attempted > 0 and result.failed == 0
+
+
 # --------------------------------------------------------------------------- the sampler
 
 
