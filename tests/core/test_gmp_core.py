@@ -359,7 +359,7 @@ def test_auto_refinement_decision(rng, monkeypatch, lam_in_s2, refined):
     """Zero-mean descriptors, N = C = 400: trace(G) ~ 400 s^2 but the largest absolute row
     sum of G is about 17 s^2, so at a ridge of 0.1 s^2 only the row-sum bound is below the
     tolerance. The decision follows the bounds, and the result matches float64 either way."""
-    from skpool._core import gmp as gmp_module
+    from skpool._core import gmp_refine as gmp_module
 
     phi = rng.normal(size=(3, 400, 400))
     s2 = float((phi**2).sum(-1).max())
@@ -481,7 +481,7 @@ def test_refinement_converges_without_float64_where_float32_can(monkeypatch, rng
     """Where cond * eps32 is well below 1 (N = C = 64 Gaussian descriptors at lam = 1e-5 of
     the mean squared norm, cond ~ 1e5; or a 1e2 diagonal scaling of G on top), the adaptive
     refinement converges and no sample needs the float64 solve; the result meets the bound."""
-    from skpool._core import gmp as gmp_module
+    from skpool._core import gmp_refine as gmp_module
 
     calls = {"refined": [], "float64": 0}
     refine, solve64 = gmp_module._refine, gmp_module._solve_float64

@@ -148,7 +148,7 @@ def test_gmp_float32_refinement_that_cannot_converge_falls_back_to_float64(monke
     solve of the same float32 data matches the SVD reference to ~1e-9). Now a refined sample
     stops only when ``change * rho / (1 - rho)`` is below 1e-6 (rho the observed contraction),
     and is otherwise solved in float64, as this test checks."""
-    from skpool._core import gmp as gmp_module
+    from skpool._core import gmp_refine as gmp_module
 
     maps = _edge_maps("duplicate-descriptors").astype(np.float32)
     stacks = _stacks(maps).astype(np.float64)

@@ -1,0 +1,151 @@
+r"""Mixed-precision refinement of the float32 ridge systems of :mod:`skpool._core.gmp`.
+
+``refine_steps=n`` runs n steps of iterative refinement (the residual recomputed in float64
+from the descriptors, corrected with the float32 Cholesky factor); ``refine_steps="auto"``
+(:func:`_auto_refine`) refines only the samples whose a priori error bound asks for it, stops
+each on its observed contraction, and solves in float64 the samples that refinement cannot
+bring to :data:`REFINE_TARGET`. :func:`skpool._core.gmp.generalized_max_pool` documents the
+contract; this module holds the machinery.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["AUTO_REFINE_TOLERANCE", "REFINE_TARGET"]
+
+#: With ``refine_steps="auto"``, float32 solves are refined when the bound
+#: ``eps32 * (lambda_max(G) + lam) / lam`` on their relative error exceeds this tolerance
+#: (``lambda_max`` bounded above by the trace and by the largest absolute row sum of G).
+AUTO_REFINE_TOLERANCE = 1e-4
+#: With ``refine_steps="auto"``, a refined sample stops once the error left after its last
+#: correction, estimated as ``correction * rho / (1 - rho)`` from the observed contraction
+#: ``rho`` (ratio of successive corrections), is below this relative to xi; samples that cannot
+#: get there within ``_MAX_AUTO_STEPS`` steps are solved in float64.
+REFINE_TARGET = 1e-6
+_MAX_AUTO_STEPS = 6
+#: A Cholesky pivot ``r_kk**2`` below this many ``eps32 * A_kk`` is at the rounding level of the
+#: diagonal entry (the factor floor puts it near ``eps32 * A_kk``): the float32 factor holds no
+#: correct digit in that direction, refinement would contract by 1/2 per step at best, and the
+#: sample is solved in float64 directly.
+_HOPELESS_PIVOT = 2.0
+
+
+def _auto_refine(
+    phi, target, exact_ridge, factor, solution, dual, diag, scale2, ridge, system, trouble, eps
+):
+    """``refine_steps="auto"``: refine where the bound asks for it, float64 where refinement
+    cannot reach :data:`REFINE_TARGET`. Returns the (B, C) vectors in the dtype of ``phi``."""
+    # The error bound eps * (lambda_max(G) / s^2 + ridge) / ridge, with lambda_max(G)
+    # bounded by the trace; only where that is not enough, by the smaller of the trace and
+    # the largest absolute row sum (Gershgorin; tight for ReLU features, whose Gram matrices
+    # are entrywise positive), which costs a pass over G and a second synchronisation.
+    bound = (eps * (diag.sum(dim=1) / scale2 + ridge) / ridge).masked_fill(trouble, 0.0)
+    if bool((bound > AUTO_REFINE_TOLERANCE).any()):
+        rows = system.detach().abs().sum(dim=2).amax(dim=1).double() / scale2
+        bound = torch.minimum(bound, eps * rows / ridge).masked_fill(trouble, 0.0)
+        needed = bound > AUTO_REFINE_TOLERANCE
+    else:
+        needed = None
+    xi = _weighted_sum(phi, solution) if dual else solution
+    if needed is None or not bool(needed.any()):
+        return xi
+    # Pivots at the rounding level of their diagonal entry: no correct digit to refine.
+    pivots = factor.detach().diagonal(dim1=1, dim2=2).double().square()
+    system_diag = system.detach().diagonal(dim1=1, dim2=2).double()
+    hopeless = (pivots <= _HOPELESS_PIVOT * eps * system_diag).any(dim=1)
+    to_refine = needed & ~hopeless
+    to_float64 = needed & hopeless
+    if bool(to_refine.any()):
+        index = to_refine.nonzero()[:, 0]
+        every = len(index) == len(to_refine)
+        pick = (lambda t: t) if every else (lambda t: t[index])
+        refined, converged = _refine(
+            pick(phi), pick(target), pick(exact_ridge), pick(factor), pick(solution), dual,
+            _MAX_AUTO_STEPS, first_contraction=pick(bound),
+        )
+        xi = refined if every else xi.index_copy(0, index, refined)
+        to_float64 = to_float64.index_put((index,), ~converged)
+    if bool(to_float64.any()):
+        index = to_float64.nonzero()[:, 0]
+        fixed = _solve_float64(phi[index], target[index], exact_ridge[index], dual)
+        xi = xi.index_copy(0, index, fixed)
+    return xi
+
+
+def _weighted_sum(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i weights[b, i] * phi[b, i, :]``: (B, N, C), (B, N) -> (B, C), one pass over phi."""
+    return (weights[:, None, :] @ phi)[:, 0, :]
+
+
+def _refine(phi, target, ridge, factor, solution, dual, steps, first_contraction=None):
+    """Mixed-precision iterative refinement of the ridge system (see the docstring).
+
+    ``ridge`` (B, n) float64 is the diagonal added to G in the residual. Runs ``steps`` steps;
+    with ``first_contraction`` (the a priori bound of the contraction, (B,)) it is adaptive:
+    a sample stops once its estimated remaining error ``change * rho / (1 - rho)`` is below
+    :data:`REFINE_TARGET` (``change`` the last correction of xi relative to xi, ``rho`` the
+    ratio of the last two changes, the a priori bound for the first), and is given up when
+    ``rho >= 1`` or when the steps left cannot get it there at its observed ``rho``.
+
+    Returns the refined (B, C) vectors in the dtype of ``phi`` and the (B,) bool flag of the
+    samples that converged (None unless adaptive).
+    """
+    phi64 = phi.double()
+    target64 = target.double()
+    rhs = target64 if dual else _weighted_sum(phi64, target64)
+    current = solution.double()  # alpha (dual) or xi (primal)
+    xi = _weighted_sum(phi64, current) if dual else current
+    adaptive = first_contraction is not None
+    if adaptive:
+        previous = None
+        active = torch.ones(len(phi), dtype=torch.bool, device=phi.device)
+        converged = torch.zeros_like(active)
+    for step_number in range(steps):
+        similarities = (phi64 @ xi[:, :, None])[..., 0]  # Phi xi, (B, N)
+        applied = similarities if dual else _weighted_sum(phi64, similarities)
+        residual = rhs - applied - ridge * current
+        step = torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)[..., 0].double()
+        new_current = current + step
+        new_xi = _weighted_sum(phi64, new_current) if dual else new_current
+        if not adaptive:
+            current, xi = new_current, new_xi
+            continue
+        size = torch.linalg.vector_norm(new_xi.detach(), dim=1)
+        change = torch.linalg.vector_norm((new_xi - xi).detach(), dim=1) / torch.where(
+            size > 0, size, torch.ones_like(size)
+        )
+        first = previous is None
+        rho = first_contraction if first else change / previous.clamp_min(1e-300)
+        previous = change
+        # torch.where, not a product: a sample stopped early keeps its (finite) value and
+        # gets no gradient through the later steps.
+        current = torch.where(active[:, None], new_current, current)
+        xi = torch.where(active[:, None], new_xi, xi)
+        contracting = rho < 1
+        remaining = change * rho / (1 - rho).clamp_min(1e-300)  # error left, if contracting
+        done = active & ((change == 0) | (contracting & (remaining <= REFINE_TARGET)))
+        if not first:  # one change says nothing about rho: give up from the second step on
+            left = steps - step_number - 1
+            out_of_reach = remaining * rho.clamp(max=1.0) ** left > REFINE_TARGET
+            active = active & ~(~done & (~contracting | out_of_reach))
+        converged = converged | done
+        active = active & ~done
+        if not bool(active.any()):
+            break
+    return xi.to(phi.dtype), (converged if adaptive else None)
+
+
+def _solve_float64(phi, target, ridge, dual):
+    """The ridge solution (B, C) computed in float64 (for samples that float32 refinement
+    cannot bring to :data:`REFINE_TARGET`), ``ridge`` (B, n) the diagonal added to G, returned
+    in the dtype of ``phi``."""
+    phi64 = phi.double()
+    phi64_t = phi64.transpose(1, 2)
+    system = phi64 @ phi64_t if dual else phi64_t @ phi64
+    system = system + torch.diag_embed(ridge)
+    factor, _ = torch.linalg.cholesky_ex(system)
+    rhs = target.double() if dual else _weighted_sum(phi64, target.double())
+    solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+    xi = _weighted_sum(phi64, solution) if dual else solution
+    return xi.to(phi.dtype)
