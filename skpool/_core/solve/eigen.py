@@ -59,7 +59,7 @@ def top_eigenpairs(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     active = torch.arange(count, device=device)
     tolerance = _RESIDUAL_TOLERANCE * torch.finfo(dtype).eps
     for round_ in range(_SUBSPACE_ROUNDS):
-        current = normalised[active]
+        current = normalised if active.numel() == count else normalised[active]  # no copy
         if round_ > 0:
             block = _chebyshev_filter(current, block, cutoff)
         block, _ = torch.linalg.qr(block)
