@@ -71,11 +71,21 @@ class ChannelStatistics:
         if flat.shape[0] == 0:
             zeros = flat.new_zeros(flat.shape[-1])
             return cls(count, zeros, zeros.clone())
-        unit = power_of_two_below(flat.abs().amax(dim=0))  # (C,): |flat / unit| < 2
-        scaled = flat / unit
-        mean = scaled.mean(dim=0)
-        std = (scaled - mean).square().mean(dim=0).sqrt()
-        return cls(count, mean * unit, std * unit)
+        largest = torch.maximum(flat.amax(dim=0), -flat.amin(dim=0))  # (C,) max |x|, one
+        # pass each (abs().amax() materialises |flat|). Channels beyond 2**(±exponent range / 4),
+        # whose squares summed over the count could overflow or underflow, are divided by
+        # their power of two (|flat / unit| < 2, exact); the rest keep unit 1, and without
+        # such channels the data is not copied at all.
+        unit = power_of_two_below(largest)
+        finfo = torch.finfo(flat.dtype)
+        low, high = (math.ldexp(1.0, math.frexp(v)[1] // 4) for v in (finfo.tiny, finfo.max))
+        in_range = (largest > low) & (largest < high)
+        unit = torch.where(in_range, torch.ones_like(unit), unit)
+        scaled = flat if bool(in_range.all()) else flat / unit
+        # Centred second moment in one pass (torch's var is Welford-stable: a mean of 1e8 and
+        # a std of 1 keep their digits, unlike E[x^2] - E[x]^2).
+        variance, mean = torch.var_mean(scaled, dim=0, correction=0)
+        return cls(count, mean * unit, variance.sqrt() * unit)
 
     def merge(self, other: ChannelStatistics) -> ChannelStatistics:
         """Exact statistics of the union of both batches (Chan et al.'s pairwise update).
@@ -129,6 +139,11 @@ def standardise(
     input is not modified.
     """
     return features.mul(0.5).sub_(mean * 0.5).div_(scale * 0.5)
+
+
+#: Elements of the per-chunk float64 intermediates of :meth:`ScatterStatistics.from_batch`
+#: (1 MiB: cache-sized).
+_CENTRING_CHUNK = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -194,9 +209,21 @@ class ScatterStatistics:
         means = sums / counts.clamp_min(1)[:, None, None]
         # One product for all classes: centre each sample at its class mean and weight it by
         # sqrt(w_q); (N, b*C) @ (b*C, N) sums the outer products over samples and channels.
-        centred = (features - means[labels]) * weights[labels].sqrt()[:, None, None]
-        centred = centred.to(within_dtype or features.dtype)
-        columns = centred.permute(1, 0, 2).reshape(n_locations, batch * n_channels)
+        # Built a few samples at a time straight into the (N, b, C) layout of the product,
+        # so that the float64 intermediates stay in cache (one write of the columns instead
+        # of five passes over batch-sized arrays); the same values as centring the whole
+        # batch at once.
+        columns = features.new_empty(
+            (n_locations, batch, n_channels), dtype=within_dtype or features.dtype
+        )
+        roots = weights.sqrt()
+        step = max(1, _CENTRING_CHUNK // max(1, n_locations * n_channels))
+        for start in range(0, batch, step):
+            codes = labels[start : start + step]
+            part = features[start : start + step] - means[codes]
+            part.mul_(roots[codes][:, None, None])
+            columns[:, start : start + step].copy_(part.permute(1, 0, 2))
+        columns = columns.view(n_locations, batch * n_channels)
         within = columns @ columns.T
         return cls(counts, means, within, weights)
 
