@@ -118,14 +118,20 @@ class LowRankFused(Route):
     :math:`8 r (k + 12) + 4 r^2`, and on a truncated support the gathered n×n system.
 
     Chunks hold at most ``cache_cells`` cells, or ``cache_bytes`` of work if that is more:
-    a few large systems at a time stay in cache (measured on 2 cores, N = 1024, r = 288:
-    1.46 s with 4, 1.81 s with 16, 2.7 s with 256), while small ones (truncated supports) are
+    a few large systems at a time stay in cache, while small ones (truncated supports) are
     batched up to about 32 MiB of work per chunk, so that the per-operation overhead stays
-    small.
+    small. The cap trades cache reuse in the large products against the per-call cost of
+    the small-tile work (LAPACK's 64×64 Cholesky and triangular inverse take 20–50 µs per
+    matrix on an AVX2 EPYC with torch 2.13's MKL, whatever the batch). Measured, N = 1024,
+    r = 288, 2 cores: 1.46 s with 4, 1.81 s with 16, 2.7 s with 256 on the AVX-512 machine
+    the code was first written on (f32 GEMM 351–390 GFLOP/s); 3.7–4.2 s with 4 and
+    3.3–3.4 s with 16 (3.5 s with 32) on a 2-vCPU AMD EPYC with AVX2 only (GEMM 105–170
+    GFLOP/s; later runs 3.0–3.2 s with 8 and with 16). The default, 8, is as fast as 16
+    there and closer to 4, the AVX-512 machine's best (not re-measured there).
     """
 
     block: int = 128
-    cache_cells: int = 16
+    cache_cells: int = 8
     cache_bytes: int = 32 << 20
 
     def work_elements(self, size, rank, k, truncated):
