@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
 import torch
+
+from skpool import describe_device
 
 
 def synchronize(device: torch.device) -> None:
@@ -37,22 +38,5 @@ def gemm_peak_gflops(device: torch.device, size: int = 2048, dtype=torch.float32
 
 
 def describe(device: torch.device) -> str:
-    """The device in words: the GPU's name, or the CPU model, its SIMD level as ATen
-    dispatches it (e.g. AVX2, AVX512) and the torch thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (
-        f"CPU {_cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} torch threads"
-    )
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The device in words (:func:`skpool.describe_device`)."""
+    return describe_device(device)

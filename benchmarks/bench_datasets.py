@@ -14,7 +14,6 @@ Run:  python benchmarks/bench_datasets.py [--quick] [--device cpu|cuda] [--threa
 from __future__ import annotations
 
 import argparse
-import subprocess
 
 import torch
 
@@ -22,17 +21,6 @@ from _timing import describe, median_time
 from skpool import resolve_device
 from skpool.datasets import make_svhn_like
 from skpool.evaluation import CORRUPTIONS, PERTURBATIONS, corrupt, perturbation_sequence
-
-
-def cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    fields = dict(line.split(":", 1) for line in lines.splitlines() if ":" in line)
-    flags = fields.get("Flags", "")
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{fields.get('Model name', 'unknown CPU').strip()} ({simd})"
 
 
 def main():
@@ -46,7 +34,7 @@ def main():
     device = resolve_device(args.device)
     scale = 10 if args.quick else 1
     n_train, n_test, n_sequences = 20_000 // scale, 5_000 // scale, 1_000 // scale
-    print(f"{cpu_model()}; {describe(device)}")
+    print(describe(device))
 
     for color in (False, True):
         seconds = median_time(

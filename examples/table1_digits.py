@@ -27,7 +27,6 @@ order of the spread over seeds, not a property of the models (not measured acros
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from skpool import describe_device
 from skpool.models import (
     DGMPClassifier,
     PoolingCNNClassifier,
@@ -99,23 +99,11 @@ def main():
         f"digits, {args.train_size} training images, {len(X) - args.train_size} test images, "
         f"{args.epochs} epochs, {args.seeds} seeds ({time.perf_counter() - start:.0f} s)"
     )
-    print(f"machine: {_cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
-          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"machine: {describe_device('cpu')}, torch {torch.__version__}")
     print(f"| {'model':<32} | test error (%) |")
     print(f"| {'-' * 32} | -------------- |")
     for name, values in errors.items():
         print(f"| {name:<32} | {np.mean(values):5.2f} ± {np.std(values):4.2f}  |")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

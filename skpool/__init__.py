@@ -23,11 +23,18 @@ _LAZY = {
     "GeneralizedMaxPooling": "skpool._sklearn",
     "SeparabilityPooling": "skpool._sklearn",
     "resolve_device": "skpool._device",
+    "describe_device": "skpool._device",
 }
 #: Subpackages shown by ``dir(skpool)`` (imported by ``import skpool.<name>``, not by ``*``).
 _SUBMODULES = ("cli", "io", "models", "nn", "plotting")
 
-__all__ = ["GeneralizedMaxPooling", "SeparabilityPooling", "resolve_device", "__version__"]
+__all__ = [
+    "GeneralizedMaxPooling",
+    "SeparabilityPooling",
+    "describe_device",
+    "resolve_device",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

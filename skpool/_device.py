@@ -7,9 +7,11 @@ there is none is a clear :class:`ValueError`, never a silent fallback.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "describe_device"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -66,3 +68,30 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             f"Unsupported device {str(device)!r}: expected 'auto', 'cpu' or 'cuda'."
         )
     return resolved
+
+
+def describe_device(device: str | torch.device | None = "auto") -> str:
+    """The machine behind a figure, in words: the GPU's name, or the CPU model with the SIMD
+    level that ATen dispatches to (``DEFAULT``, ``AVX2``, ``AVX512``) and the number of
+    torch threads, e.g. ``"CPU AMD EPYC, ATen AVX2, 2 torch threads"``. Timings and results
+    that depend on the kernels (benchmarks, the example tables) print it beside them.
+    """
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return (
+        f"CPU {_cpu_model()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
