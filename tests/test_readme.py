@@ -23,7 +23,7 @@ def readme_blocks() -> list[tuple[str, str]]:
 def cli_lines(code: str) -> list[list[str]]:
     """The argv of every ``skpool`` command in a bash block (comments dropped)."""
     commands = []
-    for line in code.splitlines():
+    for line in re.sub(r"\\\n", " ", code).splitlines():  # join "\" line continuations
         words = shlex.split(line, comments=True)
         if words and words[0] == "skpool":
             commands.append(words[1:])
@@ -126,3 +126,9 @@ def test_readme_cli_claims_match_the_cli(capsys):
     assert "--support-radius" in section
     assert main(["fit", "--help"]) == 0
     assert "--support-radius" in capsys.readouterr().out
+
+
+def test_cli_lines_join_line_continuations():
+    """A README command broken over lines with a trailing backslash is one command."""
+    code = "skpool fit a.npz \\\n    -o b.npz --alpha 2  # fit\nskpool info b.npz\n"
+    assert cli_lines(code) == [["fit", "a.npz", "-o", "b.npz", "--alpha", "2"], ["info", "b.npz"]]
