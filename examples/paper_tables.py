@@ -501,8 +501,7 @@ def plot_flips(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from skpool.datasets import IMAGE_SIZE
-    from skpool.evaluation import NOISE_PERTURBATIONS, PERTURBATIONS
-    from skpool.evaluation.perturbations import _TABLE as SWEEPS  # the sweeps' ranges
+    from skpool.evaluation import NOISE_PERTURBATIONS, PERTURBATIONS, SWEEP_RANGES
 
     names = [name for name in PERTURBATIONS if name not in NOISE_PERTURBATIONS]
     fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(10, 5), sharey=True)
@@ -516,9 +515,9 @@ def plot_flips(record: dict, path: Path) -> None:
                 if not runs:
                     continue
                 steps = np.mean(runs, axis=0)
-                sweep = SWEEPS[name]
+                start, stop, _ = SWEEP_RANGES[name]
                 scale = IMAGE_SIZE if name == "translate" else 1  # a fraction of the width
-                strength = scale * np.linspace(sweep.start, sweep.stop, len(steps) + 1)[1:]
+                strength = scale * np.linspace(start, stop, len(steps) + 1)[1:]
                 ax.plot(strength, 100 * steps, styles[arch], color=colours[pooling], lw=1.2,
                         label=f"{arch}, {pooling}")
         ax.set_title(name.replace("_", " "), fontsize=9)

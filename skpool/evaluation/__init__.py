@@ -40,6 +40,7 @@ from .perturbations import (
     NOISE_PERTURBATIONS,
     NON_GEOMETRIC_PERTURBATIONS,
     PERTURBATIONS,
+    SWEEP_RANGES,
     perturbation_sequence,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "GEOMETRIC_PERTURBATIONS",
     "NON_GEOMETRIC_PERTURBATIONS",
     "NOISE_PERTURBATIONS",
+    "SWEEP_RANGES",
     "perturbation_sequence",
     "corruption_error",
     "mean_corruption_error",

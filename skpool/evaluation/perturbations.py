@@ -32,6 +32,7 @@ __all__ = [
     "GEOMETRIC_PERTURBATIONS",
     "NON_GEOMETRIC_PERTURBATIONS",
     "NOISE_PERTURBATIONS",
+    "SWEEP_RANGES",
     "perturbation_sequence",
 ]
 
@@ -91,6 +92,10 @@ PERTURBATIONS = tuple(_TABLE)
 GEOMETRIC_PERTURBATIONS = tuple(name for name, s in _TABLE.items() if s.geometric)
 NON_GEOMETRIC_PERTURBATIONS = tuple(name for name, s in _TABLE.items() if not s.geometric)
 NOISE_PERTURBATIONS = tuple(name for name, s in _TABLE.items() if s.noise)
+#: Each perturbation's sweep: (first magnitude, last magnitude, CIFAR-10-P's number of frames);
+#: translations in fractions of the image width, angles in degrees (for plots of a metric
+#: against the perturbation's strength).
+SWEEP_RANGES = {name: (s.start, s.stop, s.n_frames) for name, s in _TABLE.items()}
 
 
 def perturbation_sequence(

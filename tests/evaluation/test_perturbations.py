@@ -13,6 +13,7 @@ from skpool.evaluation import (
     NOISE_PERTURBATIONS,
     NON_GEOMETRIC_PERTURBATIONS,
     PERTURBATIONS,
+    SWEEP_RANGES,
     perturbation_sequence,
 )
 
@@ -44,6 +45,21 @@ def test_shape_dtype_and_default_length(images, perturbation):
     tensor = perturbation_sequence(torch.from_numpy(images).double(), perturbation, n_frames=3)
     assert isinstance(tensor, torch.Tensor) and tensor.shape == (8, 3, 3, 32, 32)
     assert tensor.dtype == torch.float64
+
+
+def test_sweep_ranges_describe_the_sequences():
+    """SWEEP_RANGES (what plots of a metric against the strength read) has every perturbation,
+    its default number of frames, and a sweep centred on zero where the frames pass through
+    the clean image at the middle (CENTRED; scale is centred on 1)."""
+    assert set(SWEEP_RANGES) == set(PERTURBATIONS)
+    for name, (start, stop, n_frames) in SWEEP_RANGES.items():
+        assert n_frames == (16 if name == "translate" else 31)
+        assert start <= stop
+        if name in CENTRED:
+            middle = 1.0 if name == "scale" else 0.0
+            assert start + (stop - start) * CENTRED[name] / (n_frames - 1) == pytest.approx(
+                middle, abs=1e-12  # the sweep is a linspace: exact up to its own rounding
+            )
 
 
 @pytest.mark.parametrize("perturbation", list(CENTRED))
