@@ -142,7 +142,7 @@ def standardise(
 
 
 #: Elements of the per-chunk float64 intermediates of :meth:`ScatterStatistics.from_batch`
-#: (1 MiB: cache-sized).
+#: on CPU (1 MiB: cache-sized).
 _CENTRING_CHUNK = 1 << 17
 
 
@@ -218,6 +218,8 @@ class ScatterStatistics:
         )
         roots = weights.sqrt()
         step = max(1, _CENTRING_CHUNK // max(1, n_locations * n_channels))
+        if features.device.type != "cpu":  # a GPU streams the batch at once; per-chunk
+            step = max(1, batch)  # kernel launches would cost more than they save
         for start in range(0, batch, step):
             codes = labels[start : start + step]
             part = features[start : start + step] - means[codes]
