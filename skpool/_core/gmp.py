@@ -88,7 +88,11 @@ def generalized_max_pool(
         agree with the float64 solution of the same descriptors: it refines only the samples
         whose error bound ``q = eps32 * (lambda_max(G) + lam) / lam`` (``lambda_max`` bounded
         by the trace and the largest absolute row sum of G) exceeds
-        :data:`AUTO_REFINE_TOLERANCE`, until the error estimated from the observed
+        :data:`AUTO_REFINE_TOLERANCE` and so does ``3 eps32 kappa_1``, with kappa_1 the
+        1-norm condition number of ``G + lam I`` estimated from the float32 factor (Hager's
+        estimator, never above the true value and rarely below a third of it; the bound
+        takes lambda_min(G) = 0, the estimate sees a well-conditioned G), until the error
+        estimated from the observed
         contraction is below :data:`REFINE_TARGET` (at most 6 steps, one synchronisation
         each); samples whose refinement cannot get there (``cond * eps32`` near 1 or above:
         nearly rank-deficient descriptors at a small ``lam``, or one channel or one location

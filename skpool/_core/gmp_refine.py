@@ -29,13 +29,20 @@ _MAX_AUTO_STEPS = 6
 #: correct digit in that direction, refinement would contract by 1/2 per step at best, and the
 #: sample is solved in float64 directly.
 _HOPELESS_PIVOT = 2.0
+#: Where the a priori bounds ask for refinement, a 1-norm condition estimate
+#: (:func:`_condition_estimate`) times this margin decides instead: the estimate never exceeds
+#: kappa_1 (>= kappa_2 for symmetric matrices) and is rarely below a third of it (Higham,
+#: Sec. 15.3; measured 0.76-0.98 of kappa_1 on ReLU Gram matrices, n = 64-441); its steps.
+_ESTIMATE_MARGIN = 3.0
+_ESTIMATE_STEPS = 3
 
 
 def _auto_refine(
     phi, target, exact_ridge, factor, solution, dual, diag, scale2, ridge, system, trouble, eps
 ):
-    """``refine_steps="auto"``: refine where the bound asks for it, float64 where refinement
-    cannot reach :data:`REFINE_TARGET`. Returns the (B, C) vectors in the dtype of ``phi``."""
+    """``refine_steps="auto"``: refine where the bound and the condition estimate ask for it,
+    float64 where refinement cannot reach :data:`REFINE_TARGET`. Returns the (B, C) vectors
+    in the dtype of ``phi``."""
     # The error bound eps * (lambda_max(G) / s^2 + ridge) / ridge, with lambda_max(G)
     # bounded by the trace; only where that is not enough, by the smaller of the trace and
     # the largest absolute row sum (Gershgorin; tight for ReLU features, whose Gram matrices
@@ -49,6 +56,23 @@ def _auto_refine(
         needed = None
     xi = _weighted_sum(phi, solution) if dual else solution
     if needed is None or not bool(needed.any()):
+        return xi
+    # Both bounds take lambda_min(G) = 0, while G is often well conditioned (the primal G of
+    # N >> C descriptors, ReLU features at a tenth of the mean squared norm: cond(G + lam) ~
+    # 50 where the bounds say 1e4). Where they ask for refinement, the condition number is
+    # estimated with the float32 factor (:func:`_condition_estimate`, a lower estimate, so
+    # it counts with a margin of _ESTIMATE_MARGIN) and the samples it clears are left as
+    # they are.
+    norm = rows * scale2  # ||G + ridge||_1 = its largest absolute row sum (symmetric)
+    if bool(needed.all()):
+        estimate = _condition_estimate(norm, factor)
+    else:
+        index = needed.nonzero()[:, 0]
+        estimate = torch.zeros_like(bound).index_put(
+            (index,), _condition_estimate(norm[index], factor[index])
+        )
+    needed = needed & (eps * _ESTIMATE_MARGIN * estimate > AUTO_REFINE_TOLERANCE)
+    if not bool(needed.any()):
         return xi
     # Pivots at the rounding level of their diagonal entry: no correct digit to refine.
     pivots = factor.detach().diagonal(dim1=1, dim2=2).double().square()
@@ -71,6 +95,34 @@ def _auto_refine(
         fixed = _solve_float64(phi[index], target[index], exact_ridge[index], dual)
         xi = xi.index_copy(0, index, fixed)
     return xi
+
+
+def _condition_estimate(norm: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    r"""1-norm condition estimates (b,) float64 of SPD matrices A with 1-norms ``norm`` (b,)
+    and Cholesky factors ``factor`` (b, n, n): :math:`\|A\|_1` times Hager's estimate of
+    :math:`\|A^{-1}\|_1` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+    Alg. 15.4, as LAPACK's ``xLACN2``): _ESTIMATE_STEPS power steps on
+    :math:`\|A^{-1} x\|_1` over unit vectors, plus the alternating-sign test vector (solved
+    with the first step), five solves with the factor in all. Each candidate is
+    :math:`\|A^{-1} x\|_1` for an x of unit 1-norm, so the estimate never exceeds the true
+    norm; it is rarely below a third of it (Higham, Sec. 15.3), and the caller counts it
+    with a margin. For symmetric A, :math:`\kappa_2 \le \kappa_1`."""
+    factor = factor.detach()
+    count, n, _ = factor.shape
+    steps = torch.arange(n, dtype=torch.float64, device=factor.device)
+    alternating = (1 - 2 * (steps % 2)) * (1 + steps / max(n - 1, 1))  # 1-norm 3n/2
+    x = torch.stack(
+        [torch.full_like(steps, 1.0 / n), alternating * (2 / (3 * n))], dim=1
+    ).to(factor.dtype).expand(count, n, 2)  # unit 1-norm columns
+    inverse = factor.new_zeros(count, dtype=torch.float64)
+    for step in range(_ESTIMATE_STEPS):
+        y = torch.cholesky_solve(x, factor)  # A^-1 x
+        inverse = torch.maximum(inverse, y.abs().sum(dim=1).amax(dim=1).double())
+        if step == _ESTIMATE_STEPS - 1:
+            break
+        z = torch.cholesky_solve(torch.sign(y[..., :1]), factor)  # A^-T sign(y), A = A^T
+        x = torch.zeros_like(z).scatter_(1, z.abs().argmax(dim=1, keepdim=True), 1.0)
+    return norm.double() * inverse
 
 
 def _weighted_sum(phi: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -380,6 +380,54 @@ def test_auto_refinement_decision(rng, monkeypatch, lam_in_s2, refined):
     assert np.all(errors <= bounds), (errors / bounds).max()
 
 
+def test_well_conditioned_gram_is_not_refined_where_the_bounds_are_loose(rng, monkeypatch):
+    """ReLU descriptors, N = 1024 >> C = 64, lam = 0.1 of the mean squared norm (issue 13's
+    example): cond(G + lam) is about 50 (eps32 * cond ~ 6e-6), but the trace and row-sum
+    bounds, which take lambda_min(G) = 0, say ~1e-3. The condition estimate clears these
+    samples: no refinement, and the float32 result is still within its bound."""
+    from skpool._core import gmp_refine
+
+    phi = np.maximum(rng.normal(size=(4, 1024, 64)), 0.0).astype(np.float32)
+    calls = []
+    original = gmp_refine._refine
+    monkeypatch.setattr(
+        gmp_refine, "_refine", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
+    )
+    got = generalized_max_pool(
+        torch.as_tensor(phi), 0.1, lam_scale="relative", refine_steps="auto"
+    )
+    assert calls == []
+    values = phi.astype(np.float64)
+    lams = 0.1 * (values**2).sum(axis=(1, 2)) / 1024
+    assert all(ridge_condition(p, lam) * EPS32 < AUTO_REFINE_TOLERANCE / 10
+               for p, lam in zip(values, lams))  # the premise: float32 is enough here
+    expected = gmp_batch(values, lams)
+    # the float32 "auto" bound plus the SVD reference's own error (doubled by normalising)
+    bounds = np.array([auto_unit_bound(p, lam) + 2 * reference_error_bound(p, lam)
+                       for p, lam in zip(values, lams)])
+    errors = np.abs(got.double().numpy() - expected).max(axis=1)
+    assert np.all(errors <= bounds), (errors / bounds).max()
+
+
+@pytest.mark.parametrize("size", [8, 64, 200])
+def test_condition_estimate_is_a_lower_estimate_within_a_third(rng, size):
+    """Hager's estimate never exceeds kappa_1 (each candidate is ||A^-1 x||_1 for a unit x)
+    and, on these SPD matrices (Gram plus ridge, three spectra), is above a third of it, the
+    margin the auto decision counts on. float32 factor: the estimate itself is computed to
+    ~n eps32 kappa relative, far below these factors."""
+    from skpool._core.gmp_refine import _condition_estimate
+
+    for spread in (1.0, 1e2, 1e4):
+        x = rng.normal(size=(6, size, size + 5)) * np.logspace(0, np.log10(spread), size)[:, None]
+        a = x @ np.swapaxes(x, 1, 2) + np.eye(size)
+        a32 = torch.as_tensor(a, dtype=torch.float32)
+        norm = torch.as_tensor(np.abs(a).sum(axis=1).max(axis=1))  # ||A||_1
+        estimate = _condition_estimate(norm, torch.linalg.cholesky(a32)).numpy()
+        exact = np.array([np.linalg.norm(m, 1) * np.linalg.norm(np.linalg.inv(m), 1) for m in a])
+        assert np.all(estimate <= exact * (1 + 1e-3))  # float32 rounding of the solves
+        assert np.all(estimate >= exact / 3), (estimate / exact).min()
+
+
 # --------------------------------------------------------------------------------------------
 # float32 under uneven channel and location scales (issue 14, item 1)
 from hypothesis import given, settings  # noqa: E402
