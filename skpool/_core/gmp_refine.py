@@ -71,7 +71,9 @@ def _auto_refine(
         estimate = torch.zeros_like(bound).index_put(
             (index,), _condition_estimate(norm[index], factor[index])
         )
-    needed = needed & (eps * _ESTIMATE_MARGIN * estimate > AUTO_REFINE_TOLERANCE)
+    # cleared only by a finite estimate below the tolerance (a NaN from an overflowing solve
+    # keeps the sample on the safe side)
+    needed = needed & ~(eps * _ESTIMATE_MARGIN * estimate <= AUTO_REFINE_TOLERANCE)
     if not bool(needed.any()):
         return xi
     # Pivots at the rounding level of their diagonal entry: no correct digit to refine.

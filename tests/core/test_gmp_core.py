@@ -409,6 +409,26 @@ def test_well_conditioned_gram_is_not_refined_where_the_bounds_are_loose(rng, mo
     assert np.all(errors <= bounds), (errors / bounds).max()
 
 
+def test_a_nan_condition_estimate_does_not_clear_refinement(rng, monkeypatch):
+    """Only a finite estimate below the tolerance clears a sample the bounds flagged: a NaN
+    (an overflowing solve) leaves it to the refinement, as before the estimate existed."""
+    from skpool._core import gmp_refine
+
+    phi = np.maximum(rng.normal(size=(3, 1024, 64)), 0.0).astype(np.float32)
+    calls = []
+    original = gmp_refine._refine
+    monkeypatch.setattr(
+        gmp_refine, "_refine", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k)
+    )
+    monkeypatch.setattr(
+        gmp_refine, "_condition_estimate",
+        lambda norm, factor: torch.full((len(factor),), float("nan"), dtype=torch.float64),
+    )
+    got = generalized_max_pool(torch.as_tensor(phi), 0.1, lam_scale="relative",
+                               refine_steps="auto")
+    assert calls == [3] and bool(torch.isfinite(got).all())
+
+
 @pytest.mark.parametrize("size", [8, 64, 200])
 def test_condition_estimate_is_a_lower_estimate_within_a_third(rng, size):
     """Hager's estimate never exceeds kappa_1 (each candidate is ||A^-1 x||_1 for a unit x)
