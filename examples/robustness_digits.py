@@ -43,8 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skpool import describe_device
 from skpool.datasets import make_svhn_like
 from skpool.evaluation import (
     GEOMETRIC_CORRUPTIONS,
@@ -162,16 +161,9 @@ def table(runs, models, what, labels, value, groups) -> None:
 
 
 def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        model = fields.get("Model name", "unknown CPU").strip()
-        avx2 = "AVX2" if "avx2" in fields.get("Flags", "") else "no AVX2"
-        cpu = f"{model} ({avx2}, {fields.get('CPU(s)', '?').strip()} CPUs)"
-    except (OSError, subprocess.CalledProcessError):
-        cpu = platform.processor() or "unknown CPU"
+    """The CPU (model, ATen SIMD level, threads), the GPU if any, and torch's version."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}; {gpu}; torch {torch.__version__}"
+    return f"{describe_device('cpu')}; {gpu}; torch {torch.__version__}"
 
 
 def parse(argv=None):
