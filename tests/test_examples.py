@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,16 @@ def test_plots_example_saves_three_pngs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_demo_runs(tmp_path):
-    if shutil.which("bash") is None or shutil.which("skpool") is None:
+    # The demo calls `python` and the `skpool` script: take those of the interpreter running
+    # the tests (its environment's scripts folder first on PATH), so that the test also runs
+    # from `.venv/bin/python -m pytest` without an activated environment.
+    folders = dict.fromkeys([sysconfig.get_path("scripts"), str(Path(sys.executable).parent)])
+    path = os.pathsep.join([*folders, os.environ.get("PATH", "")])
+    if shutil.which("bash") is None or shutil.which("skpool", path=path) is None:
         pytest.fail("the CLI demo needs bash and the installed 'skpool' script (pip install .)")
     done = subprocess.run(
         ["bash", str(EXAMPLES / "cli_demo.sh"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": path},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "separability pooling" in done.stdout and "3-fold CV accuracy" in done.stdout
