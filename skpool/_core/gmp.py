@@ -303,16 +303,22 @@ def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, re
     amax = sub.detach().abs().amax(dim=(1, 2)).double()
     _, exponent = torch.frexp(torch.where(amax > 0, amax, torch.ones_like(amax)))
     amax = torch.ldexp(torch.ones_like(amax), exponent)  # amax <= 2**e < 2 amax
-    sub = sub * (1.0 / amax).to(sub.dtype)[:, None, None]
+    # 2**-e in two factors: for subnormal descriptors 2**-e itself overflows the dtype
+    # (float32 from 1e-39 on), each half of the exponent does not.
+    first = torch.ldexp(torch.ones_like(amax), -(exponent // 2))
+    second = torch.ldexp(torch.ones_like(amax), exponent // 2 - exponent)
+    for factor in (first, second):
+        sub = sub * factor.to(sub.dtype)[:, None, None]
     # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
-    sub_lam = lam[index] if relative else lam[index] / amax.square()
+    sub_lam = lam[index] if relative else lam[index] * (first * second).square()
     fixed, still = _solve(
         sub, target[index], sub_lam, normalize, refine_steps, True, relative
     )
     if bool(still.any()):
         raise FloatingPointError(
             "generalized_max_pool: the ridge system could not be solved even after rescaling "
-            "and a ridge floor of n * eps * G_ii; are the descriptors finite?"
+            "and a ridge floor of n * eps * G_ii: non-finite descriptors, or an absolute lam "
+            "too far from the descriptors' squared scale for the dtype to represent both."
         )
     if not normalize:
         fixed = (fixed.double() / amax[:, None]).to(fixed.dtype)

@@ -65,7 +65,7 @@ class MixedMaxAvgPool2d(nn.Module):
         return torch.sigmoid(self.mix_logit)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.mixed_max_avg_pool2d(x, self.mix, mask, keepdim=not self.flatten)
+        return F._mixed_max_avg_pool2d(x, self.mix, mask, not self.flatten)
 
     def extra_repr(self) -> str:
         mix = float(self.mix.detach())
@@ -142,7 +142,7 @@ class LogSumExpPool2d(nn.Module):
         return self.r_min + torch.nn.functional.softplus(self.r_raw)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.log_sum_exp_pool2d(x, self.r, mask, keepdim=not self.flatten)
+        return F._log_sum_exp_pool2d(x, self.r, mask, not self.flatten)
 
     def extra_repr(self) -> str:
         return (

@@ -162,19 +162,35 @@ def mixed_max_avg_pool2d(
     Args:
         x: feature maps of shape :math:`(B, C, H, W)`.
         mix: the weight :math:`a \in [0, 1]` of max pooling, a float or a tensor broadcastable
-            to :math:`(B, C)`.
+            to :math:`(B, C)` (a tensor is checked too, at the cost of a device
+            synchronisation; the layer's mix is in range by construction and is not).
         mask: optional bool tensor of shape :math:`(B, H, W)`, True at real locations.
         keepdim: return :math:`(B, C, 1, 1)` instead of :math:`(B, C)`.
 
     Returns:
         Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`).
     """
-    _check_maps(x, mask)
-    if not isinstance(mix, torch.Tensor) and not 0.0 <= float(mix) <= 1.0:
+    if isinstance(mix, torch.Tensor):
+        if not bool(((mix >= 0) & (mix <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError(
+                f"mix must lie in [0, 1]; got a tensor mix with values "
+                f"{mix.detach().flatten()[:5].cpu().tolist()}."
+            )
+    elif not 0.0 <= float(mix) <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix!r}.")
+    return _mixed_max_avg_pool2d(x, mix, mask, keepdim)
+
+
+def _mixed_max_avg_pool2d(x, mix, mask, keepdim):
+    """:func:`mixed_max_avg_pool2d` without the check of ``mix`` (the layer's is in range by
+    construction; checking a tensor costs a device synchronisation per call)."""
+    _check_maps(x, mask)
     flat, valid, count = _masked_flat(x, mask)
     largest = _masked_max(flat, valid)
-    mean = _fill_padding(flat, valid).sum(dim=-1) / count
+    # Each term divided before the sum: a sum of finite values near the dtype's maximum
+    # would overflow, their mean does not.
+    scale = count if isinstance(count, int) else count[..., None]
+    mean = (_fill_padding(flat, valid) / scale).sum(dim=-1)
     pooled = mix * largest + (1 - mix) * mean
     return pooled[:, :, None, None] if keepdim else pooled
 
@@ -208,16 +224,30 @@ def log_sum_exp_pool2d(
 
     Args:
         x: feature maps of shape :math:`(B, C, H, W)`.
-        r: the sharpness :math:`r > 0`, a float or a tensor broadcastable to :math:`(B, C)`.
+        r: the sharpness :math:`r > 0`, a float or a tensor broadcastable to :math:`(B, C)`
+            (a tensor is checked too, at the cost of a device synchronisation; the layer's r
+            is positive by construction and is not).
         mask: optional bool tensor of shape :math:`(B, H, W)`, True at real locations.
         keepdim: return :math:`(B, C, 1, 1)` instead of :math:`(B, C)`.
 
     Returns:
         Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`).
     """
-    _check_maps(x, mask)
-    if not isinstance(r, torch.Tensor) and not (math.isfinite(float(r)) and float(r) > 0):
+    if isinstance(r, torch.Tensor):
+        if not bool((torch.isfinite(r) & (r > 0)).all()):
+            raise ValueError(
+                f"r must be finite and > 0; got a tensor r with values "
+                f"{r.detach().flatten()[:5].cpu().tolist()}."
+            )
+    elif not (math.isfinite(float(r)) and float(r) > 0):
         raise ValueError(f"r must be a finite number > 0, got {r!r}.")
+    return _log_sum_exp_pool2d(x, r, mask, keepdim)
+
+
+def _log_sum_exp_pool2d(x, r, mask, keepdim):
+    """:func:`log_sum_exp_pool2d` without the check of ``r`` (the layer's is positive by
+    construction; checking a tensor costs a device synchronisation per call)."""
+    _check_maps(x, mask)
     out_dtype = x.dtype
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
@@ -226,7 +256,12 @@ def log_sum_exp_pool2d(
     shift = _masked_max(flat, valid).detach()
     gaps = _fill_padding(flat - shift[..., None], valid)  # d <= 0; 0 at padding
     largest = torch.finfo(x.dtype).max  # an r beyond it would round to inf: inf * 0 = NaN
-    r = r.clamp(max=largest) if isinstance(r, torch.Tensor) else min(float(r), largest)
+    if isinstance(r, torch.Tensor):  # within r's dtype too (a float32 r with float64 maps)
+        if r.is_floating_point():
+            largest = min(largest, torch.finfo(r.dtype).max)
+        r = r.clamp(max=largest)
+    else:
+        r = min(float(r), largest)
     # z = r d <= 0; an overflowing product is held at the dtype's lowest finite value, where
     # every term has its limit already and no gradient meets 0 * inf.
     scaled = (_per_location(r) * gaps).clamp_min(torch.finfo(gaps.dtype).min)

@@ -24,7 +24,7 @@ from rounding import (
     softplus_shift_rtol,
 )
 from skpool.nn import LogSumExpPool2d, MixedMaxAvgPool2d
-from skpool.nn.functional import log_sum_exp_pool2d, mixed_max_avg_pool2d
+from skpool.nn.functional import _log_sum_exp_pool2d, log_sum_exp_pool2d, mixed_max_avg_pool2d
 from testing_utils import DEVICES
 
 
@@ -360,12 +360,17 @@ def test_lse_accurate_for_every_r(dtype, r):
 @pytest.mark.parametrize("r", [1e-300, 1e-8, 0.5, 3.0, 1e3])
 def test_lse_gradcheck_at_every_r(r):
     """gradcheck's finite differences in x and r (r perturbed by 1e-6 even at r = 1e-300,
-    where the formula is the average pooling's plus r var/2: it stays defined for r < 0)."""
+    where the formula is the average pooling's plus r var/2: it stays defined for r < 0). The
+    unchecked form, as the layer calls it: the public one refuses a tensor r <= 0."""
     maps = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
     rate = torch.tensor(r, dtype=torch.float64, requires_grad=True)
-    assert gradcheck(log_sum_exp_pool2d, (maps, rate))
+
+    def pool(x, rate):
+        return _log_sum_exp_pool2d(x, rate, None, False)
+
+    assert gradcheck(pool, (maps, rate))
     if r <= 3.0:  # at r = 1e3 second differences of a near-max are below the check's resolution
-        assert gradgradcheck(log_sum_exp_pool2d, (maps, rate))
+        assert gradgradcheck(pool, (maps, rate))
 
 
 def test_lse_gradient_in_r_at_tiny_r_is_half_the_variance():
@@ -400,3 +405,43 @@ def test_lse_layer_r_min_must_be_representable_in_its_dtype():
     gap = (out - maps.detach().mean(dim=(2, 3))).detach().double().reshape(6).numpy()
     np.testing.assert_array_less(np.abs(gap), bound)
     assert torch.isfinite(maps.grad).all() and torch.isfinite(layer.r_raw.grad)
+
+
+# -- found by an adversarial review (third session) ---------------------------------------------
+
+
+def test_log_sum_exp_layer_of_float32_params_takes_float64_maps():
+    """A float32 layer on float64 maps: the output is float64 (as for the other layers), and it
+    is the functional form's with the same r. The layer's r is a float32 value, exactly
+    representable in float64, so both run the same float64 operations on the same numbers:
+    the tolerance is a few float64 roundings of values of order 1."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    layer = LogSumExpPool2d(r=2.5)
+    out = layer(x)
+    assert out.dtype == torch.float64
+    expected = log_sum_exp_pool2d(x, float(layer.r))
+    torch.testing.assert_close(out, expected, rtol=8 * EPS64, atol=8 * EPS64)
+
+
+@pytest.mark.parametrize("r", [-1.0, 0.0, math.nan, math.inf])
+def test_functional_log_sum_exp_refuses_a_bad_tensor_r(r):
+    """A tensor r is checked like a float one (not a silent soft-min or NaN)."""
+    with pytest.raises(ValueError, match="r must be finite and > 0"):
+        log_sum_exp_pool2d(torch.randn(1, 2, 3, 3), torch.tensor(r))
+
+
+@pytest.mark.parametrize("mix", [-0.1, 1.5, math.nan])
+def test_functional_mixed_refuses_a_mix_tensor_outside_the_unit_interval(mix):
+    with pytest.raises(ValueError, match=r"mix must lie in \[0, 1\]"):
+        mixed_max_avg_pool2d(torch.randn(1, 2, 3, 3), torch.tensor(mix))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_mixed_layer_is_finite_near_the_largest_float32(sign):
+    """Four values of 3e38 (finite in float32, their sum is not): the mean and the mix stay
+    3e38. Each term is divided by the count before the sum (one rounding each), the sum adds
+    three roundings and the blend two: well within 16 float32 units of the value."""
+    x = torch.full((1, 1, 2, 2), sign * 3e38)
+    out = MixedMaxAvgPool2d(mix=0.3)(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.full((1, 1), sign * 3e38), rtol=16 * EPS32, atol=0)

@@ -335,3 +335,30 @@ def test_layer_on_an_empty_batch_stays_connected_to_autograd(flatten, lam_scale)
     out.sum().backward()
     assert maps.grad.shape == maps.shape
     assert layer.log_lam.grad is not None and float(layer.log_lam.grad) == 0.0
+
+
+# -- found by an adversarial review (third session) ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, power", [(np.float32, -140), (np.float64, -1060)])
+def test_subnormal_descriptors_pool_like_their_normal_multiples(dtype, power):
+    """A sample whose every descriptor is subnormal (float32 from about 1e-38, float64 from
+    2.2e-308) is finite data: its Gram matrix underflows, and the rescaled re-solve has to
+    scale by more than the dtype's largest power of two, in two steps. Integer-valued
+    descriptors below 2**8 times 2**power are exact subnormals, so the sample is exactly a
+    power-of-two multiple of the normal one, and the normalised GMP vector (relative lam: scale
+    free) must be the normal sample's, within the float32 bound of ``gmp_reference`` (float64
+    runs meet it by far)."""
+    rng = np.random.default_rng(3)
+    normal = rng.integers(0, 8, size=(2, 3, 3, 4)).astype(np.float64)
+    tiny = np.ldexp(normal, power).astype(dtype)
+    assert np.all((tiny == 0) | (np.abs(tiny) < np.finfo(dtype).tiny))  # all subnormal or 0
+    assert np.array_equal(np.ldexp(tiny.astype(np.float64), -power), normal)  # exact
+    got = GeneralizedMaxPooling(lam=1.0).fit_transform(tiny)
+    expected = GeneralizedMaxPooling(lam=1.0).fit_transform(normal.astype(dtype))
+    assert np.isfinite(got).all()
+    stacks = normal.reshape(2, 9, 4)
+    bounds = [float32_tolerance(phi, 1.0 * mean_squared_norm(phi)) for phi in stacks]
+    np.testing.assert_array_less(np.abs(got - gmp_batch(stacks, [
+        mean_squared_norm(phi) for phi in stacks])).max(axis=1), bounds)
+    np.testing.assert_array_less(np.abs(got - expected).max(axis=1), 2 * np.array(bounds))

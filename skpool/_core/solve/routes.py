@@ -248,8 +248,8 @@ def eigenproblem(method: str, size: int, rank: int, k: int) -> str:
         return "low_rank" if rank < size and k <= rank else "full"
     if method == "low_rank" and k > rank:
         raise ValueError(
-            f"method='low_rank' gives at most r={rank} components (the rank bound of A); "
-            f"n_components={k} needs method='full'."
+            f"solver='low_rank' gives at most r={rank} components (the rank bound of A); "
+            f"n_components={k} needs solver='full'."
         )
     return method
 
