@@ -21,7 +21,9 @@ Reproducibility: the script fixes torch's thread count (``--threads``) and turns
 ``torch.use_deterministic_algorithms``, and every model is seeded, so a rerun on the same
 machine prints the same table. Another CPU (other SIMD kernels, another MKL code path) or thread
 count sums in another order and can change individual predictions; such differences are of the
-order of the spread over seeds, not a property of the models (not measured across machines).
+order of the spread over seeds, not a property of the models. Measured on one machine at 2
+threads, 1 thread, and 1 thread with ATen's generic kernels and MKL's SSE4.2 path: the means
+moved by at most 0.05 points (spreads over seeds 0.9-1.5 points).
 """
 
 from __future__ import annotations
