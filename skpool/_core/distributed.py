@@ -72,10 +72,13 @@ BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",), "mpi": ("cpu",), "ucc": 
 
 def backend_devices() -> dict[str, str]:
     """Device type -> backend of the default group: ``{"cpu": "gloo"}`` for a gloo group,
-    ``{"cuda": "nccl"}`` for an NCCL one, both for ``"cpu:gloo,cuda:nccl"``."""
+    ``{"cuda": "nccl"}`` for an NCCL one, both for ``"cpu:gloo,cuda:nccl"`` and for a group
+    initialised without a backend (``"undefined"``: torch's default backend per device)."""
     name = str(dist.get_backend()).lower()
     if ":" in name:  # "cpu:gloo,cuda:nccl"
         return dict(part.split(":", 1) for part in name.split(","))
+    if name == "undefined":
+        return dict(dist.Backend.default_device_backend_map)
     return {device: name for device in BACKEND_DEVICES.get(name, ("cpu",))}
 
 
