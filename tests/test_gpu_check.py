@@ -151,3 +151,15 @@ def test_sections_past_the_budget_are_skipped_saying_so(gpu_check, tmp_path):
     assert [skip["section"] for skip in report["skipped"]] == [
         "tests", *(name for name, _ in gpu_check.SECTIONS)]
     assert report["figures"] == [] and report["tests"] is None
+
+
+def test_the_cuda_peak_memory_is_the_allocators_peak_above_the_start(gpu_check, monkeypatch):
+    """The CUDA branch of ``peak_bytes`` with torch.cuda's counters patched (no GPU here)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 350)
+    peak = gpu_check.peak_bytes(lambda: calls.append("run"), torch.device("cuda"))
+    assert peak == 250 and calls == ["sync", "reset", "run", "sync"]
