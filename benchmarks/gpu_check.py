@@ -223,8 +223,11 @@ def run_section(report: Report, name: str, budget_s: float, section, *args):
                 "section": name, "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(limit=8),
             })
-        if torch.cuda.is_available():  # each section's memory back to the driver: the next
-            torch.cuda.empty_cache()  # one's peak and the tests' child see a clean device
+        try:  # each section's cached memory back to the driver, for the next one's peak
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a sticky CUDA error of the section: recorded above
+            report.data["errors"].append({"section": name, "error": f"empty_cache: {exc}"})
         print(f"[{name}] {time.perf_counter() - start:.1f} s", flush=True)
     report.write()
 
