@@ -4,6 +4,8 @@ from the memory free on the solve's device when it starts -- CUDA's through a pa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,8 +90,9 @@ def test_an_unreadable_host_memory_falls_back_to_the_former_default(tmp_path, mo
     assert _device.memory_budget("cpu") == _device.FALLBACK_BUDGET == GIB
 
 
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="no /proc/meminfo (not Linux)")
 def test_this_hosts_available_memory_is_read():
-    """Linux here: MemAvailable is there, positive and at most MemTotal."""
+    """Linux: MemAvailable is there, positive and at most MemTotal."""
     with open("/proc/meminfo") as info:
         total = next(int(line.split()[1]) for line in info if line.startswith("MemTotal:"))
     available = _device.host_available()
