@@ -78,7 +78,8 @@ class FitSettings:
     """The parameters of a fit, resolved: what the core needs of the estimator.
 
     ``output_shape`` is None or a checked pair; ``max_memory_bytes`` the solve's budget per
-    chunk of cells (None: from the device's free memory when the solve starts); ``dtype`` the solve's (float32 or float64), ``device`` a torch device.
+    chunk of cells (None: from the device's free memory when the solve starts); ``dtype``
+    the solve's (float32 or float64), ``device`` a torch device.
     """
 
     alpha: float

@@ -61,6 +61,7 @@ __all__ = [
     "eigenproblem",
 ]
 
+
 class Route:
     """One way to solve a chunk of cells; subclasses state their work and solve."""
 
