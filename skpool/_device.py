@@ -3,6 +3,10 @@
 A ``device`` parameter is stored unchanged by the estimators and resolved here when it
 is used: ``"auto"`` means CUDA when available, otherwise CPU; asking for CUDA where
 there is none is a clear :class:`ValueError`, never a silent fallback.
+
+Also decided here for every device: whether skpool takes its GPU paths there
+(:func:`takes_gpu_paths`) and the solve's memory budget from the device's free memory
+(:func:`memory_budget`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ import platform
 
 import torch
 
-__all__ = ["resolve_device", "describe_device"]
+__all__ = [
+    "resolve_device",
+    "describe_device",
+    "takes_gpu_paths",
+    "free_memory",
+    "memory_budget",
+]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -95,3 +105,78 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# --------------------------------------------------------------------------------------------
+# The paths taken on a GPU
+def takes_gpu_paths(device: torch.device) -> bool:
+    """Whether skpool takes its GPU paths for tensors on ``device``: on every device but the
+    CPU. The one place that decides (the solve's routes,
+    :func:`skpool._core.solve.routes.choose_route`, and the statistics' batching,
+    :meth:`skpool._core.scatter.ScatterStatistics.from_batch`); the tests patch it to run the
+    GPU paths on the CPU, with the same checks as the CPU paths.
+    """
+    return torch.device(device).type != "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Memory budgets
+#: ``max_memory_mb=None`` (the default) gives the solve this share of the memory free on its
+#: device, at most the cap: on CUDA half of what the device has free (the other half for
+#: the statistics, the operator and whatever else the process or a neighbour allocates
+#: meanwhile), at most 16 GiB (a chunk of 16 GiB already holds, for N = 4096, over 100 cells
+#: whose Cholesky factorisations each fill the GPU: larger chunks would only take memory
+#: from a training run sharing the GPU; not yet measured on a GPU); on the host a quarter
+#: of the available memory, at most 1 GiB (the former fixed default, so on a machine with
+#: 4 GiB or more available the CPU solve runs exactly as it was measured).
+BUDGET_SHARE = {"cuda": 0.5, "host": 0.25}
+BUDGET_CAP = {"cuda": 16 << 30, "host": 1 << 30}
+#: The budget where the free memory cannot be read (no /proc/meminfo: not Linux).
+FALLBACK_BUDGET = 1 << 30
+
+
+def free_memory(device: str | torch.device) -> int | None:
+    """Bytes that new tensors on ``device`` can take now, or None where this cannot be read.
+
+    CUDA: what the driver reports free (:func:`torch.cuda.mem_get_info`) plus what PyTorch's
+    caching allocator holds reserved but unused (free to torch, not to the driver). Any other
+    device (CPU, and the devices that share the host's memory): the host's ``MemAvailable``
+    from ``/proc/meminfo`` (Linux; None elsewhere).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":  # a real CUDA call: the tests patch these three functions
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(0, int(cached))
+    return host_available()
+
+
+def host_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """The host's available memory in bytes (``MemAvailable`` of ``meminfo``), or None."""
+    try:
+        with open(meminfo) as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    value, unit = line.split()[1:3]  # "MemAvailable:  23606620 kB"
+                    return int(value) * {"kB": 1 << 10}[unit]  # the kernel writes kB
+    except (OSError, ValueError, IndexError, KeyError):
+        pass
+    return None
+
+
+def memory_budget(device: str | torch.device, max_memory_mb: float | None = None) -> int:
+    """The solve's memory budget in bytes on ``device``.
+
+    ``max_memory_mb`` as given (MiB) when it is a number; for None, :data:`BUDGET_SHARE` of
+    :func:`free_memory` at most :data:`BUDGET_CAP` (the CUDA entries on a CUDA device, the
+    host's elsewhere), or :data:`FALLBACK_BUDGET` where the free memory cannot be read.
+    Read when the solve starts, so it sees the memory the statistics left free.
+    """
+    if max_memory_mb is not None:
+        return int(max_memory_mb * 2**20)
+    device = torch.device(device)
+    free = free_memory(device)
+    if free is None:
+        return FALLBACK_BUDGET
+    kind = "cuda" if device.type == "cuda" else "host"
+    return max(1, min(int(BUDGET_SHARE[kind] * free), BUDGET_CAP[kind]))

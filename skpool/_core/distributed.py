@@ -20,9 +20,15 @@ the counts and class sums) and
 (one all-reduce of the bracket, which each rank forms from its own statistics and the global
 means): no uncentred second moment is formed. The channel statistics are gathered and merged
 pairwise in rank order.
-Every rank must call every function here, in the same order (they are collectives). The
-tensors are reduced on their own device: use the ``gloo`` backend for CPU statistics and
-``nccl`` for CUDA ones.
+Every rank must call every function here, in the same order (they are collectives).
+
+Where the tensors are reduced (:func:`communication_device`): on their own device when the
+group has a backend for it, else copied to one it has and back. ``gloo`` takes CPU tensors
+(its CUDA support lacks ``all_gather``), ``nccl`` CUDA ones, on the current CUDA device
+(each process sets its own with :func:`torch.cuda.set_device`, as NCCL needs anyway); a
+group initialised without a backend (``cpu:gloo,cuda:nccl``) has both. So a CPU fit runs
+under NCCL and a CUDA fit under gloo, at the cost of a copy of the statistics (an N×N matrix
+and the class means) per reduction.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from .scatter import ChannelStatistics, ScatterStatistics
 
 __all__ = [
     "is_initialized",
+    "backend_devices",
+    "communication_device",
     "world_size",
     "rank",
     "all_reduce_channel_statistics",
@@ -58,6 +66,61 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+#: The device types whose tensors each backend's ``all_reduce`` and ``all_gather`` take.
+BACKEND_DEVICES = {"gloo": ("cpu",), "nccl": ("cuda",), "mpi": ("cpu",), "ucc": ("cpu", "cuda")}
+
+
+def backend_devices() -> dict[str, str]:
+    """Device type -> backend of the default group: ``{"cpu": "gloo"}`` for a gloo group,
+    ``{"cuda": "nccl"}`` for an NCCL one, both for ``"cpu:gloo,cuda:nccl"`` and for a group
+    initialised without a backend (``"undefined"``: torch's default backend per device)."""
+    name = str(dist.get_backend()).lower()
+    if ":" in name:  # "cpu:gloo,cuda:nccl"
+        return dict(part.split(":", 1) for part in name.split(","))
+    if name == "undefined":
+        return dict(dist.Backend.default_device_backend_map)
+    return {device: name for device in BACKEND_DEVICES.get(name, ("cpu",))}
+
+
+def communication_device(device: torch.device) -> torch.device:
+    """Where tensors on ``device`` are reduced: ``device`` itself when the default group has a
+    backend for its type, else the current CUDA device for a CUDA-only group (NCCL), else the
+    CPU. The one place that decides; the tests patch :func:`backend_devices` and
+    :func:`current_cuda_device` to take the NCCL branch on the CPU."""
+    backends = backend_devices()
+    if device.type in backends:
+        return device
+    if "cpu" not in backends and "cuda" in backends:
+        return current_cuda_device()
+    return torch.device("cpu")
+
+
+def current_cuda_device() -> torch.device:
+    """The CUDA device NCCL reduces on in this process (a real CUDA call)."""
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _reduced(tensor: torch.Tensor, collective) -> torch.Tensor:
+    """``collective(t)`` on ``tensor`` copied to the :func:`communication_device` (in place
+    on ``tensor`` itself where that is its own device), the result back on its device."""
+    there = communication_device(tensor.device)
+    if there == tensor.device:
+        collective(tensor)
+        return tensor
+    moved = tensor.to(there)
+    collective(moved)
+    return moved.to(tensor.device)
+
+
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on every rank), in rank order, on its device."""
+    there = communication_device(tensor.device)
+    moved = tensor.to(there).contiguous()
+    pieces = [torch.empty_like(moved) for _ in range(world_size())]
+    dist.all_gather(pieces, moved)
+    return [piece.to(tensor.device) for piece in pieces]
+
+
 def all_reduce_channel_statistics(stats: ChannelStatistics) -> ChannelStatistics:
     """Channel statistics of the union of every rank's data (the same on every rank).
 
@@ -66,10 +129,8 @@ def all_reduce_channel_statistics(stats: ChannelStatistics) -> ChannelStatistics
     """
     n_channels = stats.mean.shape[0]
     packed = torch.cat([stats.count.reshape(1), stats.mean, stats.std])
-    pieces = [torch.empty_like(packed) for _ in range(world_size())]
-    dist.all_gather(pieces, packed)
     total = None
-    for piece in pieces:
+    for piece in _all_gather(packed):
         part = ChannelStatistics(piece[0], piece[1 : 1 + n_channels], piece[1 + n_channels :])
         total = part if total is None else total.merge(part)
     return total
@@ -83,8 +144,7 @@ def all_reduce_scatter_statistics(stats: ScatterStatistics) -> ScatterStatistics
     n_classes, n_locations, n_channels = stats.means.shape
     local_counts = stats.counts
     sums = stats.means * local_counts[:, None, None]
-    totals = torch.cat([local_counts, sums.reshape(-1)])
-    dist.all_reduce(totals)
+    totals = _reduced(torch.cat([local_counts, sums.reshape(-1)]), dist.all_reduce)
     counts = totals[:n_classes]
     means = totals[n_classes:].reshape(stats.means.shape) / counts.clamp_min(1)[:, None, None]
     # The rank's within-class scatter about the global class means: S_r + w_q n_rq d d^T.
@@ -92,8 +152,7 @@ def all_reduce_scatter_statistics(stats: ScatterStatistics) -> ScatterStatistics
     delta = (stats.means - means) * gain[:, None, None]  # zero for classes the rank lacks
     columns = delta.permute(1, 0, 2).reshape(n_locations, n_classes * n_channels)
     columns = columns.to(stats.within.dtype)  # the class means may be kept in float64
-    within = stats.within + columns @ columns.T
-    dist.all_reduce(within)
+    within = _reduced(stats.within + columns @ columns.T, dist.all_reduce)
     return ScatterStatistics(counts, means, within, stats.class_weights)
 
 
@@ -113,7 +172,6 @@ def all_gather_along(tensor: torch.Tensor, dim: int, sizes: list[int]) -> torch.
     largest = max(sizes)
     padding = list(tensor.shape)
     padding[dim] = largest - tensor.shape[dim]
-    padded = torch.cat([tensor, tensor.new_zeros(padding)], dim=dim).contiguous()
-    pieces = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded)
+    padded = torch.cat([tensor, tensor.new_zeros(padding)], dim=dim)
+    pieces = _all_gather(padded)
     return torch.cat([piece.narrow(dim, 0, size) for piece, size in zip(pieces, sizes)], dim=dim)

@@ -78,7 +78,8 @@ class FitSettings:
     """The parameters of a fit, resolved: what the core needs of the estimator.
 
     ``output_shape`` is None or a checked pair; ``max_memory_bytes`` the solve's budget per
-    chunk of cells; ``dtype`` the solve's (float32 or float64), ``device`` a torch device.
+    chunk of cells (None: from the device's free memory when the solve starts); ``dtype``
+    the solve's (float32 or float64), ``device`` a torch device.
     """
 
     alpha: float
@@ -89,7 +90,7 @@ class FitSettings:
     normalize_channels: bool
     solver: str
     support_radius: float | None
-    max_memory_bytes: int
+    max_memory_bytes: int | None
     dtype: torch.dtype | None  # None: follow the data (DataSummary.float32_data)
     device: torch.device
     distributed: bool = False
@@ -107,7 +108,8 @@ class FitSettings:
             normalize_channels=bool(params["normalize_channels"]),
             solver=params["solver"],
             support_radius=params["support_radius"],
-            max_memory_bytes=int(params["max_memory_mb"] * 2**20),
+            max_memory_bytes=(None if params["max_memory_mb"] is None
+                              else int(params["max_memory_mb"] * 2**20)),
             dtype=DTYPES[params["dtype"]],
             device=resolve_device(params["device"]),
             distributed=bool(params["distributed"]),

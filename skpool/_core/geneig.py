@@ -5,7 +5,6 @@ The names below are re-exported unchanged; new code imports them from
 """
 
 from .solve import (
-    DEFAULT_MAX_MEMORY_BYTES,
     batched_cholesky,
     fill_empty_rows,
     no_class_information,
@@ -23,5 +22,4 @@ __all__ = [
     "top_generalized_eigenvectors",
     "rayleigh_ratios",
     "batched_cholesky",
-    "DEFAULT_MAX_MEMORY_BYTES",
 ]

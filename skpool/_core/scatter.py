@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _device
+
 __all__ = [
     "ChannelStatistics",
     "ScatterStatistics",
@@ -218,8 +220,8 @@ class ScatterStatistics:
         )
         roots = weights.sqrt()
         step = max(1, _CENTRING_CHUNK // max(1, n_locations * n_channels))
-        if features.device.type != "cpu":  # a GPU streams the batch at once; per-chunk
-            step = max(1, batch)  # kernel launches would cost more than they save
+        if _device.takes_gpu_paths(features.device):  # a GPU streams the batch at once:
+            step = max(1, batch)  # per-chunk kernel launches would cost more than they save
         for start in range(0, batch, step):
             codes = labels[start : start + step]
             part = features[start : start + step] - means[codes]

@@ -112,12 +112,17 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         float64 whatever the dtype. Before version 0.2 the default was ``"float64"``.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
-    max_memory_mb : float, default=1024
-        Memory budget of the work matrices of one chunk of output cells in the solve (a few
-        N×N matrices per cell, n×n with ``support_radius``; the formulas per route are in
+    max_memory_mb : float, default=None
+        Memory budget (MiB) of the work matrices of one chunk of output cells in the solve (a
+        few N×N matrices per cell, n×n with ``support_radius``; the formulas per route are in
         :func:`skpool._core.geneig.top_generalized_eigenvectors`). At least one cell is solved
         at a time. The statistics (N×N), the costs and the operator (k·M·N) come on top; the
-        peak memory of a fit does not grow with the number of samples.
+        peak memory of a fit does not grow with the number of samples. None (default): from
+        the memory free on the device when the solve starts, read again at every fit: on
+        CUDA half of what the device has free (:func:`torch.cuda.mem_get_info`, plus what
+        PyTorch's allocator holds unused), at most 16 GiB; on the CPU a quarter of the host's
+        available memory, at most 1 GiB (1 GiB where it cannot be read)
+        (:func:`skpool._device.memory_budget`). Before version 0.2 the default was 1024.
     support_radius : float, default=None
         Truncated support, in input pixels: row m only weighs the input locations within this
         distance of its cell's centre (exactly zero elsewhere), so each cell solves an n×n
@@ -130,8 +135,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         group, each passing its own shard to ``fit`` or ``fit_batches`` (same parameters
         everywhere): the statistics are reduced exactly, the output cells split between the
         ranks and the rows gathered, so every rank ends with the operator of a single fit on
-        all the data; an error on one rank is raised on all. ``gloo`` for CPU, ``nccl`` for
-        CUDA.
+        all the data; an error on one rank is raised on all. Any backend: ``gloo`` reduces
+        CPU tensors, ``nccl`` CUDA ones, and statistics on a device the group's backend lacks
+        are copied to one it has for each reduction (:mod:`skpool._core.distributed`).
     verbose : int, default=0
         0 is silent; above 0 ``fit`` and ``fit_batches`` show progress bars (tqdm, on stderr)
         over the batches of each pass and over the output cells of the solve (with
@@ -211,7 +217,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "device": [str, torch.device],
         "dtype": [StrOptions(set(_CHOICES["dtype"]))],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
+        "max_memory_mb": [Interval(Real, 0, None, closed="neither"), None],
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
         "distributed": ["boolean"],
         "verbose": ["verbose"],

@@ -135,8 +135,10 @@ SEPARABILITY_POOLING = {
                     "float32 for float32 files (default: %(default)s)",
                     flag="--precision", dest="precision"),
     "batch_size": _BATCH_SIZE,
-    "max_memory_mb": Option("memory budget of the solve's work matrices (default: "
-                            "%(default)s)", type=positive_float, metavar="MB"),
+    "max_memory_mb": Option("memory budget of the solve's work matrices in MiB (default: "
+                            "from the device's free memory: half of a GPU's, at most 16 GiB; "
+                            "a quarter of the host's, at most 1 GiB)",
+                            type=positive_float, metavar="MB"),
     "support_radius": Option("solve each output cell over the input locations within R pixels "
                              "of its centre only (faster on large grids; default: exact)",
                              type=positive_float, metavar="R"),

@@ -20,7 +20,6 @@ from .ratios import (
     rayleigh_ratios,
     rows_without_class_information,
 )
-from .routes import DEFAULT_MAX_MEMORY_BYTES
 
 __all__ = [
     "top_generalized_eigenvectors",
@@ -30,5 +29,4 @@ __all__ = [
     "fill_empty_rows",
     "top_eigenpairs",
     "batched_cholesky",
-    "DEFAULT_MAX_MEMORY_BYTES",
 ]

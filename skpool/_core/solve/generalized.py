@@ -24,9 +24,10 @@ from typing import Literal
 
 import torch
 
+from ..._device import memory_budget
 from .problem import prepare, times_power_of_two
 from .ratios import rayleigh_ratios
-from .routes import DEFAULT_MAX_MEMORY_BYTES, choose_route
+from .routes import choose_route
 
 __all__ = ["top_generalized_eigenvectors"]
 
@@ -42,7 +43,7 @@ def top_generalized_eigenvectors(
     method: Literal["auto", "low_rank", "full"] = "auto",
     ridge: float | None = None,
     support_radius: float | None = None,
-    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
+    max_memory_bytes: int | None = None,
     progress=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Top-k generalised eigenvectors of :math:`(A, B + \alpha C_m)` for every cell m.
@@ -74,10 +75,12 @@ def top_generalized_eigenvectors(
         Truncated support (:mod:`skpool._core.solve.problem`): row m only weighs the locations
         n with ``costs[m, n] <= support_radius**2``; zero elsewhere. None (default) solves
         exactly. Every cell needs at least k locations in its support.
-    max_memory_bytes : int, default=1 GiB
+    max_memory_bytes : int, optional
         Budget for the per-cell work matrices of one chunk of cells; each route states its
         memory per cell (:mod:`skpool._core.solve.routes`). At least one cell is solved at a
-        time.
+        time. Default: from the memory free on the device of ``within`` now
+        (:func:`skpool._device.memory_budget`: half of a CUDA device's, at most 16 GiB; a
+        quarter of the host's, at most 1 GiB).
     progress : object with an ``update(n)`` method, optional
         E.g. a ``tqdm`` bar: ``update`` is called after each chunk with the number of output
         cells it finished (M in all).
@@ -94,6 +97,8 @@ def top_generalized_eigenvectors(
     _check_arguments(between_factor, within, costs, alpha, n_components, norm, method)
     problem = prepare(between_factor, within, costs, alpha, n_components, support_radius)
     route = choose_route(problem, method, n_components)
+    if max_memory_bytes is None:
+        max_memory_bytes = memory_budget(within.device)
     cells = route.cells_per_chunk(problem, n_components, max_memory_bytes)
     workspace = route.workspace(problem, cells)
     rows, ratios = [], []

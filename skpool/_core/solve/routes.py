@@ -29,6 +29,7 @@ path is one new :class:`Route` and one entry in :data:`ROUTES`.
 
 Memory budget
     Cells are solved in chunks of :meth:`Route.cells_per_chunk` cells: ``max_memory_bytes``
+    (by default from the device's free memory, :func:`skpool._device.memory_budget`)
     divided by :meth:`Route.bytes_per_cell`, the bound on the work matrices of one cell that
     each route states (its docstring gives the formula), at least 1. The output (k, M, N),
     the costs (M, N), the statistics (N×N, N×r) and the float64 copy of B that the ratios of
@@ -45,6 +46,7 @@ from functools import partial
 
 import torch
 
+from ... import _device
 from .eigen import SUBSPACE_GUARD, top_eigenpairs
 from .cholesky import FusedWorkspace, back_substitute, batched_cholesky, fused_cholesky
 from .problem import LocalProblems, Problem, factor_with_ridge
@@ -57,11 +59,7 @@ __all__ = [
     "ROUTES",
     "choose_route",
     "eigenproblem",
-    "DEFAULT_MAX_MEMORY_BYTES",
 ]
-
-#: Default budget for the per-cell work matrices of one chunk of the solve (1 GiB).
-DEFAULT_MAX_MEMORY_BYTES = 1 << 30
 
 
 class Route:
@@ -255,6 +253,8 @@ def eigenproblem(method: str, size: int, rank: int, k: int) -> str:
 
 
 def choose_route(problem: Problem, method: str, k: int) -> Route:
-    """The route (:data:`ROUTES`) for ``problem`` on its device, with ``method``."""
-    kind = "cpu" if problem.within.device.type == "cpu" else "gpu"
+    """The route (:data:`ROUTES`) for ``problem`` on its device, with ``method``: a GPU's
+    where :func:`skpool._device.takes_gpu_paths` says so (every device but the CPU; the tests
+    patch it to run the GPU routes on the CPU)."""
+    kind = "gpu" if _device.takes_gpu_paths(problem.within.device) else "cpu"
     return ROUTES[kind, eigenproblem(method, problem.size, problem.rank, k)]
