@@ -136,6 +136,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         0 is silent; above 0 ``fit`` and ``fit_batches`` show progress bars (tqdm, on stderr)
         over the batches of each pass and over the output cells of the solve (with
         ``distributed``, on rank 0 only).
+    flatten : bool, default=False
+        ``transform`` returns one row per sample, ``(n, H'·W'·k·C)`` whatever the input's
+        layout, the columns in the order of :meth:`get_feature_names_out` (cell, then
+        component, then channel), so that a classifier can follow in a pipeline. False keeps
+        the input's layout: ``(n, H', W', k·C)`` maps for 4-D input.
 
     Attributes
     ----------
@@ -215,6 +220,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
         "distributed": ["boolean"],
         "verbose": ["verbose"],
+        "flatten": ["boolean"],
     }
 
     def __init__(
@@ -235,6 +241,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         support_radius=_DEFAULTS.support_radius,
         distributed=_DEFAULTS.distributed,
         verbose=_DEFAULTS.verbose,
+        flatten=_DEFAULTS.flatten,
     ):
         self.alpha = alpha
         self.stride = stride
@@ -251,6 +258,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.support_radius = support_radius
         self.distributed = distributed
         self.verbose = verbose
+        self.flatten = flatten
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -329,7 +337,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n, H', W', k*C) for 4-D input, (n, M, k*C) for 3-D input and
-        (n, M*k*C) for 2-D input
+        (n, M*k*C) for 2-D input or with ``flatten=True``
             Channels component-major (``j*C + c``); float32 for float32 input, float64
             otherwise.
         """
@@ -337,10 +345,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_params(self, ("batch_size", "device", "grid_shape"), "transform")
         device = resolve_device(self.device)
         stacks = check_fitted_grid(self, X)
-        if stacks.layout != "2d" and _get_output_config("transform", self)["dense"] != "default":
+        flat = self.flatten or stacks.layout == "2d"
+        if not flat and _get_output_config("transform", self)["dense"] != "default":
             raise ValueError(
-                "set_output(transform='pandas'/'polars') needs 2-D output: pass 2-D input "
-                f"(n, F) (with grid_shape for several channels), not {stacks.layout} input."
+                "set_output(transform='pandas'/'polars') needs 2-D output: pass "
+                f"flatten=True, or 2-D input (n, F), not {stacks.layout} input."
             )
         n_components, n_out, _ = self.operator_.shape
         width = n_components * stacks.n_channels
@@ -348,10 +357,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         arrays = (self.operator_, self.channel_mean_, self.channel_scale_)
         tensors = [torch.as_tensor(a, device=device, dtype=stacks.dtype) for a in arrays]
         pool_into(out, device_batches(stacks, device, self.batch_size), *tensors)
+        if flat:
+            return out.reshape(stacks.n_samples, n_out * width)
         if stacks.layout == "4d":
             return out.reshape(stacks.n_samples, *self.output_shape_, width)
-        if stacks.layout == "2d":
-            return out.reshape(stacks.n_samples, n_out * width)
         return out
 
     def separability_ratios(self, X, y):
@@ -402,8 +411,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features=None):
         """Names of the 2-D output columns: ``separabilitypooling_m{m}_j{j}_c{c}``.
 
-        m is the output cell (row-major over H'×W'), j the component and c the input channel,
-        in the order of the columns of ``transform`` on 2-D input.
+        m is the output cell (row-major over H'×W': cell (u, v) is m = u·W' + v), j the
+        component and c the input channel, in the order of the columns of ``transform`` with
+        ``flatten=True`` or on 2-D input.
 
         Parameters
         ----------
