@@ -99,6 +99,11 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     others, so that one direction dominates G) are solved in float64. Output dtype follows the
     input: float32 for float32, float64 otherwise.
 
+    4-D maps are channels last, ``(n, H, W, C)``; the torch layers take channels first. A
+    fitted instance refuses channels-first maps ``(n, C, H, W)`` with a hint when W differs
+    from the fitted C; where W = C they have the fitted shape and no check can see the mistake
+    (any grid is accepted).
+
     References
     ----------
     N. Murray and F. Perronnin, "Generalized Max Pooling", CVPR 2014.

@@ -188,6 +188,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     dtype or solver (:mod:`skpool._core.geneig`). A small A is not such a case: class means
     1e-7 of the spread apart are solved as usual.
 
+    4-D maps are channels last, ``(n, H, W, C)``; the torch layers take channels first. A
+    channels-first array is refused with a hint when its shape differs from the fitted one;
+    where H = W = C both layouts have the same shape and no check can tell them apart.
+
     References
     ----------
     V. Birodkar, H. Mobahi, D. Krishnan, S. Bengio, "A Closed-Form Learned Pooling for Deep

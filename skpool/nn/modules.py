@@ -215,7 +215,10 @@ class SeparabilityPool2d(nn.Module):
             grid raise ValueError. With None, any grid with :math:`H W = N` is accepted.
 
     Shape:
-        - Input: :math:`(B, C, H, W)` with :math:`H W = N`.
+        - Input: :math:`(B, C, H, W)` with :math:`H W = N`, channels first (the estimators
+          take channels last: ``x.permute(0, 3, 1, 2)`` converts their maps). A shape error
+          says so; where :math:`H = W = C` a channels-last map has the same shape and no check
+          can see the mistake.
         - Output: :math:`(B, k C, H', W')`, in the input's dtype.
 
     Examples::
