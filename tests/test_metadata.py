@@ -84,3 +84,35 @@ def test_the_wheel_ships_the_licence_and_py_typed(tmp_path):
         next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: BSD-3-Clause" in metadata
     assert "Requires-Python: >=3.11" in metadata
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split("."))
+
+
+def test_the_documented_torch_and_torchvision_pins_are_consistent(pyproject):
+    """README's install advice (issue 29): the CPU-index step pins the torch of the two
+    commands, so they keep it; each torch + torchvision pair is one torchvision was built for
+    (torchvision 0.(m+15) goes with torch 2.m); every pinned torch satisfies the package's
+    torch requirement; and no requirement of the package names torchvision (no extra could
+    keep it from bringing a CUDA torch into a CPU setup)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command_pin = re.search(r"pip install torch==([\d.]+) && pip install \. &&", readme).group(1)
+    cpu_step = re.search(r"`pip install torch==([\d.]+) --index-url "
+                         r"https://download\.pytorch\.org/whl/cpu`", readme)
+    assert cpu_step and cpu_step.group(1) == command_pin
+    pairs = re.findall(r"`pip install torch==([\d.]+) torchvision==([\d.]+)[^`]*`", readme)
+    assert len(pairs) >= 3, pairs
+    for torch_pin, vision_pin in pairs:
+        (t_major, t_minor, _), (v_major, v_minor, _) = _version(torch_pin), _version(vision_pin)
+        assert (t_major, v_major, v_minor) == (2, 0, t_minor + 15), (torch_pin, vision_pin)
+    assert command_pin in {torch_pin for torch_pin, _ in pairs}  # the CPU row
+    torch_floor = next(req for req in pyproject["project"]["dependencies"]
+                       if req.startswith("torch"))
+    floor_version = _version(re.fullmatch(r"torch>=([\d.]+)", torch_floor).group(1))
+    for pin in [command_pin, *(torch_pin for torch_pin, _ in pairs)]:
+        assert _version(pin) >= floor_version, pin
+    requirements = [*pyproject["project"]["dependencies"],
+                    *sum(pyproject["project"]["optional-dependencies"].values(), [])]
+    assert not [req for req in requirements if req.lower().startswith("torchvision")]
+    assert "vision" not in pyproject["project"]["optional-dependencies"]
