@@ -1,4 +1,5 @@
 """The papers' tables re-measured in miniature on SVHN-like digits (nothing is downloaded).
+========================================================================================
 
 Birodkar et al., *A Closed-Form Learned Pooling for Deep Classification Networks* (2019), and
 Christlein et al., *Deep Generalized Max Pooling* (ICDAR 2019), re-run with skpool's models on

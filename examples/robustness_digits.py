@@ -1,4 +1,5 @@
 """Robustness of pooling choices on SVHN-like digits: corruption error and flip rate.
+==================================================================================
 
 A miniature of Birodkar et al. (2019) Tables 2–3 with the metrics of Hendrycks & Dietterich
 (2019), on :func:`skpool.datasets.make_svhn_like` (32×32 crops made from scikit-learn's digits;

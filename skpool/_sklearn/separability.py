@@ -165,7 +165,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Features per sample seen in ``fit`` (F for 2-D input, N·C otherwise).
     n_channels_in_ : int
         Channels C per location seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of the columns of a 2-D DataFrame seen in ``fit``.
     fitted_operator_ : FittedOperator
         The operator, grids, channel statistics, eigenvalues, classes and parameters as one
