@@ -105,11 +105,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     dtype : {"auto", "float64", "float32"}, default="auto"
         Precision of the within-class scatter and of the solve. ``"auto"`` follows the data,
         as scikit-learn's dtype-preserving transformers do: float32 when the samples are
-        float32 (or narrower), float64 otherwise. float32 is faster (measured on a 2-core
-        AVX2 AMD EPYC, 32×32 grid, C = 32: ``benchmarks/bench_separability.py``; about 2×
-        on CPU, much more on most GPUs) and its rows agree with float64's to about 4e-4 rad
-        on such data. The channel statistics, the normalisation and the class means are
-        float64 whatever the dtype. Before version 0.2 the default was ``"float64"``.
+        float32 (or narrower), float64 otherwise. float32 is faster and its rows agree closely
+        with float64's (both measured in ``benchmarks/README.md``). The channel
+        statistics, the normalisation and the class means are float64 whatever the dtype.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=1024
@@ -121,10 +119,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     support_radius : float, default=None
         Truncated support, in input pixels: row m only weighs the input locations within this
         distance of its cell's centre (exactly zero elsewhere), so each cell solves an n×n
-        problem (n ≈ π·radius² ≪ N): a 64×64 grid in seconds instead of minutes on a CPU.
-        The rows stay close to the exact ones where ``alpha`` is large (16×16 grid,
-        ``alpha=1000``, radius 6: within 0.06 rad), not where it is small
-        (``benchmarks/bench_large_grid.py``). None (default) solves exactly.
+        problem (n ≈ π·radius² ≪ N) instead of an N×N one. The rows are close to the exact
+        ones only where ``alpha`` is large, which concentrates them near their centres (speed
+        and angles measured in ``benchmarks/README.md``). None (default) solves exactly.
     distributed : bool, default=False
         Fit with every process of the initialised default :mod:`torch.distributed` process
         group, each passing its own shard to ``fit`` or ``fit_batches`` (same parameters

@@ -318,8 +318,7 @@ class DGMPClassifier(LamLearningRate, PoolingCNNClassifier):
     module__lam_scale : {"relative", "absolute"}, default="relative"
         "relative": λ in units of each sample's mean squared descriptor norm trace(ΦᵀΦ)/N
         (scale-free); "absolute": the papers' λ (Christlein et al.: λ₀ ∈ {1, 1e3, 1e5}).
-        Measured on digits (``benchmarks/gmp_lam_scale_digits.py``): relative 1 learns
-        faster than the old absolute 1e3 on a 4×4 head grid (5 epochs: 0.854 vs 0.776).
+        How the two compare on digits: ``benchmarks/README.md``.
     lam_lr_factor : float, default=1.0
         The learning rate of the learnable λ = exp(θ) (the parameters named ``*log_lam``) is
         ``lr * lam_lr_factor``, the other parameters' ``lr``: an extra group in skorch's
