@@ -1,4 +1,5 @@
 """The main demo: skpool's two pooling operators on scikit-learn's embedded digits data.
+=====================================================================================
 
 1. Generalized max pooling (Murray & Perronnin 2014) of local descriptor maps in a
    pipeline, against average and max pooling.

@@ -1,4 +1,5 @@
 """Generalized max pooling in a scikit-learn pipeline on the digits data.
+======================================================================
 
 Each 8x8 digit becomes a feature map of local descriptors (the 3x3 patch around every pixel,
 passed through a fixed random projection and a ReLU, like the first layer of a CNN); the map is

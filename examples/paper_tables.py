@@ -1,4 +1,5 @@
 """The papers' tables re-measured in miniature on SVHN-like digits (nothing is downloaded).
+========================================================================================
 
 Birodkar et al., *A Closed-Form Learned Pooling for Deep Classification Networks* (2019), and
 Christlein et al., *Deep Generalized Max Pooling* (ICDAR 2019), re-run with skpool's models on
@@ -388,10 +389,10 @@ def _robustness_tables(cells) -> str:
                                base["robustness"]["flip_probability"], flip_rate))
         per_name[arch] = {("CE", name): [r[name] for r in ces] for name in CORRUPTIONS}
         per_name[arch].update({("FR", name): [r[name] for r in frs] for name in PERTURBATIONS})
-        better = [sum(r.get(p) is not None and r[p] < 1 for p in GEOMETRIC_PERTURBATIONS)
+        better = [sum(r.get(p) is not None and r[p] < 100 for p in GEOMETRIC_PERTURBATIONS)
                   for r in frs]
         means = [
-            mean_std([_group_mean(r, names) for r in ratios], 100, 1)
+            mean_std([_group_mean(r, names) for r in ratios], 1, 1)  # CE, FR: percent
             for ratios, names in ((ces, GEOMETRIC_CORRUPTIONS), (ces, NON_GEOMETRIC_CORRUPTIONS),
                                   (frs, GEOMETRIC_PERTURBATIONS),
                                   (frs, NON_GEOMETRIC_PERTURBATIONS))
@@ -410,7 +411,7 @@ def _robustness_tables(cells) -> str:
     geometric = set(GEOMETRIC_CORRUPTIONS) | set(GEOMETRIC_PERTURBATIONS)
     for kind, names in (("CE", CORRUPTIONS), ("FR", PERTURBATIONS)):
         for name in names:
-            row = [mean_std(per_name[arch][kind, name], 100, 1) for arch in ARCHITECTURES]
+            row = [mean_std(per_name[arch][kind, name], 1, 1) for arch in ARCHITECTURES]
             lines.append(f"| {kind} {name} | {'yes' if name in geometric else 'no'} "
                          f"| {' | '.join(row)} |")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Pictures of the learned pooling operators, saved as PNGs (about 5 s on a laptop CPU).
+=====================================================================================
 
 - ``operator.png``: the separability pooling operator learned on the digits (8x8 pixels, 10
   classes), drawn at every cell of its 4x4 output grid (Birodkar et al. 2019, Figure 1a): where

@@ -1,4 +1,5 @@
 """Robustness of pooling choices on SVHN-like digits: corruption error and flip rate.
+==================================================================================
 
 A miniature of Birodkar et al. (2019) Tables 2–3 with the metrics of Hendrycks & Dietterich
 (2019), on :func:`skpool.datasets.make_svhn_like` (32×32 crops made from scikit-learn's digits;
@@ -123,7 +124,7 @@ def mean_std(values, scale=1.0) -> str:
 
 def group_mean(per_name: dict, names) -> float | None:
     values = [per_name[n] for n in names if per_name.get(n) is not None]
-    return 100.0 * float(np.mean(values)) if values else None
+    return float(np.mean(values)) if values else None  # CE and FR are in percent
 
 
 def report(runs: list[dict], models: list[str]) -> None:
@@ -142,7 +143,8 @@ def report(runs: list[dict], models: list[str]) -> None:
 
 
 def table(runs, models, what, labels, value, groups) -> None:
-    """Rows: each name's value per model (%) and ratio per compared model; then group means."""
+    """Rows: each name's value per model (%) and CE or FR (%) per compared model; then group
+    means."""
     value_label, ratio_label, mean_label = labels
     compared = models[1:]
     header = [f"{value_label} {m}" for m in models] + [f"{ratio_label} {m}" for m in compared]

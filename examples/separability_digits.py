@@ -1,4 +1,5 @@
 """Separability pooling (Birodkar et al. 2019) in a scikit-learn pipeline on the digits data.
+==========================================================================================
 
 Each raw 8x8 digit is a 1-channel feature map. Both pipelines pool it with stride 2 to a 4x4
 map (16 values) and classify that with the same scaled logistic regression; they differ only in

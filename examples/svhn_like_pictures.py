@@ -1,4 +1,5 @@
 """Pictures of the SVHN-like data set and of the corruptions, saved as small PNGs (a few seconds).
+===============================================================================================
 
 - ``svhn_like.png``: training images of :func:`skpool.datasets.make_svhn_like`, grey and in
   colour, each titled with its label (the centre digit); the partial digits at the edges are

@@ -1,4 +1,5 @@
 """Birodkar et al.'s Table 1 protocol, and Deep GMP vs. average/max global pooling, on digits.
+===========================================================================================
 
 A miniature of the papers' experiments on scikit-learn's 8x8 digits with a reduced training
 set (as the separability paper's "reduced SVHN", where the learned pooling helped most): the

@@ -56,6 +56,7 @@ SEPARABILITY_POOLING = _defaults(
     support_radius=None,
     distributed=False,
     verbose=0,
+    flatten=False,
 )
 #: Its string parameters' values, the default first (the order ``--help`` lists them in).
 SEPARABILITY_POOLING_CHOICES = MappingProxyType(

@@ -5,7 +5,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
 
-ESTIMATORS = [GeneralizedMaxPooling(device="cpu"), SeparabilityPooling(device="cpu")]
+ESTIMATORS = [
+    GeneralizedMaxPooling(device="cpu"),
+    SeparabilityPooling(device="cpu"),
+    SeparabilityPooling(flatten=True, device="cpu"),
+]
 
 #: Checks expected to fail, per estimator, each with the reason.
 EXPECTED_FAILED_CHECKS = {}

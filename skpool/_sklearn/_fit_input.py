@@ -16,7 +16,7 @@ from sklearn.utils.validation import column_or_1d
 
 from .._core import distributed as dist
 from ._batches import split_batch
-from ._validation import FeatureStacks, check_stacks
+from ._validation import FeatureStacks, check_stacks, layout_hint
 
 __all__ = [
     "check_labels",
@@ -104,6 +104,7 @@ def check_fitted_grid(estimator, X) -> FeatureStacks:
             f"X has a {stacks.grid_shape[0]}x{stacks.grid_shape[1]} grid "
             f"({stacks.n_locations} locations), but {type(estimator).__name__} was fitted on "
             f"a {fitted[0]}x{fitted[1]} grid; the operator only applies to that grid."
+            + layout_hint(stacks)
         )
     return stacks
 

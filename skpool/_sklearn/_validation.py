@@ -149,8 +149,21 @@ def check_stacks(
             raise ValueError(
                 f"X has {stacks.n_channels} channels per location, but "
                 f"{type(estimator).__name__} was fitted with {expected} channels."
+                + layout_hint(stacks)
             )
     return stacks
+
+
+def layout_hint(stacks: FeatureStacks) -> str:
+    """A sentence for shape errors on 4-D input: the estimators take channels last, the torch
+    layers channels first (the commonest way to get a wrong shape)."""
+    if stacks.layout != "4d":
+        return ""
+    return (
+        " The estimators take channels-last maps (n, H, W, C); channels-first maps "
+        "(n, C, H, W), as the torch layers take, need X.transpose(0, 2, 3, 1) "
+        "(torch: X.permute(0, 2, 3, 1))."
+    )
 
 
 def check_params(estimator, names, method: str) -> None:

@@ -52,18 +52,14 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         (``"absolute"``). ``lam`` well below the mean squared norm (1e-3 to 1e-1 of it)
         equalises the similarities closely (the "max-pooling-like" regime of the paper),
         well above it (1e2 and beyond) makes the result point like sum pooling. Murray &
-        Perronnin tune it by cross-validation over powers of ten; do the same (on the
-        descriptors of ``benchmarks/gmp_lam_scale_digits.py``, random 3x3 filters + ReLU on
-        digits, 3-fold accuracy of a logistic regression rises from 0.56 at relative 1e-3 to
-        0.82 at 1 and 0.88 at 10).
+        Perronnin tune it by cross-validation over powers of ten; do the same (an example on
+        digits is measured in ``benchmarks/README.md``).
     lam_scale : {"relative", "absolute"}, default="relative"
         ``"relative"``: the ridge of each sample is ``lam`` times its mean squared descriptor
         norm, so the pooled direction does not change when the descriptors are scaled
         (:math:`\Phi \to s\Phi`), and one ``lam`` suits samples of any magnitude.
         ``"absolute"``: the ridge is ``lam`` itself, the papers' convention (their tables).
-        The two agree for l2-normalised descriptors. Before this parameter existed the ridge
-        was absolute: ``lam_scale="absolute"`` gives that behaviour (and estimators pickled
-        then load with it).
+        The two agree for l2-normalised descriptors.
     normalize : bool, default=True
         l2-normalise each pooled vector (a zero vector, e.g. from all-zero ReLU maps, stays
         zero).
@@ -85,7 +81,7 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         list of stacks.
     n_channels_in_ : int
         Channels C per location seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of the columns of a 2-D DataFrame seen in ``fit``.
 
     Notes
@@ -98,6 +94,11 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     rank-deficient Gram matrix at small ``lam``, or one location or channel far above the
     others, so that one direction dominates G) are solved in float64. Output dtype follows the
     input: float32 for float32, float64 otherwise.
+
+    4-D maps are channels last, ``(n, H, W, C)``; the torch layers take channels first. A
+    fitted instance refuses channels-first maps ``(n, C, H, W)`` with a hint when W differs
+    from the fitted C; where W = C they have the fitted shape and no check can see the mistake
+    (any grid is accepted).
 
     References
     ----------

@@ -105,11 +105,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     dtype : {"auto", "float64", "float32"}, default="auto"
         Precision of the within-class scatter and of the solve. ``"auto"`` follows the data,
         as scikit-learn's dtype-preserving transformers do: float32 when the samples are
-        float32 (or narrower), float64 otherwise. float32 is faster (measured on a 2-core
-        AVX2 AMD EPYC, 32×32 grid, C = 32: ``benchmarks/bench_separability.py``; about 2×
-        on CPU, much more on most GPUs) and its rows agree with float64's to about 4e-4 rad
-        on such data. The channel statistics, the normalisation and the class means are
-        float64 whatever the dtype. Before version 0.2 the default was ``"float64"``.
+        float32 (or narrower), float64 otherwise. float32 is faster and its rows agree closely
+        with float64's (both measured in ``benchmarks/README.md``). The channel
+        statistics, the normalisation and the class means are float64 whatever the dtype.
     batch_size : int, default=256
         Samples per batch on the device when accumulating statistics and transforming.
     max_memory_mb : float, default=None
@@ -126,10 +124,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     support_radius : float, default=None
         Truncated support, in input pixels: row m only weighs the input locations within this
         distance of its cell's centre (exactly zero elsewhere), so each cell solves an n×n
-        problem (n ≈ π·radius² ≪ N): a 64×64 grid in seconds instead of minutes on a CPU.
-        The rows stay close to the exact ones where ``alpha`` is large (16×16 grid,
-        ``alpha=1000``, radius 6: within 0.06 rad), not where it is small
-        (``benchmarks/bench_large_grid.py``). None (default) solves exactly.
+        problem (n ≈ π·radius² ≪ N) instead of an N×N one. The rows are close to the exact
+        ones only where ``alpha`` is large, which concentrates them near their centres (speed
+        and angles measured in ``benchmarks/README.md``). None (default) solves exactly.
     distributed : bool, default=False
         Fit with every process of the initialised default :mod:`torch.distributed` process
         group, each passing its own shard to ``fit`` or ``fit_batches`` (same parameters
@@ -142,6 +139,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         0 is silent; above 0 ``fit`` and ``fit_batches`` show progress bars (tqdm, on stderr)
         over the batches of each pass and over the output cells of the solve (with
         ``distributed``, on rank 0 only).
+    flatten : bool, default=False
+        ``transform`` returns one row per sample, ``(n, H'·W'·k·C)`` whatever the input's
+        layout, the columns in the order of :meth:`get_feature_names_out` (cell, then
+        component, then channel), so that a classifier can follow in a pipeline. False keeps
+        the input's layout: ``(n, H', W', k·C)`` maps for 4-D input.
 
     Attributes
     ----------
@@ -166,7 +168,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Features per sample seen in ``fit`` (F for 2-D input, N·C otherwise).
     n_channels_in_ : int
         Channels C per location seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of the columns of a 2-D DataFrame seen in ``fit``.
     fitted_operator_ : FittedOperator
         The operator, grids, channel statistics, eigenvalues, classes and parameters as one
@@ -188,6 +190,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     replaced by its cell's average-pooling row, with ratio 0, whatever the batches, order,
     dtype or solver (:mod:`skpool._core.geneig`). A small A is not such a case: class means
     1e-7 of the spread apart are solved as usual.
+
+    4-D maps are channels last, ``(n, H, W, C)``; the torch layers take channels first. A
+    channels-first array is refused with a hint when its shape differs from the fitted one;
+    where H = W = C both layouts have the same shape and no check can tell them apart.
 
     References
     ----------
@@ -221,6 +227,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         "support_radius": [Interval(Real, 0, None, closed="neither"), None],
         "distributed": ["boolean"],
         "verbose": ["verbose"],
+        "flatten": ["boolean"],
     }
 
     def __init__(
@@ -241,6 +248,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         support_radius=_DEFAULTS.support_radius,
         distributed=_DEFAULTS.distributed,
         verbose=_DEFAULTS.verbose,
+        flatten=_DEFAULTS.flatten,
     ):
         self.alpha = alpha
         self.stride = stride
@@ -257,6 +265,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.support_radius = support_radius
         self.distributed = distributed
         self.verbose = verbose
+        self.flatten = flatten
 
     @atomic_fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -335,7 +344,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n, H', W', k*C) for 4-D input, (n, M, k*C) for 3-D input and
-        (n, M*k*C) for 2-D input
+        (n, M*k*C) for 2-D input or with ``flatten=True``
             Channels component-major (``j*C + c``); float32 for float32 input, float64
             otherwise.
         """
@@ -343,10 +352,11 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         check_params(self, ("batch_size", "device", "grid_shape"), "transform")
         device = resolve_device(self.device)
         stacks = check_fitted_grid(self, X)
-        if stacks.layout != "2d" and _get_output_config("transform", self)["dense"] != "default":
+        flat = self.flatten or stacks.layout == "2d"
+        if not flat and _get_output_config("transform", self)["dense"] != "default":
             raise ValueError(
-                "set_output(transform='pandas'/'polars') needs 2-D output: pass 2-D input "
-                f"(n, F) (with grid_shape for several channels), not {stacks.layout} input."
+                "set_output(transform='pandas'/'polars') needs 2-D output: pass "
+                f"flatten=True, or 2-D input (n, F), not {stacks.layout} input."
             )
         n_components, n_out, _ = self.operator_.shape
         width = n_components * stacks.n_channels
@@ -354,10 +364,10 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         arrays = (self.operator_, self.channel_mean_, self.channel_scale_)
         tensors = [torch.as_tensor(a, device=device, dtype=stacks.dtype) for a in arrays]
         pool_into(out, device_batches(stacks, device, self.batch_size), *tensors)
+        if flat:
+            return out.reshape(stacks.n_samples, n_out * width)
         if stacks.layout == "4d":
             return out.reshape(stacks.n_samples, *self.output_shape_, width)
-        if stacks.layout == "2d":
-            return out.reshape(stacks.n_samples, n_out * width)
         return out
 
     def separability_ratios(self, X, y):
@@ -408,8 +418,9 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features=None):
         """Names of the 2-D output columns: ``separabilitypooling_m{m}_j{j}_c{c}``.
 
-        m is the output cell (row-major over H'×W'), j the component and c the input channel,
-        in the order of the columns of ``transform`` on 2-D input.
+        m is the output cell (row-major over H'×W': cell (u, v) is m = u·W' + v), j the
+        component and c the input channel, in the order of the columns of ``transform`` with
+        ``flatten=True`` or on 2-D input.
 
         Parameters
         ----------

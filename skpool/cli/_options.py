@@ -145,6 +145,8 @@ SEPARABILITY_POOLING = {
     "distributed": NotAnOption("the command line runs one process"),
     "verbose": NotAnOption("progress bars follow -q/--quiet: shown on a terminal unless -q, "
                            "like gmp's and transform's"),
+    "flatten": Option("transform writes (n, H'*W'*K*C) rows, one per sample, for a "
+                      "classifier (default: (n, H', W', K*C) maps)"),
 }
 
 GENERALIZED_MAX_POOLING = {

@@ -4,13 +4,16 @@ D. Hendrycks and T. Dietterich, *Benchmarking Neural Network Robustness to Commo
 and Perturbations*, ICLR 2019 (CIFAR-10-C and CIFAR-10-P); Birodkar et al. (2019, Tables 2–3)
 report them for separability pooling against a strided baseline.
 
+Every relative metric is in percent, as Hendrycks & Dietterich report CE, mCE, FR and mFR:
+100 means "as the baseline", below 100 more robust. The flip probability is a fraction.
+
 - **Corruption error** of a classifier f on corruption c, relative to a baseline classifier:
 
-  .. math:: \mathrm{CE}_c = \sum_{s=1}^{5} E_{s,c}(f) \Big/ \sum_{s=1}^{5} E_{s,c}(\text{baseline}),
+  .. math:: \mathrm{CE}_c = 100 \sum_{s=1}^{5} E_{s,c}(f) \Big/ \sum_{s=1}^{5} E_{s,c}(\text{baseline}),
 
   with :math:`E_{s,c}` the top-1 error on the test set corrupted by c at severity s;
   the **mean corruption error** mCE is the mean of :math:`\mathrm{CE}_c` over the
-  corruptions, in percent (×100). Below 100 means more robust than the baseline.
+  corruptions, also in percent.
 - **Flip probability** over m sequences of n frames :math:`x^{(i)}_1..x^{(i)}_n`:
 
   .. math:: \mathrm{FP} = \frac{1}{m(n-1)} \sum_{i=1}^m \sum_{j=2}^n
@@ -18,8 +21,8 @@ report them for separability pooling against a strided baseline.
 
   and for noise sequences, whose frames are not ordered in time,
   :math:`\mathbb{1}[f(x^{(i)}_j) \ne f(x^{(i)}_1)]` (the first frame is the clean image).
-  The **flip rate** is :math:`\mathrm{FR} = \mathrm{FP}(f) / \mathrm{FP}(\text{baseline})`,
-  and mFR the mean flip rate over perturbations, in percent (×100).
+  The **flip rate** is :math:`\mathrm{FR} = 100\, \mathrm{FP}(f) / \mathrm{FP}(\text{baseline})`
+  in percent, and mFR the mean flip rate over perturbations, also in percent.
 
 :func:`evaluate_corruptions` and :func:`evaluate_perturbations` measure the errors and flip
 probabilities of any object with a ``predict`` method that takes images (n, C, H, W) — the
@@ -54,7 +57,7 @@ __all__ = [
 
 
 def corruption_error(errors, baseline_errors) -> float:
-    r"""Corruption error :math:`\mathrm{CE}_c = \sum_s E_{s,c}(f) / \sum_s E_{s,c}(\mathrm{base})`.
+    r"""Corruption error in percent, :math:`\mathrm{CE}_c = 100 \sum_s E_{s,c}(f) / \sum_s E_{s,c}(\mathrm{base})`.
 
     Parameters
     ----------
@@ -65,8 +68,13 @@ def corruption_error(errors, baseline_errors) -> float:
     Returns
     -------
     ce : float
-        1.0 when both make as many errors; below 1 for the more robust classifier. Raises
-        ValueError when the baseline makes no error at all (CE is then undefined).
+        In percent: 100 when both make as many errors, below 100 for the more robust
+        classifier.
+
+    Raises
+    ------
+    ValueError
+        When the baseline makes no error at all (CE is then undefined).
     """
     errors = _check_rates(errors, "errors")
     baseline = _check_rates(baseline_errors, "baseline_errors")
@@ -77,19 +85,25 @@ def corruption_error(errors, baseline_errors) -> float:
         )
     if baseline.sum() == 0:
         raise ValueError("The baseline makes no error at any severity: CE is undefined.")
-    return float(errors.sum() / baseline.sum())
+    return 100.0 * float(errors.sum() / baseline.sum())
 
 
 def mean_corruption_error(errors: Mapping, baseline_errors: Mapping) -> float:
-    r"""mCE: the mean of :math:`\mathrm{CE}_c` over corruptions, ×100 (Hendrycks & Dietterich).
+    r"""mCE in percent: the mean of :math:`\mathrm{CE}_c` (percent) over corruptions
+    (Hendrycks & Dietterich).
 
     Parameters
     ----------
     errors, baseline_errors : mapping of corruption name to array-like (n_severities,)
         As returned by :func:`evaluate_corruptions`, with the same corruptions.
+
+    Returns
+    -------
+    mce : float
+        In percent: 100 as robust as the baseline, below 100 more robust.
     """
     names = _same_keys(errors, baseline_errors, "corruptions")
-    return 100.0 * float(np.mean([corruption_error(errors[c], baseline_errors[c]) for c in names]))
+    return float(np.mean([corruption_error(errors[c], baseline_errors[c]) for c in names]))
 
 
 def flip_probability(predictions, *, reference="previous") -> float:
@@ -130,19 +144,33 @@ def flip_probability(predictions, *, reference="previous") -> float:
 
 
 def flip_rate(flip_probability, baseline_flip_probability) -> float:
-    r"""Flip rate :math:`\mathrm{FR} = \mathrm{FP}(f) / \mathrm{FP}(\text{baseline})`.
+    r"""Flip rate in percent, :math:`\mathrm{FR} = 100\, \mathrm{FP}(f) / \mathrm{FP}(\text{baseline})`.
 
-    Raises ValueError when the baseline never flips (FR is then undefined).
+    Parameters
+    ----------
+    flip_probability, baseline_flip_probability : float in [0, 1]
+        Flip probabilities (:func:`flip_probability`) of the classifier and of the baseline
+        on one perturbation.
+
+    Returns
+    -------
+    fr : float
+        In percent: 100 when both flip as often, below 100 when the classifier flips less.
+
+    Raises
+    ------
+    ValueError
+        When the baseline never flips (FR is then undefined).
     """
     fp = _check_rates(flip_probability, "flip_probability", scalar=True)
     baseline = _check_rates(baseline_flip_probability, "baseline_flip_probability", scalar=True)
     if baseline == 0:
         raise ValueError("The baseline's flip probability is 0: the flip rate is undefined.")
-    return float(fp / baseline)
+    return 100.0 * float(fp / baseline)
 
 
 def mean_flip_rate(flip_probabilities: Mapping, baseline_flip_probabilities: Mapping) -> float:
-    """mFR: the mean flip rate over perturbations, ×100.
+    """mFR in percent: the mean flip rate (percent) over perturbations.
 
     Parameters
     ----------
@@ -151,7 +179,7 @@ def mean_flip_rate(flip_probabilities: Mapping, baseline_flip_probabilities: Map
     """
     names = _same_keys(flip_probabilities, baseline_flip_probabilities, "perturbations")
     rates = [flip_rate(flip_probabilities[p], baseline_flip_probabilities[p]) for p in names]
-    return 100.0 * float(np.mean(rates))
+    return float(np.mean(rates))
 
 
 # ------------------------------------------------------------------------------ measuring a model

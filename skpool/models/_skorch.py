@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from fnmatch import fnmatch
 from numbers import Real
 
 import numpy as np
@@ -262,7 +263,44 @@ class PoolingCNNClassifier(NeuralNetClassifier):
         return encoder.classes_[indices]
 
 
-class DGMPClassifier(PoolingCNNClassifier):
+class LamLearningRate:
+    """``lam_lr_factor`` for a skorch net whose module has learnable GMP λ = exp(θ): the
+    parameters named ``*log_lam`` get the learning rate ``lr * lam_lr_factor``, the others
+    ``lr``. Shared by :class:`DGMPClassifier` and the embedders of
+    :mod:`skpool.models.retrieval`; the net stores ``lam_lr_factor`` in its ``__init__``."""
+
+    def get_params_for(self, prefix):
+        params = super().get_params_for(prefix)
+        if prefix == "optimizer":
+            factor = self.lam_lr_factor
+            if not (isinstance(factor, Real) and math.isfinite(factor) and factor >= 0):
+                raise ValueError(f"lam_lr_factor must be a finite number >= 0, got {factor!r}.")
+            lr = params.get("lr", self.lr)
+            groups = list(params.get("param_groups", []))
+            params["param_groups"] = [*groups, (LAM_PARAMETERS, {"lr": lr * factor})]
+        return params
+
+    def set_params(self, **kwargs):
+        super().set_params(**kwargs)
+        changed = {"lr", "optimizer__lr", "lam_lr_factor"} & kwargs.keys()
+        if changed and getattr(self, "initialized_", False):
+            # skorch sets a new lr on every group (a virtual parameter): restore λ's factor.
+            # optimizer__lr is virtual (not stored) on an initialised net: take it from kwargs.
+            lr = kwargs.get("optimizer__lr", kwargs.get("lr"))
+            if lr is None:
+                lr = self.get_params_for("optimizer").get("lr", self.lr)
+            lam_ids = {
+                id(param)
+                for name, param in self.get_all_learnable_params()
+                if fnmatch(name, LAM_PARAMETERS)
+            }
+            for group in self.optimizer_.param_groups:
+                if all(id(param) in lam_ids for param in group["params"]):
+                    group["lr"] = lr * self.lam_lr_factor
+        return self
+
+
+class DGMPClassifier(LamLearningRate, PoolingCNNClassifier):
     """A pooling network with a Deep Generalized Max Pooling head (Christlein et al. 2019).
 
     The module's global pooling is a :class:`~skpool.nn.GeneralizedMaxPool2d` with a learnable
@@ -280,12 +318,14 @@ class DGMPClassifier(PoolingCNNClassifier):
     module__lam_scale : {"relative", "absolute"}, default="relative"
         "relative": λ in units of each sample's mean squared descriptor norm trace(ΦᵀΦ)/N
         (scale-free); "absolute": the papers' λ (Christlein et al.: λ₀ ∈ {1, 1e3, 1e5}).
-        Measured on digits (``benchmarks/gmp_lam_scale_digits.py``): relative 1 learns
-        faster than the old absolute 1e3 on a 4×4 head grid (5 epochs: 0.854 vs 0.776).
+        How the two compare on digits: ``benchmarks/README.md``.
     lam_lr_factor : float, default=1.0
-        λ's learning rate is ``lr * lam_lr_factor`` (the paper multiplies it by up to 1000).
-        It is a skorch parameter group (pattern ``"*log_lam"``) placed after any
-        ``optimizer__param_groups`` you give, which therefore take precedence.
+        The learning rate of the learnable λ = exp(θ) (the parameters named ``*log_lam``) is
+        ``lr * lam_lr_factor``, the other parameters' ``lr``: an extra group in skorch's
+        ``optimizer__param_groups``, after any the user gives (the first matching pattern
+        wins). ``set_params(lr=...)`` or ``set_params(lam_lr_factor=...)`` on an initialised
+        net update the optimiser's groups in place. 0 freezes λ. Christlein et al. multiply
+        λ's learning rate by 100 to 1000.
     **kwargs
         As in :class:`PoolingCNNClassifier`.
 
@@ -315,17 +355,6 @@ class DGMPClassifier(PoolingCNNClassifier):
             **kwargs,
         )
         self.lam_lr_factor = lam_lr_factor
-
-    def get_params_for(self, prefix):
-        params = super().get_params_for(prefix)
-        if prefix == "optimizer":
-            factor = self.lam_lr_factor
-            if not (isinstance(factor, Real) and math.isfinite(factor) and factor >= 0):
-                raise ValueError(f"lam_lr_factor must be a finite number >= 0, got {factor!r}.")
-            lr = params.get("lr", self.lr)
-            groups = list(params.get("param_groups", []))
-            params["param_groups"] = [*groups, (LAM_PARAMETERS, {"lr": lr * factor})]
-        return params
 
 
 def _parameter_names(module_class) -> set[str]:

@@ -18,9 +18,7 @@ GridSearchCV uses to tune the margin and the initial λ.
 
 from __future__ import annotations
 
-import math
-from fnmatch import fnmatch
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ from torch import nn
 
 from .._device import resolve_device
 from ..retrieval_metrics import mean_average_precision
-from ._skorch import check_images
+from ._skorch import LAM_PARAMETERS, LamLearningRate, check_images
 from ._triplet import HardBatchTripletLoss, PKBatchSampler
 from .cnn import PoolingCNN
 
@@ -46,7 +44,7 @@ __all__ = [
 
 #: fnmatch pattern of the learnable log-λ parameters (:class:`~skpool.nn.GeneralizedMaxPool2d`,
 #: :class:`~skpool.nn.SequenceGeneralizedMaxPool`) whose learning rate ``lam_lr_factor`` scales.
-LAM_PARAMETER_PATTERN = "*log_lam"
+LAM_PARAMETER_PATTERN = LAM_PARAMETERS
 
 
 class PoolingEmbeddingNet(nn.Module):
@@ -127,7 +125,7 @@ class PoolingEmbeddingNet(nn.Module):
         return F.normalize(self.cnn(x), dim=1)
 
 
-class PoolingEmbedder(NeuralNet):
+class PoolingEmbedder(LamLearningRate, NeuralNet):
     """A retrieval embedding learned with the batch-hard triplet loss, as a scikit-learn
     transformer (skorch).
 
@@ -234,38 +232,6 @@ class PoolingEmbedder(NeuralNet):
         if self.random_state is not None:
             torch.manual_seed(self.random_state)
         return super().initialize()
-
-    def get_params_for(self, prefix):
-        params = super().get_params_for(prefix)
-        if prefix == "optimizer":
-            factor = self.lam_lr_factor
-            if not (isinstance(factor, Real) and math.isfinite(factor) and factor > 0):
-                raise ValueError(f"lam_lr_factor must be a finite number > 0, got {factor!r}.")
-            lr = params.get("lr", self.lr)
-            params["param_groups"] = [
-                *params.get("param_groups", []),
-                (LAM_PARAMETER_PATTERN, {"lr": lr * factor}),
-            ]
-        return params
-
-    def set_params(self, **kwargs):
-        super().set_params(**kwargs)
-        changed = {"lr", "optimizer__lr", "lam_lr_factor"} & kwargs.keys()
-        if changed and getattr(self, "initialized_", False):
-            # skorch sets a new lr on every group (a virtual parameter): restore λ's factor.
-            # optimizer__lr is virtual (not stored) on an initialised net: take it from kwargs.
-            lr = kwargs.get("optimizer__lr", kwargs.get("lr"))
-            if lr is None:
-                lr = self.get_params_for("optimizer").get("lr", self.lr)
-            lam_ids = {
-                id(param)
-                for name, param in self.get_all_learnable_params()
-                if fnmatch(name, LAM_PARAMETER_PATTERN)
-            }
-            for group in self.optimizer_.param_groups:
-                if all(id(param) in lam_ids for param in group["params"]):
-                    group["lr"] = lr * self.lam_lr_factor
-        return self
 
     def get_iterator(self, dataset, training=False):
         if not training:

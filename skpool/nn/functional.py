@@ -86,6 +86,14 @@ def generalized_max_pool2d(
     return pooled[:, :, None, None] if keepdim else pooled
 
 
+#: Shape errors of the separability layer say which layout it takes (the estimators' maps are
+#: channels last, so an array passed from one to the other has the wrong layout).
+_CHANNELS_FIRST_HINT = (
+    " The layers take channels-first maps (B, C, H, W); channels-last maps (B, H, W, C), as "
+    "the estimators take, need x.permute(0, 3, 1, 2)."
+)
+
+
 def separability_pool2d(
     x: torch.Tensor,
     operator: torch.Tensor,
@@ -121,12 +129,12 @@ def separability_pool2d(
     if grid_shape is not None and (height, width) != tuple(grid_shape):
         raise ValueError(
             f"The operator was fitted on a {grid_shape[0]}x{grid_shape[1]} grid; got input of "
-            f"spatial size {height}x{width}."
+            f"spatial size {height}x{width}." + _CHANNELS_FIRST_HINT
         )
     if height * width != n_in:
         raise ValueError(
             f"The operator pools a grid of {n_in} locations but the input is {height}x{width} "
-            f"= {height * width} locations."
+            f"= {height * width} locations." + _CHANNELS_FIRST_HINT
         )
     out_height, out_width = output_shape
     if out_height * out_width != n_out:
@@ -141,6 +149,7 @@ def separability_pool2d(
                 raise ValueError(
                     f"{name} has shape {tuple(stat.shape)}: the operator was fitted on "
                     f"{stat.numel()} channels, but the input has {n_channels} channels."
+                    + _CHANNELS_FIRST_HINT
                 )
             stat = stat.to(x.dtype)
         stats.append(stat)

@@ -88,20 +88,12 @@ class GeneralizedMaxPool2d(nn.Module):
     descriptors of moderate magnitude). TorchScript is not supported: the core uses Python
     features ``torch.jit.script`` cannot compile.
 
-    **Default λ.** ``lam=1.0`` relative, measured on digits
-    (``benchmarks/gmp_lam_scale_digits.py``: :class:`~skpool.models.PoolingCNN` of width 16
-    with this head, Adam at 1e-3, batches of 64; test accuracy, mean of 6 seeds after 5 epochs
-    and 4 seeds after 15, on a 4×4 grid of 32 channels / a 2×2 grid of 64): relative 1:
-    0.854 / 0.939 after 5 epochs, 0.957 / 0.974 after 15; the old default, absolute 1e3:
-    0.776 / 0.965 and 0.919 / 0.981;
-    relative 0.1: 0.872 / 0.944 and 0.953 / 0.975; relative 10: 0.759 / 0.964 and
-    0.923 / 0.979. Relative 0.1 to 1 is best on the larger grid and within 0.03 of the best on
-    the smaller one, where near-average pooling (large λ) wins slightly; relative 1 needs no
-    refinement up to about 800 locations (its error bound is eps32 · (N + 1)). The papers'
-    absolute λ (Christlein et al.:
-    λ₀ ∈ {1, 1e3, 1e5} for ResNet-50 features) stays available with
-    ``lam_scale="absolute"``; ``GeneralizedMaxPool2d(lam=1e3, lam_scale="absolute",
-    refine_steps=0)`` is the layer's behaviour before these defaults changed.
+    **Default λ.** ``lam=1.0`` relative: on digits, relative 0.1 to 1 was the best of the λ
+    tried on a 4×4 head grid and within 0.03 of the best on a 2×2 one (measurements in
+    ``benchmarks/README.md``), and it needs no float64 refinement up to about 800 locations
+    (its error bound is eps32 · (N + 1)). The
+    papers' absolute λ (Christlein et al.: λ₀ ∈ {1, 1e3, 1e5} for ResNet-50 features) is
+    ``lam_scale="absolute"``.
 
     Args:
         lam: initial λ > 0 (or its factor, with ``lam_scale="relative"``). Default: 1.0.
@@ -215,7 +207,10 @@ class SeparabilityPool2d(nn.Module):
             grid raise ValueError. With None, any grid with :math:`H W = N` is accepted.
 
     Shape:
-        - Input: :math:`(B, C, H, W)` with :math:`H W = N`.
+        - Input: :math:`(B, C, H, W)` with :math:`H W = N`, channels first (the estimators
+          take channels last: ``x.permute(0, 3, 1, 2)`` converts their maps). A shape error
+          says so; where :math:`H = W = C` a channels-last map has the same shape and no check
+          can see the mistake.
         - Output: :math:`(B, k C, H', W')`, in the input's dtype.
 
     Examples::

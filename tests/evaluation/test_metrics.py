@@ -43,20 +43,22 @@ def reference_flip_probability(predictions, noise):
 
 
 def reference_corruption_error(errors, baseline):
+    """In percent."""
     total, baseline_total = 0.0, 0.0
     for e, b in zip(errors, baseline, strict=True):
         total += e
         baseline_total += b
-    return total / baseline_total
+    return 100 * total / baseline_total
 
 
 # ---------------------------------------------------------------------------- the formulas
 
 
 def test_corruption_error_by_hand():
-    assert corruption_error([0.1, 0.2, 0.3, 0.4, 0.5], [0.2] * 5) == pytest.approx(1.5)
-    assert corruption_error([0.0, 0.1], [0.3, 0.1]) == pytest.approx(0.25)
-    # mCE: CE 1.5 and 0.5 -> mean 1.0 -> 100 (percent)
+    # percent, as Hendrycks & Dietterich report CE: 1.5 / 1.0 -> 150
+    assert corruption_error([0.1, 0.2, 0.3, 0.4, 0.5], [0.2] * 5) == pytest.approx(150.0)
+    assert corruption_error([0.0, 0.1], [0.3, 0.1]) == pytest.approx(25.0)
+    # mCE: CE 150 and 50 -> mean 100 (percent, like its CEs)
     errors = {"a": [0.1, 0.2, 0.3, 0.4, 0.5], "b": [0.05] * 5}
     baseline = {"a": [0.2] * 5, "b": [0.1] * 5}
     assert mean_corruption_error(errors, baseline) == pytest.approx(100.0)
@@ -82,8 +84,24 @@ def test_flip_probability_by_hand():
     assert flip_probability([[0, 0, 1, 1], [2, 3, 2, 2]], reference="first") == pytest.approx(3 / 6)
     assert flip_probability([[1, 2, 1, 2]], reference="first") == pytest.approx(2 / 3)
     assert flip_probability([["cat", "dog"], ["dog", "dog"]]) == pytest.approx(0.5)
-    assert flip_rate(0.1, 0.2) == pytest.approx(0.5)
+    assert flip_rate(0.1, 0.2) == pytest.approx(50.0)  # percent
+    # FR 50 and 150 -> mFR 100 (percent, like its FRs)
     assert mean_flip_rate({"a": 0.1, "b": 0.3}, {"a": 0.2, "b": 0.2}) == pytest.approx(100.0)
+
+
+def test_the_relative_metrics_share_one_scale_percent():
+    """A classifier as good as its baseline scores 100 on all four (Hendrycks & Dietterich's
+    convention), a twice-as-bad one 200: none is a ratio near 1, none is scaled twice."""
+    errors, doubled = {"a": [0.1, 0.2], "b": [0.3, 0.05]}, {"a": [0.2, 0.4], "b": [0.6, 0.1]}
+    fp, doubled_fp = {"x": 0.1, "y": 0.25}, {"x": 0.2, "y": 0.5}
+    assert corruption_error(errors["a"], errors["a"]) == pytest.approx(100.0)
+    assert mean_corruption_error(errors, errors) == pytest.approx(100.0)
+    assert flip_rate(fp["x"], fp["x"]) == pytest.approx(100.0)
+    assert mean_flip_rate(fp, fp) == pytest.approx(100.0)
+    assert corruption_error(doubled["b"], errors["b"]) == pytest.approx(200.0)
+    assert mean_corruption_error(doubled, errors) == pytest.approx(200.0)
+    assert flip_rate(doubled_fp["y"], fp["y"]) == pytest.approx(200.0)
+    assert mean_flip_rate(doubled_fp, fp) == pytest.approx(200.0)
 
 
 @settings(max_examples=50, deadline=None)
@@ -215,7 +233,7 @@ def test_evaluate_corruptions_counts_the_errors_of_each_severity(data, classifie
             for image, label in zip(corrupted, y, strict=True):  # one image at a time
                 wrong += classifier.predict(image[None])[0] != label
             assert value == pytest.approx(wrong / len(y), abs=1e-15)
-    # the same model as its own baseline has CE 1 on every corruption
+    # the same model as its own baseline has CE 100 (percent) on every corruption
     assert mean_corruption_error(errors, errors) == pytest.approx(100.0)
 
 
