@@ -180,7 +180,7 @@ def fit_pooling(
 
     names = _check_names(model, estimators)
     for name in names:
-        _check_point(name, model.get_submodule(name), estimators[name], width_true)
+        check_point(name, model.get_submodule(name), estimators[name], width_true)
     batches = reiterable(data, "data")
     device = _model_device(model) if device is None else torch.device(device)
     undo = []
@@ -323,7 +323,7 @@ def _check_names(model, estimators) -> list[str]:
     return names
 
 
-def _check_point(name, module, estimator, width_true) -> None:
+def check_point(name, module, estimator, width_true) -> None:
     from .. import SeparabilityPooling
 
     if not isinstance(estimator, SeparabilityPooling):

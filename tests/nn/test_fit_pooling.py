@@ -348,3 +348,89 @@ def test_sequence_gmp_in_place_of_mean_pooling():
     torch.testing.assert_close(model(changed, valid), logits)  # same computation: same values
     nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
     assert model.encoder.layers[0].linear1.weight.grad is not None
+
+
+# -- the skorch procedure on a user's network, through the same mechanism ---------------------------
+class UserNet(nn.Module):
+    """A network skpool knows nothing about; its downsampling points are named."""
+
+    def __init__(self, n_classes=10, in_channels=1, width=4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)  # 8x8 -> 4x4
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)  # 4x4 -> 2x2
+        self.head = nn.Linear(2 * width, n_classes)
+
+    def forward(self, x):
+        x = x[:, None] if x.ndim == 3 else x
+        x = torch.relu(self.down(self.pool(torch.relu(self.conv(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.slow
+def test_skorch_procedure_on_a_user_network():
+    import pickle
+
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    from skpool.models import SeparabilityPoolingClassifier
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((36, 8, 8), dtype=np.float32), np.arange(36) % 3
+    X[np.arange(36), 2 + y, 2 + y] += 2.0
+    net = SeparabilityPoolingClassifier(
+        UserNet, points=("pool", "down"), n_components=(1, 2), alpha=(5.0, 1.0),
+        module__width=6, max_epochs=1, batch_size=12, random_state=0, device="cpu",
+    ).fit(X, y)
+    first, second = net.separability_poolings_
+    assert first.grid_shape_ == (8, 8) and first.output_shape_ == (4, 4)
+    assert second.grid_shape_ == (4, 4) and second.output_shape_ == (2, 2)
+    assert second.n_channels_in_ == 12  # the trained strided conv's channels, at stride 1
+    middle = net.intermediate_nets_[1].module_
+    assert isinstance(middle.pool, SeparabilityPool2d) and type(middle.down) is nn.Conv2d
+    final = net.module_
+    assert isinstance(final.pool, SeparabilityPool2d) and final.pool.channel_mean is None
+    assert isinstance(final.down, PooledConv2d) and final.down.out_channels == 6  # 12 / k
+    assert final.down.pool.operator.shape == (2, 4, 16)
+    np.testing.assert_allclose(final.pool.operator.double().numpy(), first.operator_,
+                               rtol=np.finfo(np.float32).eps / 2, atol=0)  # a float32 copy
+    assert net.predict_proba(X).shape == (36, 3)
+    copy = pickle.loads(pickle.dumps(net))
+    np.testing.assert_array_equal(copy.predict(X), net.predict(X))  # same module, same input
+    assert clone(net).get_params()["points"] == ("pool", "down")
+    search = GridSearchCV(clone(net).set_params(max_epochs=1), {"module__width": [2, 4]},
+                          cv=2).fit(X, y)
+    assert search.best_estimator_.module_.conv.out_channels in (2, 4)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"points": "head"}, "a point must be a pooling module"),
+        ({"points": ("pool",), "n_components": 2}, "n_components=2 at the pooling module"),
+        ({"points": ("nope",)}, "points must be a module name"),
+        ({"points": ("pool", "pool")}, "points lists a module twice"),
+        ({}, "name its downsampling points with points="),
+    ],
+)
+def test_skorch_procedure_checks_the_points_before_training(params, message, monkeypatch):
+    from skpool.models import PoolingCNNClassifier, SeparabilityPoolingClassifier
+
+    monkeypatch.setattr(PoolingCNNClassifier, "fit", lambda *a, **k: pytest.fail("trained"))
+    net = SeparabilityPoolingClassifier(UserNet, **{"n_components": 1, **params}, device="cpu")
+    X, y = np.zeros((6, 8, 8), dtype=np.float32), np.arange(6) % 2
+    with pytest.raises((ValueError, TypeError), match=message):
+        net.fit(X, y)
+
+
+# -- the example -------------------------------------------------------------------------------------
+def test_any_network_example_runs_small(capsys):
+    example = load_any_network()
+    results = example.main(n_train=60, n_test=30, epochs=1, retrain_epochs=1, width=2,
+                           points=("maxpool", "layer2.0.conv1"), batch_size=30)
+    assert set(results["points"]) == {"maxpool", "layer2.0.conv1"}
+    for key in ("error_before", "error_swapped", "error_after", "error_baseline"):
+        assert 0.0 <= results[key] <= 1.0
+    out = capsys.readouterr().out
+    assert "wall time" in out and results["machine"] in out
