@@ -96,7 +96,7 @@ def no_hooks(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-# -- a plain nn.Sequential ---------------------------------------------------------------------------
+# -- a plain nn.Sequential -------------------------------------------------------------------------
 def test_sequential_maxpool_and_strided_conv_equal_hand_fits_and_train():
     model, data = plain_net(), labelled_batches()
     model.train()
@@ -184,7 +184,7 @@ def test_adaptive_pooling_point_gets_its_output_grid():
     assert model[2].output_shape == (3, 3) and model(data[0][0]).shape == (20, 3)
 
 
-# -- failures: checked before any work, or undone ---------------------------------------------------
+# -- failures: checked before any work, or undone --------------------------------------------------
 @pytest.mark.parametrize(
     "estimators, options, error, message",
     [
@@ -252,7 +252,7 @@ def test_data_errors_are_clear():
     assert no_hooks(model) and isinstance(model[2], nn.MaxPool2d)
 
 
-# -- skpool's ResNet-18 and a torchvision-style ResNet ------------------------------------------------
+# -- skpool's ResNet-18 and a torchvision-style ResNet ---------------------------------------------
 def test_skpool_resnet18_avg_point_and_strided_conv():
     torch.manual_seed(0)
     model = ResNet18(in_channels=1, n_classes=3, width_multiplier=1 / 16,
@@ -300,7 +300,7 @@ def test_torchvision_style_resnet18():
     optimizer.step()
 
 
-# -- GMP heads -----------------------------------------------------------------------------------------
+# -- GMP heads -------------------------------------------------------------------------------------
 def test_gmp_head_in_place_of_avgpool():
     example = load_any_network()
     torch.manual_seed(0)
@@ -350,7 +350,7 @@ def test_sequence_gmp_in_place_of_mean_pooling():
     assert model.encoder.layers[0].linear1.weight.grad is not None
 
 
-# -- the skorch procedure on a user's network, through the same mechanism ---------------------------
+# -- the skorch procedure on a user's network, through the same mechanism --------------------------
 class UserNet(nn.Module):
     """A network skpool knows nothing about; its downsampling points are named."""
 
@@ -424,7 +424,7 @@ def test_skorch_procedure_checks_the_points_before_training(params, message, mon
         net.fit(X, y)
 
 
-# -- the example -------------------------------------------------------------------------------------
+# -- the example -----------------------------------------------------------------------------------
 def test_any_network_example_runs_small(capsys):
     example = load_any_network()
     results = example.main(n_train=60, n_test=30, epochs=1, retrain_epochs=1, width=2,
