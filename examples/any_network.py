@@ -11,7 +11,7 @@ baseline is trained for the same extra epochs, so that the comparison is at equa
 torchvision's ``resnet18`` is used when torchvision imports and ``--width 64`` (its width);
 otherwise the same network is built from torch alone (:func:`resnet18_like`).
 
-Run:  python examples/any_network.py            (about two minutes on 2 CPU cores)
+Run:  python examples/any_network.py   (328 s on a shared 2-core Xeon at load ~8; less when idle)
       python examples/any_network.py --points maxpool layer2.0.conv1 --norm l2
 """
 

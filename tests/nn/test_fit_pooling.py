@@ -367,7 +367,6 @@ class UserNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-@pytest.mark.slow
 def test_skorch_procedure_on_a_user_network():
     import pickle
 
