@@ -84,10 +84,6 @@ class PooledConv2d(nn.Conv2d):
                 layer.bias.requires_grad_(conv.bias.requires_grad)
         return layer.train(conv.training)
 
-    def stride_one(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution alone, at stride 1: the maps ``pool`` receives."""
-        return super().forward(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(super().forward(x))
 

@@ -433,3 +433,12 @@ def test_any_network_example_runs_small(capsys):
         assert 0.0 <= results[key] <= 1.0
     out = capsys.readouterr().out
     assert "wall time" in out and results["machine"] in out
+
+
+def test_fit_pooling_docstring_example():
+    import doctest
+
+    import skpool.nn._fit_pooling as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
