@@ -442,3 +442,20 @@ def test_fit_pooling_docstring_example():
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_skorch_procedure_finetune_keeps_the_convolution_weights():
+    """retrain="finetune": the learned network starts from the trained one; a strided
+    convolution point (k = 1) keeps its weights, under the same names (PooledConv2d)."""
+    from skpool.models import SeparabilityPoolingClassifier
+
+    rng = np.random.default_rng(0)
+    X, y = rng.random((24, 8, 8), dtype=np.float32), np.arange(24) % 2
+    net = SeparabilityPoolingClassifier(
+        UserNet, points="down", n_components=1, retrain="finetune", max_epochs=0,
+        random_state=0, device="cpu",
+    ).fit(X, y)
+    trained = net.intermediate_nets_[0].module_
+    assert isinstance(net.module_.down, PooledConv2d)
+    assert torch.equal(net.module_.down.weight, trained.down.weight)  # copied, not trained
+    assert torch.equal(net.module_.conv.weight, trained.conv.weight)
