@@ -9,12 +9,12 @@ from numbers import Integral
 import numpy as np
 import torch
 
+from ..nn._fit_pooling import check_point, fit_point, replace_point
 from ._skorch import PoolingCNNClassifier, check_images, check_labels
 from .cnn import PoolingCNN
 
 #: Parameters of SeparabilityPooling the procedure sets itself: the output grid comes from the
-#: module's downsampling (``stage_stride``), the input grid from the maps, the device from the
-#: net.
+#: point's own downsampling, the input grid from the maps, the device from the net.
 _SET_BY_PROCEDURE = ("stride", "output_shape", "grid_shape", "device")
 
 
@@ -28,12 +28,14 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
     """Birodkar et al.'s procedure: a network whose pooling at one or more downsampling points
     is learned in closed form, one point after the other.
 
-    For each point in ``stage``, in the order given: (1) train the network, with
-    ``baseline_pooling`` at the points not yet learned; (2) compute that point's feature maps
-    on the training images (at most ``max_samples_per_class`` per class, streamed batch by
-    batch); (3) fit :class:`~skpool.SeparabilityPooling` on them (that point's ``alpha``,
-    ``norm``, ``n_components``; the stride is the module's downsampling, ``stage_stride``);
-    (4) swap the fitted operator in. The last network, with every point learned, is trained
+    For each point in ``stage`` (or ``points``, any network's module names), in the order
+    given: (1) train the network, with ``baseline_pooling`` at the points not yet learned;
+    (2) take that point's feature maps on the training images (at most
+    ``max_samples_per_class`` per class, streamed batch by batch through a forward hook);
+    (3) fit :class:`~skpool.SeparabilityPooling` on them (that point's ``alpha``, ``norm``,
+    ``n_components``; the output grid is the one the point's pooling produced);
+    (4) swap the fitted operator in (by the point's module name, as
+    :func:`skpool.nn.fit_pooling` does). The last network, with every point learned, is trained
     from scratch (the paper) or from the previous network's weights (``retrain="finetune"``)
     and is the classifier. The paper's CIFAR-10 ResNet: ``stage=(2, 0), alpha=(15, 65),
     norm=("l2", "l1")`` with ``module=ResNet18``.
@@ -48,6 +50,16 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
     stage : int or sequence of int, default=0
         The downsampling points that get the learned pooling, in the order they are learned
         (0 = the first, at full resolution).
+    points : str or sequence of str, default=None
+        Any network: the module names (as in ``module.named_modules()``) of the points to
+        learn, in that order, in place of ``stage``; ``module`` is then any torch module class
+        (its arguments as ``module__<name>``). A point is a pooling module (``MaxPool2d``,
+        ``AvgPool2d``, their adaptive forms, an ``Identity`` placeholder; ``n_components=1``
+        there, which keeps the widths) or a strided ``Conv2d`` (the network's own module is the
+        baseline; the learned network has a convolution of ``out/k`` channels at stride 1, then
+        the operator). The maps and the swap are :func:`skpool.nn.fit_pooling`'s
+        (:func:`~skpool.nn._fit_pooling.fit_point`, ``replace_point``); ``baseline_pooling``
+        does not apply.
     alpha, norm, n_components : one value or one per stage, default=1.0, "l2", 2
         :class:`~skpool.SeparabilityPooling`'s parameters for each point (k = 2 components by
         default, the paper's choice).
@@ -95,6 +107,7 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
         module=PoolingCNN,
         *,
         stage=0,
+        points=None,
         alpha=1.0,
         norm="l2",
         n_components=2,
@@ -105,6 +118,7 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
     ):
         super().__init__(module, **kwargs)
         self.stage = stage
+        self.points = points
         self.alpha = alpha
         self.norm = norm
         self.n_components = n_components
@@ -122,21 +136,20 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
             )
         plan = self._plan(X, labels)
         layers, nets, poolings, shapes = {}, [], [], []
-        for point, estimator_params in zip(plan.stages, plan.estimator_params):
+        for name, estimator_params in zip(plan.names, plan.estimator_params):
             module_args = {f"module__{k}": v for k, v in plan.module_args(layers).items()}
             net = _NetWithLayers(**{**plan.net_params, **module_args})
             net.preset_layers_ = dict(layers)
             net.warm_module_ = nets[-1].module_ if nets and self.retrain == "finetune" else None
             net.fit(X, labels, **fit_params)
-            maps = _StageMaps(net, X, labels, point, self._capped_indices(labels))
-            estimator = _separability_pooling()(
-                **estimator_params, stride=net.module_.stage_stride, device=net.device
-            ).fit_batches(maps)
+            estimator = _separability_pooling()(**estimator_params, device=net.device)
+            batches = _TrainingBatches(net, X, labels, self._capped_indices(labels))
             # the operator alone: the fit's channel statistics describe this net's channels
-            layers[point] = estimator.fitted_operator_.to_module(channel_statistics=False)
+            layers[name] = fit_point(net.module_, name, estimator, batches, net.device,
+                                     channel_statistics=False)
             nets.append(net)
             poolings.append(estimator)
-            shapes.append(maps.shape)
+            shapes.append((estimator.n_channels_in_, *estimator.grid_shape_))
         self.separability_poolings_ = poolings
         self.separability_pooling_ = poolings[0]
         self.intermediate_nets_ = nets
@@ -177,14 +190,18 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
         probe = PoolingCNNClassifier(**self._net_params())
         probe._learn_data(X, labels)
         module = probe.initialized_instance(probe.module, probe.module_params())
-        n_points = len(module.stage_pooling)
-        stages = _stages(self.stage, n_points)
-        per_stage = {name: _per_stage(name, getattr(self, name), len(stages))
+        if self.points is None:
+            n_points = len(_stage_pooling(module))
+            stages = _stages(self.stage, n_points)
+            names = [_module_name(module, module.pools[point]) for point in stages]
+        else:
+            names = _points(self.points, module)
+        per_stage = {name: _per_stage(name, getattr(self, name), len(names))
                      for name in _per_stage_names(type(self))}
         estimator_params = [
             {**self._separability_params(), **{name: values[i] for name, values in
                                                per_stage.items()}}
-            for i in range(len(stages))
+            for i in range(len(names))
         ]
         for params in estimator_params:  # SeparabilityPooling checks its own parameters
             _separability_pooling()(**params)._validate_params()
@@ -198,6 +215,11 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, Integral)
                                 or cap < 1):
             raise ValueError(f"max_samples_per_class must be an int >= 1 or None, got {cap!r}.")
+        if self.points is not None:  # any network: its own modules at the points
+            for name, params in zip(names, estimator_params):
+                check_point(name, module.get_submodule(name), _separability_pooling()(**params),
+                            width_true=True)
+            return _Plan(names, estimator_params, self._net_params())
         others = [p for i, p in enumerate(module.stage_pooling) if i not in stages]
         if "separability" in others:
             raise ValueError(
@@ -207,8 +229,9 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
         components = list(module.n_components)
         for point, params in zip(stages, estimator_params):
             components[point] = params["n_components"]
-        return _Plan(stages, estimator_params, self._net_params(), list(module.stage_pooling),
-                     tuple(components), self.baseline_pooling)
+        return _Plan(names, estimator_params, self._net_params(),
+                     _StagedArgs(stages, names, list(module.stage_pooling), tuple(components),
+                                 self.baseline_pooling))
 
     def _net_params(self) -> dict:
         """This classifier's parameters that a plain PoolingCNNClassifier takes."""
@@ -245,23 +268,37 @@ class SeparabilityPoolingClassifier(PoolingCNNClassifier):
 
 
 class _Plan:
-    """The checked parameters of one fit: the points in order, each point's SeparabilityPooling
-    parameters, and how each network of the sequence is built."""
+    """The checked parameters of one fit: the points (module names) in order, each point's
+    SeparabilityPooling parameters, and how each network of the sequence is built."""
 
-    def __init__(self, stages, estimator_params, net_params, poolings, components, baseline):
-        self.stages = stages
+    def __init__(self, names, estimator_params, net_params, staged=None):
+        self.names = names
         self.estimator_params = estimator_params
         self.net_params = net_params
+        self._staged = staged
+
+    def module_args(self, layers) -> dict:
+        """The module arguments of the network with ``layers`` (name -> layer) learned: none
+        for a user's network (its points are swapped), and for skpool's networks the stage
+        poolings and components, the points not learned yet at the baseline pooling."""
+        return {} if self._staged is None else self._staged.module_args(layers)
+
+
+class _StagedArgs:
+    """skpool's networks (PoolingCNN, ResNet18): a learned point is built as "separability"
+    (its convolution gives out/k channels, a placeholder pooling to swap), the others of the
+    plan as the baseline pooling."""
+
+    def __init__(self, stages, names, poolings, components, baseline):
+        self._points = dict(zip(names, stages))
         self._poolings = poolings
         self._components = components
         self._baseline = baseline
 
     def module_args(self, layers) -> dict:
-        """Stage poolings and components of the network with ``layers`` (point -> layer)
-        learned and the other points of the plan at the baseline pooling."""
         poolings = list(self._poolings)
-        for point in self.stages:
-            poolings[point] = "separability" if point in layers else self._baseline
+        for name, point in self._points.items():
+            poolings[point] = "separability" if name in layers else self._baseline
         return {"stage_pooling": tuple(poolings), "n_components": self._components}
 
 
@@ -276,35 +313,29 @@ class _NetWithLayers(PoolingCNNClassifier):
         return self
 
 
-class _StageMaps:
-    """Re-iterable batches (channels-last maps of one point, class indices) of a trained net,
-    computed on the fly so that the maps of a large training set are never all in memory."""
+class _TrainingBatches:
+    """A function starting a pass over ``(images, class indices)`` batches of the training
+    images a point's fit reads (``indices``): indexed batch by batch, never copied whole."""
 
-    def __init__(self, net, X, labels, point, indices):
-        self.module = net.module_
-        self.device = net.device
+    def __init__(self, net, X, labels, indices):
         self.batch_size = net.batch_size
-        self.images = X  # indexed batch by batch: no copy of the selected images
+        self.images = X
         self.indices = indices
         self.codes = net.label_encoder_.transform(labels[indices])
-        self.point = point
-        self.shape = None
 
-    @torch.no_grad()
-    def __iter__(self):
-        self.module.eval()
+    def __call__(self):
         for start in range(0, len(self.indices), self.batch_size):
             batch = self.indices[start : start + self.batch_size]
-            images = torch.as_tensor(self.images[batch]).to(self.device)
-            maps = self.module.stage_maps(images, self.point)
-            self.shape = tuple(maps.shape[1:])
-            yield maps.permute(0, 2, 3, 1), self.codes[start : start + self.batch_size]
+            yield torch.as_tensor(self.images[batch]), self.codes[start : start + self.batch_size]
 
 
 def _build_with_layers(module_class, params, layers, warm_module):
+    """A new module with ``layers`` (name -> fitted layer) swapped in at their points, as
+    :func:`skpool.nn.fit_pooling` swaps them (a strided convolution point gets a new
+    convolution of out/k channels before the operator: the network is retrained)."""
     module = module_class(**params)
-    for point, layer in layers.items():
-        module.set_separability_pool(point, copy.deepcopy(layer))
+    for name, layer in layers.items():
+        replace_point(module, name, copy.deepcopy(layer), width_true=True)
     if warm_module is not None:
         _load_matching_weights(module, warm_module)
     return module
@@ -340,6 +371,33 @@ def _passed_through_names(cls) -> set[str]:
 def _init_names(cls) -> set[str]:
     parameters = inspect.signature(cls.__init__).parameters.values()
     return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY}
+
+
+def _stage_pooling(module) -> tuple:
+    stage_pooling = getattr(module, "stage_pooling", None)
+    if stage_pooling is None:
+        raise ValueError(
+            f"{type(module).__name__} has no stage_pooling (skpool's PoolingCNN and ResNet18 "
+            "have): name its downsampling points with points=[module names]."
+        )
+    return stage_pooling
+
+
+def _module_name(module, target) -> str:
+    return next(name for name, sub in module.named_modules() if sub is target)
+
+
+def _points(points, module) -> list[str]:
+    names = [points] if isinstance(points, str) else list(points)
+    modules = dict(module.named_modules())
+    if not names or any(not isinstance(n, str) or n not in modules or not n for n in names):
+        raise ValueError(
+            f"points must be a module name of the network or a sequence of them (names as in "
+            f"module.named_modules()), got {points!r}."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"points lists a module twice: {points!r}.")
+    return names
 
 
 def _stages(stage, n_points) -> list[int]:

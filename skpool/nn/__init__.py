@@ -7,9 +7,13 @@ functional forms (:mod:`skpool.nn.functional`).
   learnable mix and a learnable sharpness.
 - :class:`SequenceGeneralizedMaxPool` — GMP over ``(B, N, D)`` token sequences with a padding
   mask, in place of mean or [CLS] pooling.
+- :func:`fit_pooling` — fit separability pooling at named points (pooling modules, strided
+  convolutions) of any network and swap it in; :class:`PooledConv2d` is a strided
+  convolution's replacement.
 """
 
 from . import functional
+from ._fit_pooling import PooledConv2d, fit_pooling
 from .modules import (
     GeneralizedMaxPool2d,
     LogSumExpPool2d,
@@ -25,5 +29,7 @@ __all__ = [
     "LogSumExpPool2d",
     "SequenceGeneralizedMaxPool",
     "generalized_max_pool_sequence",
+    "fit_pooling",
+    "PooledConv2d",
     "functional",
 ]
