@@ -166,14 +166,9 @@ class GeneralizedMaxPool2d(nn.Module):
         return _at_least_float32(self.log_lam).clamp(*LOG_LAM_RANGE).exp()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.generalized_max_pool2d(
-            x,
-            self.lam,
-            self.normalize,
-            mask,
-            keepdim=not self.flatten,
-            lam_scale=self.lam_scale,
-            refine_steps=self.refine_steps,
+        return F._generalized_max_pool2d(
+            x, self.lam, self.normalize, mask, not self.flatten, self.lam_scale,
+            _step_refinement(self),
         )
 
     def extra_repr(self) -> str:
@@ -367,6 +362,14 @@ class SeparabilityPool2d(nn.Module):
             f"output_shape={'x'.join(map(str, self.output_shape))}, "
             f"channel_statistics={self.channel_mean is not None}, trainable={self.trainable}"
         )
+
+
+def _step_refinement(module) -> int | str:
+    """The refinement of this forward: ``"auto"`` decides on the host which samples to refine
+    (device synchronisations), so in training mode it is a plain float32 solve, the
+    precision of the backward's gradients anyway (an int refines without synchronising)."""
+    steps = module.refine_steps
+    return 0 if steps == "auto" and module.training else steps
 
 
 def _check_positive(name: str, value) -> float:
