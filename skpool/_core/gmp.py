@@ -67,8 +67,8 @@ def generalized_max_pool(
         every descriptor's similarity to the result is equalised (the "max-pooling-like"
         regime), with ``lam >> mean ||phi||^2`` the result points like sum pooling. A tensor
         ``lam`` may require grad (the deep layer learns it). A value that is not finite and
-        positive raises ValueError (checked in the same device synchronisation as the overflow
-        check below, so not while :mod:`torch.compile` traces).
+        positive raises ValueError (a tensor is checked at the cost of a device
+        synchronisation, not while :mod:`torch.compile` traces).
     lam_scale : {"absolute", "relative"}, default="absolute"
         ``"absolute"``: the ridge is ``lam`` itself, in the units of a squared descriptor norm
         (the papers' λ). ``"relative"``: the ridge of each sample is ``lam`` times its mean
@@ -86,7 +86,8 @@ def generalized_max_pool(
     refine_steps : int or "auto", default=0
         Mixed-precision iterative refinement for float32 (or lower) input: the residual of the
         ridge system is recomputed in float64 from the descriptors and corrected with the
-        float32 Cholesky factor. An int runs that many steps. ``"auto"`` makes the result
+        float32 Cholesky factor. An int runs that many steps (and as many on the backward's
+        solves), without any device synchronisation. ``"auto"`` makes the result
         agree with the float64 solution of the same descriptors: it refines only the samples
         whose error bound ``q = eps32 * (lambda_max(G) + lam) / lam`` (``lambda_max`` bounded
         by the trace and the largest absolute row sum of G) exceeds
@@ -101,7 +102,9 @@ def generalized_max_pool(
         orders of magnitude above the rest, so that one direction dominates G), and those
         whose float32 factor has a pivot at the rounding level of its diagonal, are solved in
         float64. Ignored for float64 input; ``"auto"`` means 0 steps while
-        :mod:`torch.compile` traces (compiled code has no data-dependent branches).
+        :mod:`torch.compile` traces (compiled code has no data-dependent branches). The
+        backward of an ``"auto"`` solve computes the gradients of the samples it refined in
+        float64 (one more synchronisation).
 
     Returns
     -------
@@ -129,7 +132,20 @@ def generalized_max_pool(
     float32) or whose factorisation fails are detected (one device synchronisation) and
     solved again from descriptors rescaled by their largest entry, with the floor multiplied
     by ``n``. The detection is skipped while :mod:`torch.compile` traces, so compiled code
-    assumes moderate magnitudes.
+    assumes moderate magnitudes. That is ``"auto"``; an int ``refine_steps`` makes no host
+    decision: every sample is solved from descriptors rescaled by the power of two nearest
+    their largest entry (exact, so no Gram matrix overflows or underflows), and a sample
+    whose factorisation fails even so (a Gram matrix singular to working precision with a
+    ridge below about ``n * eps * G_ii``) or whose descriptors are not finite gives NaN.
+
+    **Gradients.** Analytic (:class:`_RidgeSolve`): the backward reuses the forward's
+    Cholesky factor for one more solve (v = (G + lam I)^-1 xi_bar) and O(N C) products per
+    sample; the relative ridge's dependence on Phi and the normalisation are differentiated
+    by autograd. Double backward works (differentiable solves with the same factor).
+
+    **Precision.** The solve runs at "highest" float32 matmul precision whatever
+    :func:`torch.set_float32_matmul_precision` says (restored afterwards), so TF32 or
+    bfloat16 GEMMs never enter the Gram matrix.
     """
     check_options(lam_scale, refine_steps)
     if isinstance(lam, torch.Tensor) and not torch.compiler.is_compiling():

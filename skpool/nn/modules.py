@@ -78,11 +78,19 @@ class GeneralizedMaxPool2d(nn.Module):
     the features' scale), where a detached norm would give the gradient of another function.
 
     The solve (batched Cholesky on the smaller of the C×C and N×N Gram matrices) runs in
-    float32 at least, also under autocast; the output keeps the input's dtype. By default
-    (``refine_steps="auto"``) float32 results agree with the float64 solution of the same
-    values, also when channels or locations differ in scale by orders of magnitude: samples
-    whose error bound asks for it are refined in float64 or solved in float64 (a device
-    synchronisation per forward). The layer compiles with ``torch.compile(fullgraph=True)``
+    float32 at least and at "highest" float32 matmul precision, also under autocast and
+    whatever ``torch.set_float32_matmul_precision`` says; the output keeps the input's dtype
+    (under autocast, the dtype the previous layer produced: float16/bfloat16 after an
+    autocast convolution, float32 after a float32 one). The backward is analytic: one more
+    solve with the forward's Cholesky factor and O(N·C) products per sample (double backward
+    works too). In eval mode (``refine_steps="auto"``, the default) float32 results agree with
+    the float64 solution of the same values, also when channels or locations differ in scale
+    by orders of magnitude: samples whose error bound asks for it are refined in float64 or
+    solved in float64 (device synchronisations per forward). In training mode ``"auto"`` is
+    the plain float32 solve: its host decisions would stall a GPU every step, and the
+    gradients are computed in float32 anyway; the training step makes no host-device
+    synchronisation (an int ``refine_steps`` refines that many steps without one). The
+    layer compiles with ``torch.compile(fullgraph=True)``
     (no graph break: while tracing, ``"auto"`` means no refinement and the core's check for
     overflowing Gram matrices is skipped, so compiled code is a plain float32 solve and assumes
     descriptors of moderate magnitude). TorchScript is not supported: the core uses Python
@@ -114,10 +122,11 @@ class GeneralizedMaxPool2d(nn.Module):
             convention). Keyword-only, so skorch routes it as ``module__lam_scale`` where the
             network passes it on. Default: "relative".
         refine_steps: float64 refinement of float32 solves (see
-            :func:`skpool._core.gmp.generalized_max_pool`): ``"auto"`` (the default; agrees
-            with float64 wherever the error bound needs it, at one device synchronisation per
-            forward and more where it refines), an int (that many steps), or 0 (fastest, no
-            synchronisation: a plain float32 solve, whose relative error is about
+            :func:`skpool._core.gmp.generalized_max_pool`): ``"auto"`` (the default; in eval
+            mode agrees with float64 wherever the error bound needs it, at one device
+            synchronisation per forward and more where it refines; in training mode 0), an
+            int (that many steps, forward and backward, without synchronisation), or 0
+            (fastest: a plain float32 solve, whose relative error is about
             eps32 · cond(G + λI): 1e-2 at λ = 1e-6·mean‖φ‖² with N = C, and O(1) when one
             channel (N ≤ C) or one location (N > C) is 1e3 times the others).
 
