@@ -272,13 +272,15 @@ def _solve(
     refine_steps: int | str,
     robust: bool,
     relative: bool,
+    checked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve the ridge system on the smaller Gram matrix.
 
     ``phi`` (B, N, C), ``target`` (B, N) (1 at real locations, 0 at padding), ``lam`` (B,)
     float64 (times the mean squared norm when ``relative``). Returns the pooled (B, C) vectors
     and a (B,) bool flag of samples whose numbers cannot be trusted (overflow, underflow,
-    failed factorisation).
+    failed factorisation; without ``checked``, for descriptors rescaled by
+    :func:`_power_of_two_scales`, only the failed factorisations, in fewer operations).
 
     The Gram matrix and its factor are computed outside autograd; :class:`_RidgeSolve` holds
     the analytic backward, which reuses the factor. The ridge's dependence on ``lam`` and, when
@@ -297,8 +299,9 @@ def _solve(
 
     diag = gram.diagonal(dim1=1, dim2=2).double()  # (B, n)
     scale2 = diag.amax(dim=1)  # s^2, largest squared descriptor (or column) norm
-    trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
-    underflow_or_zero = scale2 == 0  # all-zero descriptors, or a Gram matrix that underflowed
+    if checked:
+        trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
+        underflow_or_zero = scale2 == 0  # all-zero descriptors, or G underflowed
     scale2 = torch.where(torch.isfinite(scale2) & (scale2 > 0), scale2, torch.ones_like(scale2))
     unit_diag = diag / scale2[:, None]  # G_ii / s^2, in [0, 1]
 
@@ -315,7 +318,7 @@ def _solve(
         system = gram  # G + diag, in place (nothing else holds gram)
         system.diagonal(dim1=1, dim2=2).add_(factor_diagonal.to(dtype))
         factor, info = torch.linalg.cholesky_ex(system)
-    trouble = trouble | (info > 0)
+    trouble = trouble | (info > 0) if checked else info > 0
 
     steps = 0 if dtype == torch.float64 else refine_steps
     if steps == "auto" and torch.compiler.is_compiling():
@@ -333,12 +336,13 @@ def _solve(
     if normalize:  # the direction does not depend on the positive factor 1/shrink
         norm = torch.linalg.vector_norm(xi, dim=1, keepdim=True)
         xi = xi / torch.where(norm > 0, norm, torch.ones_like(norm))
-        finite = torch.isfinite(norm.detach()[:, 0])  # inf or NaN anywhere in xi reaches it
+        finite = torch.isfinite(norm.detach()[:, 0]) if checked else None  # inf/NaN reach it
     else:
         xi = (xi.double() / shrink[:, None]).to(dtype)
-        finite = torch.isfinite(xi.detach()).all(dim=1)
-    # All-zero descriptors pool to exactly zero; a nonzero result there means G underflowed.
-    trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
+        finite = torch.isfinite(xi.detach()).all(dim=1) if checked else None
+    if checked:
+        # All-zero descriptors pool to exactly zero; a nonzero result there: G underflowed.
+        trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
     return xi, trouble
 
 
@@ -526,12 +530,11 @@ def _power_of_two_scales(phi: torch.Tensor):
     entry is in [1/2, 1) (in [2**-24, 8) for descriptors at the very limits of float32), so
     no Gram matrix of finite descriptors overflows or underflows. Returns the rescaled descriptors (one pass) and c
     (B,) float64. Non-finite samples stay as they are (their result is NaN)."""
-    amax = _largest_magnitude(phi.detach()).double()
-    usable = torch.isfinite(amax) & (amax > 0)
-    _, exponent = torch.frexp(torch.where(usable, amax, torch.ones_like(amax)))
+    # frexp gives exponent 0 for 0 (scale 1); for inf or NaN whatever it gives is clamped
+    _, exponent = torch.frexp(_largest_magnitude(phi.detach()))
     finfo = torch.finfo(phi.dtype)
     limit = min(-math.frexp(finfo.tiny)[1], math.frexp(finfo.max)[1] - 1)  # 125 for float32
-    scales = torch.ldexp(torch.ones_like(amax), (-exponent).clamp(-limit, limit))
+    scales = torch.exp2((-exponent).clamp(-limit, limit).double())
     return phi * scales.to(phi.dtype)[:, None, None], scales
 
 
@@ -555,10 +558,10 @@ def _solve_rescaled(phi, target, lam, normalize, refine_steps, relative):
     phi, scales = _power_of_two_scales(phi)
     # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
     lam = lam if relative else lam * scales.square()
-    xi, trouble = _solve(phi, target, lam, normalize, refine_steps, False, relative)
+    xi, failed = _solve(phi, target, lam, normalize, refine_steps, False, relative, False)
     if not normalize:  # xi(Phi, lam) = c xi(c Phi, c^2 lam)
         xi = (xi.double() * scales[:, None]).to(xi.dtype)
-    return torch.where(trouble[:, None], torch.full_like(xi, torch.nan), xi)
+    return xi.masked_fill(failed[:, None], torch.nan)
 
 
 def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, relative):
