@@ -24,6 +24,7 @@ are medians, so that a machine shared with other work loads every arm alike: rea
 The machine, its load average and whether each target is met are printed.
 
 Run:  python benchmarks/bench_training_step.py [--quick] [--device cpu|cuda] [--batch 64]
+      [--repeats 15] [--clock wall|process]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -58,7 +61,11 @@ def official_dgmp(maps: torch.Tensor, lam: float) -> torch.Tensor:
     return xi / xi.norm(dim=1, keepdim=True)
 
 
-def interleaved_medians(arms: dict, device, repeats: int, warmup: int = 2) -> dict:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def interleaved_medians(arms: dict, device, repeats: int, warmup: int = 2,
+                        clock=time.perf_counter) -> dict:
     """Median seconds of each arm, the arms run in turn within every repeat."""
     for _ in range(warmup):
         for run in arms.values():
@@ -67,10 +74,10 @@ def interleaved_medians(arms: dict, device, repeats: int, warmup: int = 2) -> di
     for _ in range(repeats):
         for name, run in arms.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             run()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -125,6 +132,38 @@ def step_arms(batch, device, quick):
     return arms
 
 
+FIRST_CALL = r"""
+import time
+start = time.perf_counter()
+import torch
+from skpool.nn import GeneralizedMaxPool2d
+imported = time.perf_counter()
+x = torch.randn(64, 512, 7, 7, device="{device}", requires_grad=True)
+layer = GeneralizedMaxPool2d().to("{device}")
+times = []
+for _ in range(3):
+    begin = time.perf_counter()
+    layer(x).sum().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    times.append(time.perf_counter() - begin)
+print(f"{{imported - start:.2f}} {{times[0]:.4f}} {{times[1]:.4f}} {{times[2]:.4f}}")
+"""
+
+
+def first_call(device) -> str:
+    """Import time and the first three forward+backward calls of the layer (64x512x7x7) in a
+    fresh process: what a first call initialises lazily shows as first >> second."""
+    code = FIRST_CALL.format(device=device)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if done.returncode:
+        return f"(failed: {done.stderr.strip().splitlines()[-1]})"
+    imported, *calls = map(float, done.stdout.split())
+    return (f"import torch + skpool.nn {imported:.2f} s; forward+backward calls 1, 2, 3: "
+            + ", ".join(f"{1e3 * c:.1f}" for c in calls) + " ms")
+
+
 def verdict(ratio: float, target: float) -> str:
     return f"{'met' if ratio <= target else 'NOT met'} (target <= {target:g}x)"
 
@@ -134,15 +173,27 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, CNN width 16")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=None, help="default 15 (--quick: 5)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="'process': CPU time of this process (CPU only; with one thread, "
+        "OMP_NUM_THREADS=1, it is the cost of the work itself, little moved by other "
+        "processes' load; with several threads it also counts their spinning)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
-    repeats = 5 if args.quick else 15
+    repeats = args.repeats or (5 if args.quick else 15)
+    clock = CLOCKS[args.clock]
+    if args.clock == "process" and device.type != "cpu":
+        parser.error("--clock process measures CPU work only: use it with --device cpu")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"machine: {describe(device)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the start; "
-          f"batch {args.batch}, float32, medians of {repeats} interleaved repeats")
+          f"batch {args.batch}, float32, medians of {repeats} interleaved repeats, "
+          f"{args.clock} clock")
 
+    print(f"first call in a fresh process (64x512x7x7): {first_call(device)}")
     print("\nGMP layer (ms): forward with autograd recording, forward + backward")
     header = (f"{'C,H,W':>11} | {'skpool fwd':>10} {'fwd+bwd':>8} {'ratio':>6} | "
               f"{'abs fwd':>8} {'fwd+bwd':>8} | {'official':>8} {'fwd+bwd':>8} | "
@@ -151,7 +202,8 @@ def main():
     print("-" * len(header))
     verdicts = []
     for shape in LAYER_SHAPES:
-        t = interleaved_medians(layer_arms(shape, args.batch, device), device, repeats)
+        t = interleaved_medians(layer_arms(shape, args.batch, device), device, repeats,
+                                clock=clock)
         ratio = t["skpool fwd+bwd"] / t["skpool fwd"]
         ratio_abs = t["skpool abs fwd+bwd"] / t["skpool abs fwd"]
         versus = t["skpool abs fwd+bwd"] / t["official fwd+bwd"]
@@ -165,7 +217,8 @@ def main():
                         f"fwd+bwd = {versus:.2f}x: {verdict(versus, OFFICIAL_TARGET)}")
 
     print(f"\nTraining step (ms/step), SGD, batch {args.batch}, 32x32x3")
-    t = interleaved_medians(step_arms(args.batch, device, args.quick), device, repeats)
+    t = interleaved_medians(step_arms(args.batch, device, args.quick), device, repeats,
+                            clock=clock)
     for model_name in ("cnn", "resnet18"):
         ratio = t[f"{model_name} gmp"] / t[f"{model_name} avg"]
         print(f"{model_name:>9}: avg {1e3 * t[f'{model_name} avg']:8.2f}   gmp "
