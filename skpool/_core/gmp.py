@@ -149,14 +149,7 @@ def generalized_max_pool(
     bfloat16 GEMMs never enter the Gram matrix.
     """
     check_options(lam_scale, refine_steps)
-    if isinstance(lam, torch.Tensor) and not torch.compiler.is_compiling():
-        # One device synchronisation (the layers, whose lam is positive by construction, call
-        # the unchecked form and have none).
-        if not bool((torch.isfinite(lam) & (lam > 0)).all()):
-            raise ValueError(
-                "lam must be finite and > 0; got a tensor lam with values "
-                f"{lam.detach().flatten()[:5].cpu().tolist()}."
-            )
+    check_lam_values(lam)
     return _generalized_max_pool(
         features, lam, lam_scale=lam_scale, normalize=normalize, mask=mask,
         refine_steps=refine_steps,
@@ -209,6 +202,20 @@ def _generalized_max_pool(features, lam, *, lam_scale, normalize, mask, refine_s
                 xi, trouble, phi, target, lam, normalize, refine_steps, relative
             )
     return xi.to(out_dtype)
+
+
+def check_lam_values(lam) -> None:
+    """ValueError unless a tensor ``lam`` is finite and > 0 everywhere: one device
+    synchronisation, skipped while :mod:`torch.compile` traces (the layers, whose lam is
+    positive by construction, call the unchecked forms and have none). A float is checked by
+    the callers, which name it."""
+    if isinstance(lam, torch.Tensor) and not torch.compiler.is_compiling():
+        valid = torch.isfinite(lam) & (lam > 0)
+        if not bool(valid.all()):
+            raise ValueError(
+                "lam must be finite and > 0; got a tensor lam with values "
+                f"{lam.detach()[~valid].cpu().tolist()[:5]}."
+            )
 
 
 def check_options(lam_scale, refine_steps) -> None:

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .._core.gmp import _generalized_max_pool, generalized_max_pool
+from .._core.gmp import _generalized_max_pool, check_lam_values, check_options
 from .._core.operator import apply_pooling_operator
 
 __all__ = [
@@ -76,15 +76,9 @@ def generalized_max_pool2d(
             f"lam must be a float or a tensor of shape () or ({x.shape[0]},), "
             f"got shape {tuple(lam.shape)}."
         )
-    pooled = generalized_max_pool(  # checks a tensor lam's values (a synchronisation)
-        _to_stacks(x),
-        lam,
-        lam_scale=lam_scale,
-        normalize=normalize,
-        mask=None if mask is None else mask.flatten(1),
-        refine_steps=refine_steps,
-    )
-    return pooled[:, :, None, None] if keepdim else pooled
+    check_options(lam_scale, refine_steps)
+    check_lam_values(lam)  # a tensor's values: a device synchronisation
+    return _generalized_max_pool2d(x, lam, normalize, mask, keepdim, lam_scale, refine_steps)
 
 
 def _generalized_max_pool2d(x, lam, normalize, mask, keepdim, lam_scale, refine_steps):

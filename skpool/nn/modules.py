@@ -86,10 +86,12 @@ class GeneralizedMaxPool2d(nn.Module):
     works too). In eval mode (``refine_steps="auto"``, the default) float32 results agree with
     the float64 solution of the same values, also when channels or locations differ in scale
     by orders of magnitude: samples whose error bound asks for it are refined in float64 or
-    solved in float64 (device synchronisations per forward). In training mode ``"auto"`` is
+    solved in float64 (device synchronisations per forward); so it does under
+    ``torch.no_grad``. In a training step (training mode, autograd recording) ``"auto"`` is
     the plain float32 solve: its host decisions would stall a GPU every step, and the
     gradients are computed in float32 anyway; the training step makes no host-device
-    synchronisation (an int ``refine_steps`` refines that many steps without one). The
+    synchronisation (an int ``refine_steps`` refines that many steps without one), and a
+    sample whose solve fails (non-finite descriptors) gives NaN where eval mode raises. The
     layer compiles with ``torch.compile(fullgraph=True)``
     (no graph break: while tracing, ``"auto"`` means no refinement and the core's check for
     overflowing Gram matrices is skipped, so compiled code is a plain float32 solve and assumes
@@ -124,7 +126,7 @@ class GeneralizedMaxPool2d(nn.Module):
         refine_steps: float64 refinement of float32 solves (see
             :func:`skpool._core.gmp.generalized_max_pool`): ``"auto"`` (the default; in eval
             mode agrees with float64 wherever the error bound needs it, at one device
-            synchronisation per forward and more where it refines; in training mode 0), an
+            synchronisation per forward and more where it refines; in a training step 0), an
             int (that many steps, forward and backward, without synchronisation), or 0
             (fastest: a plain float32 solve, whose relative error is about
             eps32 · cond(G + λI): 1e-2 at λ = 1e-6·mean‖φ‖² with N = C, and O(1) when one
@@ -375,10 +377,12 @@ class SeparabilityPool2d(nn.Module):
 
 def _step_refinement(module) -> int | str:
     """The refinement of this forward: ``"auto"`` decides on the host which samples to refine
-    (device synchronisations), so in training mode it is a plain float32 solve, the
-    precision of the backward's gradients anyway (an int refines without synchronising)."""
+    (device synchronisations), so in a training step (training mode with autograd recording)
+    it is a plain float32 solve, the precision of the backward's gradients anyway (an int
+    refines without synchronising); in eval mode, and under ``torch.no_grad``, it refines."""
     steps = module.refine_steps
-    return 0 if steps == "auto" and module.training else steps
+    training_step = module.training and torch.is_grad_enabled()
+    return 0 if steps == "auto" and training_step else steps
 
 
 def _check_positive(name: str, value) -> float:
