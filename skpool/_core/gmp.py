@@ -205,11 +205,13 @@ def _generalized_max_pool(features, lam, *, lam_scale, normalize, mask, refine_s
 
 
 def check_lam_values(lam) -> None:
-    """ValueError unless a tensor ``lam`` is finite and > 0 everywhere: one device
+    """ValueError unless ``lam`` is finite and > 0 everywhere; for a tensor one device
     synchronisation, skipped while :mod:`torch.compile` traces (the layers, whose lam is
-    positive by construction, call the unchecked forms and have none). A float is checked by
-    the callers, which name it."""
-    if isinstance(lam, torch.Tensor) and not torch.compiler.is_compiling():
+    positive by construction, call the unchecked forms and have none)."""
+    if not isinstance(lam, torch.Tensor):
+        if not (math.isfinite(float(lam)) and float(lam) > 0):
+            raise ValueError(f"lam must be finite and > 0, got {lam!r}.")
+    elif not torch.compiler.is_compiling():
         valid = torch.isfinite(lam) & (lam > 0)
         if not bool(valid.all()):
             raise ValueError(
