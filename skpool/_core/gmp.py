@@ -528,8 +528,9 @@ def _power_of_two_scales(phi: torch.Tensor):
     exponent of its largest entry (amax <= 2**e < 2 amax; 1 for all-zero samples), clamped to
     the normal range of the dtype so that c itself is a normal number: the rescaled largest
     entry is in [1/2, 1) (in [2**-24, 8) for descriptors at the very limits of float32), so
-    no Gram matrix of finite descriptors overflows or underflows. Returns the rescaled descriptors (one pass) and c
-    (B,) float64. Non-finite samples stay as they are (their result is NaN)."""
+    no Gram matrix of finite descriptors overflows or underflows. Returns the rescaled
+    descriptors (one pass) and c (B,) float64. Non-finite samples stay as they are (their
+    result is NaN)."""
     # frexp gives exponent 0 for 0 (scale 1); for inf or NaN whatever it gives is clamped
     _, exponent = torch.frexp(_largest_magnitude(phi.detach()))
     finfo = torch.finfo(phi.dtype)

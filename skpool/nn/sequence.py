@@ -115,7 +115,8 @@ class SequenceGeneralizedMaxPool(nn.Module):
         refine_steps: float64 refinement of float32 solves (0, an int, or ``"auto"``; see
             :func:`skpool._core.gmp.generalized_max_pool`). Default: "auto", as the 2-D layer:
             in a training step (training mode, autograd recording) a plain float32 solve, so
-            that the training step makes no host-device synchronisation (see :class:`~skpool.nn.GeneralizedMaxPool2d`).
+            that the training step makes no host-device synchronisation (see
+            :class:`~skpool.nn.GeneralizedMaxPool2d`).
 
     Shape:
         - Input: :math:`(B, N, D)` tokens; optional ``mask`` :math:`(B, N)` bool, True at valid
