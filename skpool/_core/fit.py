@@ -37,6 +37,7 @@ from .._device import resolve_device
 from .._fitted import FittedOperator
 from .._grid import check_grid
 from . import distributed as dist
+from ._precision import with_highest_matmul_precision
 from .geneig import (
     fill_empty_rows,
     no_class_information,
@@ -167,6 +168,7 @@ def output_grid(summary: DataSummary, settings: FitSettings) -> tuple[int, int]:
     return out_shape
 
 
+@with_highest_matmul_precision
 def fit_stacks(validate: Callable, read: Callable, distributed: bool, progress=None):
     """Fit on data whose labels are known up front (arrays, memmaps, tensors).
 
@@ -197,6 +199,7 @@ def fit_stacks(validate: Callable, read: Callable, distributed: bool, progress=N
     return fit_operator(summary, channels, partial(labelled, batches(), codes), settings, progress)
 
 
+@with_highest_matmul_precision
 def fit_batches(start: Callable, batches: Callable, read: Callable, distributed: bool,
                 progress=None):
     """Fit on batches read twice, whose class sizes are counted in pass 1.
@@ -226,6 +229,7 @@ def fit_batches(start: Callable, batches: Callable, read: Callable, distributed:
     return fit_operator(summary, channels, scatter_pass, settings, progress)
 
 
+@with_highest_matmul_precision
 def fit_operator(
     summary: DataSummary,
     channels: ChannelStatistics | None,

@@ -19,15 +19,18 @@ This module is the only place in skpool where that formula is computed.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
+from ._precision import highest_matmul_precision, with_highest_matmul_precision
 from .gmp_refine import (
     AUTO_REFINE_TOLERANCE,
     REFINE_TARGET,
     _auto_refine,
     _refine,
+    _refine_solve,
     _weighted_sum,
 )
 
@@ -65,8 +68,8 @@ def generalized_max_pool(
         every descriptor's similarity to the result is equalised (the "max-pooling-like"
         regime), with ``lam >> mean ||phi||^2`` the result points like sum pooling. A tensor
         ``lam`` may require grad (the deep layer learns it). A value that is not finite and
-        positive raises ValueError (checked in the same device synchronisation as the overflow
-        check below, so not while :mod:`torch.compile` traces).
+        positive raises ValueError (a tensor is checked at the cost of a device
+        synchronisation, not while :mod:`torch.compile` traces).
     lam_scale : {"absolute", "relative"}, default="absolute"
         ``"absolute"``: the ridge is ``lam`` itself, in the units of a squared descriptor norm
         (the papers' λ). ``"relative"``: the ridge of each sample is ``lam`` times its mean
@@ -84,7 +87,8 @@ def generalized_max_pool(
     refine_steps : int or "auto", default=0
         Mixed-precision iterative refinement for float32 (or lower) input: the residual of the
         ridge system is recomputed in float64 from the descriptors and corrected with the
-        float32 Cholesky factor. An int runs that many steps. ``"auto"`` makes the result
+        float32 Cholesky factor. An int runs that many steps (and as many on the backward's
+        solves), without any device synchronisation. ``"auto"`` makes the result
         agree with the float64 solution of the same descriptors: it refines only the samples
         whose error bound ``q = eps32 * (lambda_max(G) + lam) / lam`` (``lambda_max`` bounded
         by the trace and the largest absolute row sum of G) exceeds
@@ -99,7 +103,9 @@ def generalized_max_pool(
         orders of magnitude above the rest, so that one direction dominates G), and those
         whose float32 factor has a pivot at the rounding level of its diagonal, are solved in
         float64. Ignored for float64 input; ``"auto"`` means 0 steps while
-        :mod:`torch.compile` traces (compiled code has no data-dependent branches).
+        :mod:`torch.compile` traces (compiled code has no data-dependent branches). The
+        backward of an ``"auto"`` solve computes the gradients of the samples it refined in
+        float64 (one more synchronisation).
 
     Returns
     -------
@@ -127,13 +133,38 @@ def generalized_max_pool(
     float32) or whose factorisation fails are detected (one device synchronisation) and
     solved again from descriptors rescaled by their largest entry, with the floor multiplied
     by ``n``. The detection is skipped while :mod:`torch.compile` traces, so compiled code
-    assumes moderate magnitudes.
+    assumes moderate magnitudes. That is ``"auto"``; an int ``refine_steps`` makes no host
+    decision: every sample is solved from descriptors rescaled by the power of two nearest
+    their largest entry (exact, so no Gram matrix overflows or underflows), and a sample
+    whose factorisation fails even so (a Gram matrix singular to working precision with a
+    ridge below about ``n * eps * G_ii``) or whose descriptors are not finite gives NaN.
+
+    **Gradients.** Analytic (:class:`_RidgeSolve`): the backward reuses the forward's
+    Cholesky factor for one more solve (v = (G + lam I)^-1 xi_bar) and O(N C) products per
+    sample; the relative ridge's dependence on Phi and the normalisation are differentiated
+    by autograd. Double backward works (differentiable solves with the same factor).
+
+    **Precision.** The solve runs at "highest" float32 matmul precision whatever
+    :func:`torch.set_float32_matmul_precision` says (restored afterwards), so TF32 or
+    bfloat16 GEMMs never enter the Gram matrix.
     """
+    check_options(lam_scale, refine_steps)
+    check_lam_values(lam)
+    return _generalized_max_pool(
+        features, lam, lam_scale=lam_scale, normalize=normalize, mask=mask,
+        refine_steps=refine_steps,
+    )
+
+
+@with_highest_matmul_precision
+def _generalized_max_pool(features, lam, *, lam_scale, normalize, mask, refine_steps):
+    """:func:`generalized_max_pool` without the check of a tensor ``lam`` (the layers' lam is
+    finite and positive by construction): no device synchronisation unless
+    ``refine_steps="auto"``."""
     if features.ndim != 3:
         raise ValueError(
             f"features must have shape (B, N, C), got a {features.ndim}-D tensor."
         )
-    check_options(lam_scale, refine_steps)
     out_dtype = features.dtype
     compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     batch, n_locations, n_channels = features.shape
@@ -149,29 +180,44 @@ def generalized_max_pool(
         else:
             target = phi.new_ones((batch, n_locations))
         if not isinstance(lam, torch.Tensor):
-            lam = torch.tensor(float(lam), dtype=torch.float64, device=device)
+            lam = torch.full((), float(lam), dtype=torch.float64, device=device)
         lam = lam.double().reshape(-1).expand(batch)
         relative = lam_scale == "relative"
 
+        if refine_steps != "auto":
+            # No host decision at all: every sample is rescaled by the power of two nearest
+            # its largest entry (exact; no Gram matrix can overflow or underflow), so only a
+            # failed factorisation is left to flag, on the device (see _solve_rescaled).
+            xi = _solve_rescaled(phi, target, lam, normalize, refine_steps, relative)
+            return xi.to(out_dtype)
         xi, trouble = _solve(phi, target, lam, normalize, refine_steps, False, relative)
-        if not torch.compiler.is_compiling():
-            invalid_lam = ~(torch.isfinite(lam) & (lam > 0))
-            if bool((trouble | invalid_lam).any()):  # one device synchronisation for both
-                if bool(invalid_lam.any()):
-                    raise ValueError(
-                        "lam must be finite and > 0; got a tensor lam with values "
-                        f"{lam[invalid_lam].detach().cpu().tolist()[:5]}."
-                    )
-                if torch.is_grad_enabled() and (phi.requires_grad or lam.requires_grad):
-                    # The troubled samples' first solve holds inf or NaN: even under a zero
-                    # gradient its backward gives NaN (0 * inf). Solve the batch again without
-                    # them (zero descriptors are finite and differentiable), then replace them.
-                    clean = phi.masked_fill(trouble[:, None, None], 0.0)
-                    xi, _ = _solve(clean, target, lam, normalize, refine_steps, False, relative)
-                xi = _resolve_troubled(
-                    xi, trouble, phi, target, lam, normalize, refine_steps, relative
-                )
+        if not torch.compiler.is_compiling() and bool(trouble.any()):  # one synchronisation
+            if torch.is_grad_enabled() and (phi.requires_grad or lam.requires_grad):
+                # The troubled samples' first solve holds inf or NaN: even under a zero
+                # gradient its backward gives NaN (0 * inf). Solve the batch again without
+                # them (zero descriptors are finite and differentiable), then replace them.
+                clean = phi.masked_fill(trouble[:, None, None], 0.0)
+                xi, _ = _solve(clean, target, lam, normalize, refine_steps, False, relative)
+            xi = _resolve_troubled(
+                xi, trouble, phi, target, lam, normalize, refine_steps, relative
+            )
     return xi.to(out_dtype)
+
+
+def check_lam_values(lam) -> None:
+    """ValueError unless ``lam`` is finite and > 0 everywhere; for a tensor one device
+    synchronisation, skipped while :mod:`torch.compile` traces (the layers, whose lam is
+    positive by construction, call the unchecked forms and have none)."""
+    if not isinstance(lam, torch.Tensor):
+        if not (math.isfinite(float(lam)) and float(lam) > 0):
+            raise ValueError(f"lam must be finite and > 0, got {lam!r}.")
+    elif not torch.compiler.is_compiling():
+        valid = torch.isfinite(lam) & (lam > 0)
+        if not bool(valid.all()):
+            raise ValueError(
+                "lam must be finite and > 0; got a tensor lam with values "
+                f"{lam.detach()[~valid].cpu().tolist()[:5]}."
+            )
 
 
 def check_options(lam_scale, refine_steps) -> None:
@@ -196,15 +242,32 @@ def _empty_result(features: torch.Tensor, lam) -> torch.Tensor:
     return out
 
 
-def _mean_squared_norm(gram: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """trace(G) / (real locations) per sample, (B,) float64, differentiable; 1 where it is 0 or
-    not finite (all-zero samples pool to zero whatever the ridge; overflowing ones are
-    re-solved rescaled, where it is computed again)."""
-    trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1).double()
+def _mean_squared_norm(phi, gram, target) -> torch.Tensor:
+    """trace(Phi^T Phi) / (real locations) per sample, (B,) float64, differentiable in ``phi``
+    (autograd carries the relative ridge's dependence on Phi), the trace taken from the Gram
+    matrix (either side's: both traces are ||Phi||_F^2) without another pass over Phi; 1
+    where it is 0 or not finite (all-zero samples pool to zero whatever the ridge;
+    overflowing ones are re-solved rescaled, where it is computed again)."""
+    trace = _SquaredNorm.apply(phi, gram.diagonal(dim1=1, dim2=2).sum(dim=1)).double()
     count = target.detach().sum(dim=1).double().clamp_min(1.0)
     mean = trace / count
     usable = torch.isfinite(mean.detach()) & (mean.detach() > 0)
     return torch.where(usable, mean, torch.ones_like(mean))
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """||Phi_b||_F^2 per sample, given (computed from the Gram matrix's diagonal) in the
+    forward; its gradient 2 Phi in the backward (differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, phi, trace):
+        ctx.save_for_backward(phi)
+        return trace.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (phi,) = ctx.saved_tensors
+        return phi * (2 * grad).to(phi.dtype)[:, None, None], None
 
 
 def _solve(
@@ -215,28 +278,36 @@ def _solve(
     refine_steps: int | str,
     robust: bool,
     relative: bool,
+    checked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve the ridge system on the smaller Gram matrix.
 
     ``phi`` (B, N, C), ``target`` (B, N) (1 at real locations, 0 at padding), ``lam`` (B,)
     float64 (times the mean squared norm when ``relative``). Returns the pooled (B, C) vectors
     and a (B,) bool flag of samples whose numbers cannot be trusted (overflow, underflow,
-    failed factorisation).
+    failed factorisation; without ``checked``, for descriptors rescaled by
+    :func:`_power_of_two_scales`, only the failed factorisations, in fewer operations).
+
+    The Gram matrix and its factor are computed outside autograd; :class:`_RidgeSolve` holds
+    the analytic backward, which reuses the factor. The ridge's dependence on ``lam`` and, when
+    ``relative``, on ``phi`` is left to autograd (a few (B,) operations).
     """
     dtype = phi.dtype
     finfo = torch.finfo(dtype)
     n_locations, n_channels = phi.shape[1:]
     dual = n_locations <= n_channels
-    phi_t = phi.transpose(1, 2)
-    gram = phi @ phi_t if dual else phi_t @ phi  # (B, n, n), n = min(N, C)
+    with torch.no_grad():
+        phi_t = phi.transpose(1, 2)
+        gram = phi @ phi_t if dual else phi_t @ phi  # (B, n, n), n = min(N, C)
     n = gram.shape[-1]
     if relative:
-        lam = lam * _mean_squared_norm(gram, target)
+        lam = lam * _mean_squared_norm(phi, gram, target)
 
-    diag = gram.detach().diagonal(dim1=1, dim2=2).double()  # (B, n)
+    diag = gram.diagonal(dim1=1, dim2=2).double()  # (B, n)
     scale2 = diag.amax(dim=1)  # s^2, largest squared descriptor (or column) norm
-    trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
-    underflow_or_zero = scale2 == 0  # all-zero descriptors, or a Gram matrix that underflowed
+    if checked:
+        trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
+        underflow_or_zero = scale2 == 0  # all-zero descriptors, or G underflowed
     scale2 = torch.where(torch.isfinite(scale2) & (scale2 > 0), scale2, torch.ones_like(scale2))
     unit_diag = diag / scale2[:, None]  # G_ii / s^2, in [0, 1]
 
@@ -248,50 +319,250 @@ def _solve(
     shrink = (lam_scaled * (finfo.eps / n)).clamp_min(1.0)
     ridge = lam_scaled / shrink  # (B,) float64, may require grad
     factor_ridge = torch.maximum(ridge[:, None], _ridge_floor(unit_diag, finfo.eps, n, robust))
-    # G + ridge s^2 I, in place: bmm saved its inputs, not its output, for backward.
-    system = gram
-    system.diagonal(dim1=1, dim2=2).add_((factor_ridge * scale2[:, None]).to(dtype))
-    factor, info = torch.linalg.cholesky_ex(system)
-    trouble = trouble | (info > 0)
-
-    # Dual: weights alpha on locations, xi = Phi^T alpha. Primal: xi directly.
-    rhs = target if dual else _weighted_sum(phi, target)
-    solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+    factor_diagonal = factor_ridge * scale2[:, None]  # (B, n) float64, may require grad
+    with torch.no_grad():
+        system = gram  # G + diag, in place (nothing else holds gram)
+        system.diagonal(dim1=1, dim2=2).add_(factor_diagonal.to(dtype))
+        factor, info = torch.linalg.cholesky_ex(system)
+    trouble = trouble | (info > 0) if checked else info > 0
 
     steps = 0 if dtype == torch.float64 else refine_steps
     if steps == "auto" and torch.compiler.is_compiling():
         steps = 0
     if steps:
         # Refinement and the float64 solve aim at the problem with the float64 floor.
-        exact_ridge = torch.maximum(
+        solve_diagonal = torch.maximum(
             ridge[:, None], _ridge_floor(unit_diag, torch.finfo(torch.float64).eps, n, robust)
         ) * scale2[:, None]
-    if steps == "auto":
-        xi = _auto_refine(
-            phi, target, exact_ridge, factor, solution, dual, diag, scale2,
-            ridge.detach(), system, trouble, finfo.eps,
-        )
-    elif steps:
-        xi, _ = _refine(phi, target, exact_ridge, factor, solution, dual, steps)
     else:
-        xi = _weighted_sum(phi, solution) if dual else solution
+        solve_diagonal = factor_diagonal
+    auto = (diag, scale2, ridge.detach(), trouble, finfo.eps) if steps == "auto" else None
+    xi, _, _ = _RidgeSolve.apply(phi, solve_diagonal, target, factor, system, dual, steps, auto)
 
     if normalize:  # the direction does not depend on the positive factor 1/shrink
         norm = torch.linalg.vector_norm(xi, dim=1, keepdim=True)
         xi = xi / torch.where(norm > 0, norm, torch.ones_like(norm))
-        finite = torch.isfinite(norm.detach()[:, 0])  # inf or NaN anywhere in xi reaches it
+        finite = torch.isfinite(norm.detach()[:, 0]) if checked else None  # inf/NaN reach it
     else:
         xi = (xi.double() / shrink[:, None]).to(dtype)
-        finite = torch.isfinite(xi.detach()).all(dim=1)
-    # All-zero descriptors pool to exactly zero; a nonzero result there means G underflowed.
-    trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
+        finite = torch.isfinite(xi.detach()).all(dim=1) if checked else None
+    if checked:
+        # All-zero descriptors pool to exactly zero; a nonzero result there: G underflowed.
+        trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
     return xi, trouble
+
+
+class _RidgeSolve(torch.autograd.Function):
+    r"""The unnormalised pooled vectors xi (B, C) of the ridge systems whose Cholesky factor
+    is given, with the analytic backward.
+
+    Inputs: ``phi`` (B, N, C); ``diagonal`` (B, n) float64, the diagonal D added to the Gram
+    matrix (the ridge, floored; differentiable); ``target`` (B, N) (1 at real locations);
+    ``factor`` (B, n, n), the Cholesky factor of ``system`` = Gram + D in the dtype of phi;
+    ``dual`` (N <= C: the N x N system); ``steps`` (0, an int, or "auto": the forward's float64
+    refinement, :mod:`skpool._core.gmp_refine`); ``auto`` (the arguments of
+    :func:`_auto_refine` that the solve does not hold).
+
+    Primal (G = Phi^T Phi + D, xi = G^-1 Phi^T t), with v = G^-1 xi_bar (one solve with the
+    saved factor): dPhi = (t - Phi xi) v^T - (Phi v) xi^T, dD = -v * xi. Dual (K = Phi Phi^T
+    + D, alpha = K^-1 t, xi = Phi^T alpha), with u = K^-1 Phi xi_bar: dPhi = alpha (xi_bar -
+    Phi^T u)^T - u xi^T, dD = -u * alpha. The two agree (u = Phi v, t - Phi xi = D alpha for a
+    scalar D). Costs a solve and O(N C) per sample, against the forward's factorisation.
+
+    The backward solve runs in the factor's precision. Where the forward refined (an int
+    ``steps``: that many float64 refinement steps of the backward solves too; ``"auto"``:
+    the samples whose result the refinement changed, detected on the device) the backward is
+    refined likewise (``"auto"``: its samples' gradients computed in float64). With
+    ``create_graph`` the backward is written in differentiable operations (its solves through
+    :class:`_FactorSolve`), so double backward works.
+
+    Outputs: xi (in the dtype of phi), and, not differentiable, the unrefined float32 solution
+    (alpha or xi) and the (B,) bool flag of the samples "auto" changed.
+    """
+
+    # forward takes ctx (no setup_context): Function.apply binds a setup_context-style
+    # forward's arguments through inspect.signature on every call, 0.1-0.2 ms per step.
+    @staticmethod
+    def forward(ctx, phi, diagonal, target, factor, system, dual, steps, auto):
+        rhs = target if dual else _weighted_sum(phi, target)
+        solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+        plain = _weighted_sum(phi, solution) if dual else solution
+        if steps == "auto":
+            diag, scale2, ridge, trouble, eps = auto
+            xi = _auto_refine(
+                phi, target, diagonal, factor, solution, dual, diag, scale2, ridge, system,
+                trouble, eps,
+            )
+            changed = (xi != plain).any(dim=1)
+        elif steps:
+            xi, _ = _refine(phi, target, diagonal, factor, solution, dual, steps)
+            changed = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
+        else:
+            xi = plain
+            changed = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
+        if xi is solution:  # primal, unrefined: the non-differentiable output is a copy
+            solution = solution.clone()
+        ctx.mark_non_differentiable(solution, changed)
+        ctx.save_for_backward(phi, diagonal, target, factor, xi, solution, changed)
+        ctx.dual, ctx.steps = dual, steps
+        return xi, solution, changed
+
+    @staticmethod
+    def backward(ctx, grad_xi, _grad_solution, _grad_changed):
+        phi, diagonal, target, factor, xi, solution, changed = ctx.saved_tensors
+        with torch.autocast(device_type=phi.device.type, enabled=False), \
+                highest_matmul_precision():
+            grad_phi, grad_diagonal = _ridge_solve_backward(
+                phi, diagonal, target, factor, xi, solution, changed, grad_xi, ctx.dual,
+                ctx.steps,
+            )
+        return grad_phi, grad_diagonal, None, None, None, None, None, None
+
+
+def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, grad, dual,
+                          steps):
+    """The gradients (dPhi, dD) of :class:`_RidgeSolve` (formulas in its docstring)."""
+    create_graph = torch.is_grad_enabled()
+    grad = grad.to(phi.dtype)
+    if create_graph:  # differentiable solves (the factor itself is a constant)
+        def solve(rhs):
+            return _FactorSolve.apply(phi, diagonal, rhs, factor, dual)
+    else:
+        refine = steps if isinstance(steps, int) else 0
+
+        def solve(rhs):
+            x = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+            return _refine_solve(phi, diagonal, factor, rhs, x, dual, refine) if refine else x
+
+    if dual:
+        alpha = solution
+        if create_graph or (isinstance(steps, int) and steps):
+            alpha = solve(target)  # differentiable, or refined like the forward
+        u = solve((phi @ grad[:, :, None])[..., 0])  # K^-1 Phi xi_bar, (B, N)
+        rest = grad - _weighted_sum(phi, u)  # xi_bar - Phi^T u = D v
+        grad_phi = _outer_difference(alpha, rest, u, xi)
+        grad_diagonal = -(u * alpha)
+    else:
+        v = solve(grad)  # G^-1 xi_bar, (B, C)
+        residual = target - (phi @ xi[:, :, None])[..., 0]  # t - Phi xi, (B, N)
+        phi_v = (phi @ v[:, :, None])[..., 0]
+        grad_phi = _outer_difference(residual, v, phi_v, xi)
+        grad_diagonal = -(v * xi)
+    grad_diagonal = grad_diagonal.to(diagonal.dtype)
+    if steps == "auto" and not create_graph and bool(changed.any()):  # "auto" synchronises
+        # The samples whose forward the refinement changed: their gradients in float64.
+        index = changed.nonzero()[:, 0]
+        fixed_phi, fixed_diagonal = _ridge_solve_backward_float64(
+            phi[index], diagonal[index], target[index], grad[index], dual
+        )
+        grad_phi = grad_phi.index_copy(0, index, fixed_phi.to(grad_phi.dtype))
+        grad_diagonal = grad_diagonal.index_copy(0, index, fixed_diagonal)
+    return grad_phi, grad_diagonal
+
+
+def _outer_difference(a, b, c, d):
+    """a b^T - c d^T per sample, (B, N, C) from (B, N), (B, C), (B, N), (B, C): one batched
+    product of (B, N, 2) by (B, 2, C), a single pass over the output."""
+    return torch.stack([a, -c], dim=2) @ torch.stack([b, d], dim=1)
+
+
+def _ridge_solve_backward_float64(phi, diagonal, target, grad, dual):
+    """:func:`_ridge_solve_backward` in float64 with a float64 factorisation (for the samples
+    whose forward needed float64 refinement or a float64 solve)."""
+    phi64 = phi.double()
+    phi64_t = phi64.transpose(1, 2)
+    system = phi64 @ phi64_t if dual else phi64_t @ phi64
+    factor, _ = torch.linalg.cholesky_ex(system + torch.diag_embed(diagonal))
+    target64 = target.double()
+    rhs = target64 if dual else _weighted_sum(phi64, target64)
+    solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+    xi = _weighted_sum(phi64, solution) if dual else solution
+    no_change = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
+    return _ridge_solve_backward(
+        phi64, diagonal, target64, factor, xi, solution, no_change, grad.double(), dual, 0
+    )
+
+
+class _FactorSolve(torch.autograd.Function):
+    r"""y = M^-1 b with M = Phi^T Phi + D (primal) or Phi Phi^T + D (dual) and its given
+    Cholesky factor, differentiable in Phi, D and b to any order (what the backward of
+    :class:`_RidgeSolve` calls under ``create_graph``). With w = M^-1 y_bar: db = w,
+    dD = -w * y, dPhi = -(Phi y) w^T - (Phi w) y^T (primal) or -w (Phi^T y)^T - y (Phi^T w)^T
+    (dual)."""
+
+    @staticmethod
+    def forward(ctx, phi, diagonal, rhs, factor, dual):
+        output = torch.cholesky_solve(rhs.to(factor.dtype)[:, :, None], factor)[..., 0]
+        ctx.save_for_backward(phi, diagonal, factor, output)
+        ctx.dual = dual
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        phi, diagonal, factor, y = ctx.saved_tensors
+        with torch.autocast(device_type=phi.device.type, enabled=False), \
+                highest_matmul_precision():
+            if torch.is_grad_enabled():
+                w = _FactorSolve.apply(phi, diagonal, grad_y, factor, ctx.dual)
+            else:
+                w = torch.cholesky_solve(grad_y.to(factor.dtype)[:, :, None], factor)[..., 0]
+            if ctx.dual:
+                phi_t_y, phi_t_w = _weighted_sum(phi, y), _weighted_sum(phi, w)
+                grad_phi = _outer_difference(-w, phi_t_y, y, phi_t_w)
+            else:
+                phi_y = (phi @ y[:, :, None])[..., 0]
+                phi_w = (phi @ w[:, :, None])[..., 0]
+                grad_phi = _outer_difference(-phi_y, w, phi_w, y)
+            grad_diagonal = -(w * y).to(diagonal.dtype)
+        return grad_phi, grad_diagonal, w, None, None
 
 
 def _ridge_floor(unit_diag: torch.Tensor, eps: float, n: int, robust: bool) -> torch.Tensor:
     """The factor's diagonal floor, (B, n) in units of s^2: ``eps * (G_ii + eps s^2)`` (times
-    n for the rescaled re-solve of troubled samples)."""
+    n for the rescaled solves)."""
     return (n if robust else 1) * eps * (unit_diag + eps)
+
+
+def _power_of_two_scales(phi: torch.Tensor):
+    """Exact per-sample rescaling of ``phi`` (B, N, C) by a power of two c = 2**-e, e the
+    exponent of its largest entry (amax <= 2**e < 2 amax; 1 for all-zero samples), clamped to
+    the normal range of the dtype so that c itself is a normal number: the rescaled largest
+    entry is in [1/2, 1) (in [2**-24, 8) for descriptors at the very limits of float32), so
+    no Gram matrix of finite descriptors overflows or underflows. Returns the rescaled
+    descriptors (one pass) and c (B,) float64. Non-finite samples stay as they are (their
+    result is NaN)."""
+    # frexp gives exponent 0 for 0 (scale 1); for inf or NaN whatever it gives is clamped
+    _, exponent = torch.frexp(_largest_magnitude(phi.detach()))
+    finfo = torch.finfo(phi.dtype)
+    limit = min(-math.frexp(finfo.tiny)[1], math.frexp(finfo.max)[1] - 1)  # 125 for float32
+    scales = torch.exp2((-exponent).clamp(-limit, limit).double())
+    return phi * scales.to(phi.dtype)[:, None, None], scales
+
+
+def _largest_magnitude(phi: torch.Tensor) -> torch.Tensor:
+    """max |phi[b]| per sample, (B,), NaN where phi[b] holds a NaN: two reductions without a
+    temporary, over the memory order (the layers' stacks are transposed views of
+    channels-first maps, over which a reduction across both axes is several times slower)."""
+    if not phi.is_contiguous() and phi.transpose(1, 2).is_contiguous():
+        phi = phi.transpose(1, 2)
+    flat = phi.reshape(len(phi), -1)
+    return torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # measured faster than aminmax
+
+
+def _solve_rescaled(phi, target, lam, normalize, refine_steps, relative):
+    """The ridge solution of every sample from its descriptors rescaled by
+    :func:`_power_of_two_scales`, without a device synchronisation: finite descriptors of any
+    magnitude can no longer overflow or underflow the Gram matrix. A factorisation that fails
+    anyway (a Gram matrix singular to working precision at a ridge below about
+    ``n * eps * G_ii``, where Cholesky's rounding exceeds the floor) gives NaN for its sample,
+    as do non-finite descriptors: ``refine_steps="auto"`` detects both and re-solves."""
+    phi, scales = _power_of_two_scales(phi)
+    # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
+    lam = lam if relative else lam * scales.square()
+    xi, failed = _solve(phi, target, lam, normalize, refine_steps, False, relative, False)
+    if not normalize:  # xi(Phi, lam) = c xi(c Phi, c^2 lam)
+        xi = (xi.double() * scales[:, None]).to(xi.dtype)
+    return xi.masked_fill(failed[:, None], torch.nan)
 
 
 def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, relative):
@@ -299,18 +570,9 @@ def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, re
     their largest entry: an exact rescaling (a nearly singular Gram matrix would turn the
     rounding of a division by the entry itself into an O(1) change of the result)."""
     index = trouble.nonzero()[:, 0]
-    sub = phi[index]
-    amax = sub.detach().abs().amax(dim=(1, 2)).double()
-    _, exponent = torch.frexp(torch.where(amax > 0, amax, torch.ones_like(amax)))
-    amax = torch.ldexp(torch.ones_like(amax), exponent)  # amax <= 2**e < 2 amax
-    # 2**-e in two factors: for subnormal descriptors 2**-e itself overflows the dtype
-    # (float32 from 1e-39 on), each half of the exponent does not.
-    first = torch.ldexp(torch.ones_like(amax), -(exponent // 2))
-    second = torch.ldexp(torch.ones_like(amax), exponent // 2 - exponent)
-    for factor in (first, second):
-        sub = sub * factor.to(sub.dtype)[:, None, None]
+    sub, scales = _power_of_two_scales(phi[index])
     # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
-    sub_lam = lam[index] if relative else lam[index] * (first * second).square()
+    sub_lam = lam[index] if relative else lam[index] * scales.square()
     fixed, still = _solve(
         sub, target[index], sub_lam, normalize, refine_steps, True, relative
     )
@@ -321,7 +583,7 @@ def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, re
             "too far from the descriptors' squared scale for the dtype to represent both."
         )
     if not normalize:
-        fixed = (fixed.double() / amax[:, None]).to(fixed.dtype)
+        fixed = (fixed.double() * scales[:, None]).to(fixed.dtype)
     return xi.index_copy(0, index, fixed)
 
 

@@ -203,3 +203,21 @@ def _solve_float64(phi, target, ridge, dual):
     solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
     xi = _weighted_sum(phi64, solution) if dual else solution
     return xi.to(phi.dtype)
+
+
+def _refine_solve(phi, diagonal, factor, rhs, solution, dual, steps):
+    """``steps`` float64 refinement steps of ``solution`` (B, n) of M x = ``rhs`` (B, n), M =
+    Phi^T Phi + D (primal) or Phi Phi^T + D (dual), D = ``diagonal`` (B, n) float64, with the
+    float32 Cholesky factor of M (the backward's solves, refined as the forward's were).
+    Returns x in the dtype of ``phi``."""
+    phi64 = phi.double()
+    rhs64 = rhs.double()
+    x = solution.double()
+    for _ in range(steps):
+        if dual:  # Phi (Phi^T x)
+            applied = (phi64 @ _weighted_sum(phi64, x)[:, :, None])[..., 0]
+        else:  # Phi^T (Phi x)
+            applied = _weighted_sum(phi64, (phi64 @ x[:, :, None])[..., 0])
+        residual = rhs64 - applied - diagonal * x
+        x = x + torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)[..., 0].double()
+    return x.to(phi.dtype)

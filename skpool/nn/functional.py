@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .._core.gmp import generalized_max_pool
+from .._core.gmp import _generalized_max_pool, check_lam_values, check_options
 from .._core.operator import apply_pooling_operator
 
 __all__ = [
@@ -60,7 +60,8 @@ def generalized_max_pool2d(
             ``"auto"`` (the default) makes float32 agree with the float64 solution, refining
             or solving in float64 only the samples whose error bound asks for it (device
             synchronisations; 0 steps while :mod:`torch.compile` traces); an int runs that
-            many steps; 0 keeps the forward free of synchronisations.
+            many steps (without device synchronisation, also in the backward, whose solves
+            are refined by as many steps); 0 is a plain float32 solve.
 
     Returns:
         Tensor of shape :math:`(B, C)` (or :math:`(B, C, 1, 1)`), in the dtype of ``x``; the
@@ -75,7 +76,17 @@ def generalized_max_pool2d(
             f"lam must be a float or a tensor of shape () or ({x.shape[0]},), "
             f"got shape {tuple(lam.shape)}."
         )
-    pooled = generalized_max_pool(
+    check_options(lam_scale, refine_steps)
+    check_lam_values(lam)  # a tensor's values: a device synchronisation
+    return _generalized_max_pool2d(x, lam, normalize, mask, keepdim, lam_scale, refine_steps)
+
+
+def _generalized_max_pool2d(x, lam, normalize, mask, keepdim, lam_scale, refine_steps):
+    """:func:`generalized_max_pool2d` without the checks of ``lam`` and the options (the
+    layer's are valid by construction; checking a tensor lam costs a device synchronisation
+    per call)."""
+    _check_maps(x, mask)
+    pooled = _generalized_max_pool(
         _to_stacks(x),
         lam,
         lam_scale=lam_scale,

@@ -78,11 +78,21 @@ class GeneralizedMaxPool2d(nn.Module):
     the features' scale), where a detached norm would give the gradient of another function.
 
     The solve (batched Cholesky on the smaller of the C×C and N×N Gram matrices) runs in
-    float32 at least, also under autocast; the output keeps the input's dtype. By default
-    (``refine_steps="auto"``) float32 results agree with the float64 solution of the same
-    values, also when channels or locations differ in scale by orders of magnitude: samples
-    whose error bound asks for it are refined in float64 or solved in float64 (a device
-    synchronisation per forward). The layer compiles with ``torch.compile(fullgraph=True)``
+    float32 at least and at "highest" float32 matmul precision, also under autocast and
+    whatever ``torch.set_float32_matmul_precision`` says; the output keeps the input's dtype
+    (under autocast, the dtype the previous layer produced: float16/bfloat16 after an
+    autocast convolution, float32 after a float32 one). The backward is analytic: one more
+    solve with the forward's Cholesky factor and O(N·C) products per sample (double backward
+    works too). In eval mode (``refine_steps="auto"``, the default) float32 results agree with
+    the float64 solution of the same values, also when channels or locations differ in scale
+    by orders of magnitude: samples whose error bound asks for it are refined in float64 or
+    solved in float64 (device synchronisations per forward); so it does under
+    ``torch.no_grad``. In a training step (training mode, autograd recording) ``"auto"`` is
+    the plain float32 solve: its host decisions would stall a GPU every step, and the
+    gradients are computed in float32 anyway; the training step makes no host-device
+    synchronisation (an int ``refine_steps`` refines that many steps without one), and a
+    sample whose solve fails (non-finite descriptors) gives NaN where eval mode raises. The
+    layer compiles with ``torch.compile(fullgraph=True)``
     (no graph break: while tracing, ``"auto"`` means no refinement and the core's check for
     overflowing Gram matrices is skipped, so compiled code is a plain float32 solve and assumes
     descriptors of moderate magnitude). TorchScript is not supported: the core uses Python
@@ -106,10 +116,11 @@ class GeneralizedMaxPool2d(nn.Module):
             convention). Keyword-only, so skorch routes it as ``module__lam_scale`` where the
             network passes it on. Default: "relative".
         refine_steps: float64 refinement of float32 solves (see
-            :func:`skpool._core.gmp.generalized_max_pool`): ``"auto"`` (the default; agrees
-            with float64 wherever the error bound needs it, at one device synchronisation per
-            forward and more where it refines), an int (that many steps), or 0 (fastest, no
-            synchronisation: a plain float32 solve, whose relative error is about
+            :func:`skpool._core.gmp.generalized_max_pool`): ``"auto"`` (the default; in eval
+            mode agrees with float64 wherever the error bound needs it, at one device
+            synchronisation per forward and more where it refines; in a training step 0), an
+            int (that many steps, forward and backward, without synchronisation), or 0
+            (fastest: a plain float32 solve, whose relative error is about
             eps32 · cond(G + λI): 1e-2 at λ = 1e-6·mean‖φ‖² with N = C, and O(1) when one
             channel (N ≤ C) or one location (N > C) is 1e3 times the others).
 
@@ -158,14 +169,9 @@ class GeneralizedMaxPool2d(nn.Module):
         return _at_least_float32(self.log_lam).clamp(*LOG_LAM_RANGE).exp()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.generalized_max_pool2d(
-            x,
-            self.lam,
-            self.normalize,
-            mask,
-            keepdim=not self.flatten,
-            lam_scale=self.lam_scale,
-            refine_steps=self.refine_steps,
+        return F._generalized_max_pool2d(
+            x, self.lam, self.normalize, mask, not self.flatten, self.lam_scale,
+            _step_refinement(self),
         )
 
     def extra_repr(self) -> str:
@@ -362,6 +368,16 @@ class SeparabilityPool2d(nn.Module):
             f"output_shape={'x'.join(map(str, self.output_shape))}, "
             f"channel_statistics={self.channel_mean is not None}, trainable={self.trainable}"
         )
+
+
+def _step_refinement(module) -> int | str:
+    """The refinement of this forward: ``"auto"`` decides on the host which samples to refine
+    (device synchronisations), so in a training step (training mode with autograd recording)
+    it is a plain float32 solve, the precision of the backward's gradients anyway (an int
+    refines without synchronising); in eval mode, and under ``torch.no_grad``, it refines."""
+    steps = module.refine_steps
+    training_step = module.training and torch.is_grad_enabled()
+    return 0 if steps == "auto" and training_step else steps
 
 
 def _check_positive(name: str, value) -> float:

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .._core.gmp import generalized_max_pool
-from .modules import LOG_LAM_RANGE, _at_least_float32, _setup_learnable_lam
+from .._core.gmp import _generalized_max_pool, generalized_max_pool
+from .modules import LOG_LAM_RANGE, _at_least_float32, _setup_learnable_lam, _step_refinement
 
 __all__ = ["generalized_max_pool_sequence", "SequenceGeneralizedMaxPool"]
 
@@ -81,7 +81,7 @@ def generalized_max_pool_sequence(
             )
     elif not (math.isfinite(float(lam)) and float(lam) > 0):
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}.")
-    return generalized_max_pool(
+    return generalized_max_pool(  # checks a tensor lam's values (a synchronisation)
         x, lam, normalize=normalize, mask=mask, lam_scale=lam_scale, refine_steps=refine_steps
     )
 
@@ -113,7 +113,10 @@ class SequenceGeneralizedMaxPool(nn.Module):
         learnable: learn λ (θ is an ``nn.Parameter``); otherwise θ is a buffer. Default: True.
         normalize: l2-normalise the pooled vectors (zero stays zero). Default: True.
         refine_steps: float64 refinement of float32 solves (0, an int, or ``"auto"``; see
-            :func:`skpool._core.gmp.generalized_max_pool`). Default: "auto", as the 2-D layer.
+            :func:`skpool._core.gmp.generalized_max_pool`). Default: "auto", as the 2-D layer:
+            in a training step (training mode, autograd recording) a plain float32 solve, so
+            that the training step makes no host-device synchronisation (see
+            :class:`~skpool.nn.GeneralizedMaxPool2d`).
 
     Shape:
         - Input: :math:`(B, N, D)` tokens; optional ``mask`` :math:`(B, N)` bool, True at valid
@@ -163,9 +166,10 @@ class SequenceGeneralizedMaxPool(nn.Module):
         return _at_least_float32(self.log_lam).clamp(*LOG_LAM_RANGE).exp()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return generalized_max_pool_sequence(
-            x, self.lam, mask, self.normalize, lam_scale=self.lam_scale,
-            refine_steps=self.refine_steps,
+        _check_sequences(x, mask)  # lam and the options are valid by construction
+        return _generalized_max_pool(
+            x, self.lam, normalize=self.normalize, mask=mask, lam_scale=self.lam_scale,
+            refine_steps=_step_refinement(self),
         )
 
     def extra_repr(self) -> str:

@@ -581,16 +581,18 @@ def test_layers_refuse_bad_arguments(call, error, message):
 def test_non_finite_maps_are_never_hidden_by_the_layers(layer):
     """Decision: like torch's own pooling layers, the layers do not scan their input for NaN
     (that would cost a device synchronisation per call). A non-finite sample never turns into a
-    finite, wrong result: GeneralizedMaxPool2d raises FloatingPointError naming finiteness (its
-    solve fails), the linear and order-statistic layers propagate NaN/inf to that sample's
-    output only, leaving the other samples exact."""
+    finite, wrong result: GeneralizedMaxPool2d in eval mode raises FloatingPointError naming
+    finiteness (its solve fails), and in a training step (no host decision, issue 27) gives
+    NaN for that sample like the linear and order-statistic layers, which propagate NaN/inf
+    to that sample's output only, leaving the other samples exact."""
     x = X_NCHW.clone()
     x[1, 0, 2, 2] = math.nan
     pool = LAYERS[layer]()
     if layer == "GeneralizedMaxPool2d":
         with pytest.raises(FloatingPointError, match="non-finite descriptors"):
-            pool(x)
-        return
+            pool.eval()(x)
+        pool.train()
+        x.requires_grad_(True)
     out = pool(x)
     assert not torch.isfinite(out[1]).all()
     # Exact: sample 0 has the same values in batches of the same shape, and no kernel mixes

@@ -117,14 +117,16 @@ def test_layer_float32_gradients_under_uneven_scales_are_finite_and_match_float6
     the float64 bound; a refined one's gradient differentiates the refinement steps, whose
     adjoint contracts at the same rate for the same number of steps as the forward, so it is
     within the refined forward's REFINE_TARGET-level bound; an unrefined one within the plain
-    float32 bound. gmp_reference.auto_solve_bound is the largest of the three that applies."""
+    float32 bound. gmp_reference.auto_solve_bound is the largest of the three that applies.
+    In eval mode: in a training step "auto" is the plain float32 solve (no host decision, issue
+    27), whose gradients test_gmp_backward.py bounds by eps32 * cond."""
     stacks = uneven(np.random.default_rng(3), (3, 16, 49), axis, ratio)
     weights = torch.from_numpy(np.random.default_rng(4).standard_normal((3, 49)))
     grads = []
     lam = 0.1
     for dtype in (torch.float32, torch.float64):
         maps = _to_maps(stacks).to(dtype).requires_grad_(True)
-        layer = GeneralizedMaxPool2d(lam=lam, lam_scale="absolute", dtype=dtype)
+        layer = GeneralizedMaxPool2d(lam=lam, lam_scale="absolute", dtype=dtype).eval()
         (layer(maps) * weights.to(dtype)).sum().backward()
         lam = float(layer.lam.detach())  # the float64 layer takes the float32 layer's lam
         grads.append((maps.grad.double(), layer.log_lam.grad.double()))
