@@ -15,7 +15,7 @@ Runs, each figure written beside its target (issue 30) as soon as it is measured
 5. ``gmp_layer``: ``GeneralizedMaxPool2d`` forward + backward over its forward, at the
    ResNet-18 head (4×4, 512) and (7×7, 2048), batch 256: target ≤ 2.5×.
 6. ``resnet18_step``: one SGD training step of the CIFAR ResNet-18 (32×32×3, batch 128) with
-   each global head of ``bench_training_step.py``, over the average head: GMP ≤ 1.15×.
+   each global head (avg, max, mixed, LSE, GMP), over the average head: GMP ≤ 1.15×.
 
 Beside the timed figures: the syncing calls of one call (``item``, ``tolist``, ``__bool__``,
 ``__float__``, ``__int__``, ``cpu``, ``numpy``, ``nonzero``, counted by a
@@ -61,7 +61,6 @@ sys.path[:0] = [str(HERE), str(ROOT)]  # the helpers beside this script, this tr
 
 import bench_gmp  # noqa: E402
 import bench_large_grid  # noqa: E402
-import bench_training_step  # noqa: E402
 from _timing import median_time, synchronize  # noqa: E402
 
 import skpool  # noqa: E402
@@ -376,7 +375,7 @@ def gmp_layer(report: Report, device, sizes, repeats):
 # --------------------------------------------------------------------------------------------
 # 6. A ResNet-18 training step with each head
 def resnet_steps(report: Report, device, sizes, repeats):
-    """The ResNet-18 step (``bench_training_step.py`` times the smaller CNN; its heads)."""
+    """The ResNet-18 step with each global head of ``skpool.models`` (GMP against average)."""
     from skpool.models import ResNet18
 
     size = sizes["resnet"]
@@ -385,7 +384,7 @@ def resnet_steps(report: Report, device, sizes, repeats):
                          device=device)
     labels = torch.randint(0, 10, (size["batch"],), generator=generator, device=device)
     times, memory, counted = {}, {}, {}
-    for head in bench_training_step.HEADS:
+    for head in RESNET_HEADS:
         torch.manual_seed(0)
         model = ResNet18(width_multiplier=size["width"], global_pool=head).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -408,6 +407,8 @@ def resnet_steps(report: Report, device, sizes, repeats):
         report.figure("resnet18_step", f"syncs per {head} step", counted[head]["total"],
                       "calls", ("==", 0), size=shape, calls=counted[head]["calls"])
 
+
+RESNET_HEADS = ("avg", "max", "mixed", "lse", "gmp")
 
 SECTIONS = [
     ("separability_fit", separability_fit),
