@@ -1,4 +1,5 @@
 """Learned pooling in your own network: a torchvision-style ResNet-18 and one fit_pooling call.
+============================================================================================
 
 Trains a ResNet-18 with torchvision's layout (conv1, bn1, relu, maxpool, layer1..layer4 of
 BasicBlocks with conv1/bn1/conv2/bn2/downsample, avgpool, fc) on SVHN-like digits
