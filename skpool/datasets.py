@@ -18,6 +18,8 @@ from sklearn.datasets import load_digits
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, validate_params
 
+from ._parameters import MAX_COUNT
+
 __all__ = ["make_svhn_like"]
 
 IMAGE_SIZE = 32
@@ -49,8 +51,8 @@ source_* : int64 of shape (n, 3), the index into load_digits() of the centre,
 
 @validate_params(
     {
-        "n_train": [Interval(Integral, 1, None, closed="left")],
-        "n_test": [Interval(Integral, 0, None, closed="left")],
+        "n_train": [Interval(Integral, 1, MAX_COUNT, closed="both")],
+        "n_test": [Interval(Integral, 0, MAX_COUNT, closed="both")],
         "reduced": ["boolean"],
         "color": ["boolean"],
         "test_source_fraction": [Interval(Real, 0, 1, closed="neither")],
@@ -145,6 +147,9 @@ def make_svhn_like(
     >>> X_train.shape, X_test.shape, y_train.dtype
     ((50, 1, 32, 32), (200, 1, 32, 32), dtype('int64'))
     """
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool):  # an Integral to scikit-learn's validation; never meant
+            raise TypeError(f"make_svhn_like's {name} must be an integer, got {value!r}.")
     seeds = np.random.SeedSequence(_entropy(random_state))
     split_seed, train_seed, test_seed = seeds.spawn(3)
     digits = load_digits()

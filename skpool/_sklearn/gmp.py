@@ -18,6 +18,7 @@ from .._core.gmp import generalized_max_pool
 from .._device import resolve_device
 from .._parameters import GENERALIZED_MAX_POOLING as _DEFAULTS
 from .._parameters import GENERALIZED_MAX_POOLING_CHOICES as _CHOICES
+from .._parameters import MAX_COUNT as _MAX_COUNT
 from ._validation import atomic_fit, check_stacks
 
 __all__ = ["GeneralizedMaxPooling"]
@@ -117,7 +118,7 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         "lam_scale": [StrOptions(set(_CHOICES["lam_scale"]))],
         "normalize": ["boolean"],
         "device": [str, torch.device],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
         "grid_shape": [tuple, list, None],
     }
 

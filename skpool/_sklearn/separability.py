@@ -20,6 +20,8 @@ from .._core.grid import average_pooling_operator
 from .._device import resolve_device
 from .._fitted import FittedOperator
 from .._parameters import SEPARABILITY_POOLING as _DEFAULTS
+from .._parameters import MAX_COUNT as _MAX_COUNT
+from .._parameters import MAX_MEMORY_MB as _MAX_MEMORY_MB
 from .._parameters import SEPARABILITY_POOLING_CHOICES as _CHOICES
 from ._batches import reiterable
 from ._fit_input import (
@@ -200,19 +202,19 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "alpha": [Interval(Real, 0, None, closed="left")],
-        "stride": [Interval(Integral, 1, None, closed="left")],
+        "alpha": [Interval(Real, 0, np.inf, closed="left")],
+        "stride": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
         "output_shape": [tuple, list, None],
-        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "n_components": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
         "norm": [StrOptions(set(_CHOICES["norm"]))],
         "normalize_channels": ["boolean"],
         "grid_shape": [tuple, list, None],
         "solver": [StrOptions(set(_CHOICES["solver"]))],
         "device": [str, torch.device],
         "dtype": [StrOptions(set(_CHOICES["dtype"]))],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_memory_mb": [Interval(Real, 0, None, closed="neither")],
-        "support_radius": [Interval(Real, 0, None, closed="neither"), None],
+        "batch_size": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
+        "max_memory_mb": [Interval(Real, 0, _MAX_MEMORY_MB, closed="right")],
+        "support_radius": [Interval(Real, 0, np.inf, closed="neither"), None],
         "distributed": ["boolean"],
         "verbose": ["verbose"],
     }

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._parameters import MAX_SEED
+
 # ---------------------------------------------------------------------------- input and output
 
 
@@ -95,8 +97,10 @@ def seed_from(random_state) -> int:
             f"{type(random_state).__name__}."
         )
     if isinstance(random_state, Integral):
-        if random_state < 0:
-            raise ValueError(f"random_state must be non-negative, got {random_state}.")
+        if not 0 <= random_state <= MAX_SEED:  # torch's generators take 64-bit seeds
+            raise ValueError(
+                f"random_state must be an integer in [0, 2**64 - 1], got {random_state}."
+            )
         return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1))

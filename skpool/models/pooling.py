@@ -30,6 +30,7 @@ from torch import nn
 
 from .._core.grid import average_pooling_operator, output_grid_shape
 from .._grid import check_grid
+from .._parameters import MAX_COUNT
 from ..nn import (
     GeneralizedMaxPool2d,
     LogSumExpPool2d,
@@ -290,7 +291,16 @@ def _per_point(name: str, value, n_points: int) -> tuple:
     return (value,) * n_points
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+def _check_count(name: str, value, high: int = MAX_COUNT) -> int:
+    """An integer in [1, high] (a ValueError naming ``name`` otherwise, a bool included)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an integer in [1, {high}], got {value!r}.")
     return int(value)
+
+
+def check_network_sizes(in_channels, n_classes) -> None:
+    """The sizes every network constructor takes: ``in_channels`` and ``n_classes``, integers
+    in [1, :data:`~skpool._parameters.MAX_COUNT`] (checked before any layer is built, so that a
+    bad value is named instead of failing inside ``Conv2d``)."""
+    _check_count("in_channels", in_channels)
+    _check_count("n_classes", n_classes)
