@@ -34,6 +34,7 @@ __all__ = [
     "MAX_COUNT",
     "MAX_MEMORY_MB",
     "MAX_SEED",
+    "MAX_REFINE_STEPS",
     "check_integer",
     "check_real",
     "check_bool",
@@ -99,6 +100,10 @@ GENERALIZED_MAX_POOLING_CHOICES = MappingProxyType({"lam_scale": ("relative", "a
 MAX_COUNT = 2**31 - 1
 #: Largest memory budget in MiB (1 EiB): its byte count stays an exact, finite integer.
 MAX_MEMORY_MB = 2.0**40
+#: Most fixed refinement steps of a GMP layer (``refine_steps=n``): each step multiplies the
+#: error by about cond(G + lam) * eps32 where refinement works at all, so a few steps reach
+#: float64's accuracy and more than this only spends time (a huge n would hang the layer).
+MAX_REFINE_STEPS = 100
 #: Largest integer seed (torch's and numpy's generators take 64-bit unsigned seeds).
 MAX_SEED = 2**64 - 1
 
@@ -152,7 +157,9 @@ def check_real(
 def check_bool(name: str, value) -> bool:
     """``value`` as a bool: True/False (or numpy's bools); anything else (None, 0/1, "no") is a
     TypeError naming ``name`` (truthiness would read "no" as True)."""
-    if type(value).__name__ == "bool_" or isinstance(value, bool):
+    kind = type(value)
+    numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool:
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
 

@@ -34,8 +34,6 @@ with step decay.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 

@@ -31,6 +31,7 @@ from sklearn.utils import column_or_1d
 from torch import nn
 
 from .._device import resolve_device
+from .._parameters import MAX_COUNT
 from ..retrieval_metrics import mean_average_precision
 from ._skorch import check_images
 from ._triplet import HardBatchTripletLoss, PKBatchSampler
@@ -110,11 +111,12 @@ class PoolingEmbeddingNet(nn.Module):
         )
         if embedding_dim is None:
             cnn.head = nn.Identity()
-        elif isinstance(embedding_dim, Integral) and embedding_dim >= 1:
+        elif isinstance(embedding_dim, Integral) and 1 <= embedding_dim <= MAX_COUNT:
             cnn.head = nn.Linear(cnn.head.in_features, int(embedding_dim))
         else:
             raise ValueError(
-                f"embedding_dim must be None or an integer >= 1, got {embedding_dim!r}."
+                f"embedding_dim must be None or an integer in [1, {MAX_COUNT}], got "
+                f"{embedding_dim!r}."
             )
         self.cnn = cnn
 

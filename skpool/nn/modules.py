@@ -10,12 +10,14 @@ a = sigmoid(ω).
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
 
 from .._core.gmp import check_options
 from .._grid import check_grid
+from .._parameters import MAX_REFINE_STEPS, check_bool, check_integer, check_real
 from . import functional as F
 
 __all__ = [
@@ -39,6 +41,9 @@ def _setup_learnable_lam(
     θ = log λ (an ``nn.Parameter`` when ``learnable``, else a buffer), in
     :data:`LOG_LAM_RANGE`."""
     lam = _check_positive("lam", lam)
+    learnable, normalize = check_bool("learnable", learnable), check_bool("normalize", normalize)
+    if isinstance(refine_steps, Integral) and not isinstance(refine_steps, bool):
+        refine_steps = check_integer("refine_steps", refine_steps, 0, MAX_REFINE_STEPS)
     check_options(lam_scale, refine_steps)
     log_lam = math.log(lam)
     if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
@@ -155,7 +160,7 @@ class GeneralizedMaxPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.flatten = flatten
+        self.flatten = check_bool("flatten", flatten)
         _setup_learnable_lam(
             self, lam, learnable, normalize, lam_scale, refine_steps, device, dtype
         )
@@ -271,7 +276,7 @@ class SeparabilityPool2d(nn.Module):
                     "channel_scale must be > 0 everywhere (a fitted scale is 1 for a constant "
                     "channel); it divides the input."
                 )
-        self.trainable = trainable
+        self.trainable = trainable = check_bool("trainable", trainable)
         for name, value in {"operator": operator, **stats}.items():
             if trainable and value is not None:
                 self.register_parameter(name, nn.Parameter(value))
@@ -370,10 +375,8 @@ class SeparabilityPool2d(nn.Module):
 
 
 def _check_positive(name: str, value) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return value
+    """A finite float > 0 (a TypeError naming ``name`` for None, strings, bools)."""
+    return check_real(name, value, 0.0, None, closed="neither")
 
 
 def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
