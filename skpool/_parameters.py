@@ -143,15 +143,21 @@ def check_real(
     above = low is None or (value >= low if closed in ("both", "left") else value > low)
     below = high is None or (value <= high if closed in ("both", "right") else value < high)
     if not (math.isfinite(value) and above and below):
-        left = "[" if closed in ("both", "left") else "("
-        right = "]" if closed in ("both", "right") else ")"
-        low_text = "-inf" if low is None else f"{low:g}"
-        high_text = "inf" if high is None else f"{high:g}"
-        raise ValueError(
-            f"{name} must be a finite number in {left}{low_text}, {high_text}{right}, "
-            f"got {value!r}."
-        )
+        raise ValueError(f"{name} must {_range_text(low, high, closed)}, got {value!r}.")
     return value
+
+
+def _range_text(low, high, closed) -> str:
+    """``"be a finite number > 0"``, ``"lie in (0, 1)"``: the words of :func:`check_real`."""
+    left_closed, right_closed = closed in ("both", "left"), closed in ("both", "right")
+    if low is not None and high is not None:
+        left, right = "[" if left_closed else "(", "]" if right_closed else ")"
+        return f"lie in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"be a finite number {'>=' if left_closed else '>'} {low:g}"
+    if high is not None:
+        return f"be a finite number {'<=' if right_closed else '<'} {high:g}"
+    return "be a finite number"
 
 
 def check_bool(name: str, value) -> bool:

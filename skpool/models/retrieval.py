@@ -30,7 +30,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import column_or_1d
 from torch import nn
 
-from .._device import resolve_device
+from .._device import CheckedMoves, resolve_device
 from .._parameters import MAX_COUNT
 from ..retrieval_metrics import mean_average_precision
 from ._skorch import check_images
@@ -50,7 +50,7 @@ __all__ = [
 LAM_PARAMETER_PATTERN = "*log_lam"
 
 
-class PoolingEmbeddingNet(nn.Module):
+class PoolingEmbeddingNet(CheckedMoves, nn.Module):
     r"""An image embedding network: :class:`~skpool.models.PoolingCNN`'s trunk, a global
     pooling, an optional linear projection, and l2 normalisation.
 

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from .._device import CheckedMoves
 from . import functional as F
 from .._parameters import check_bool, check_real
 from .modules import _check_positive, _register_scalar
@@ -16,7 +17,7 @@ from .modules import _check_positive, _register_scalar
 __all__ = ["MixedMaxAvgPool2d", "LogSumExpPool2d"]
 
 
-class MixedMaxAvgPool2d(nn.Module):
+class MixedMaxAvgPool2d(CheckedMoves, nn.Module):
     r"""Global mixed max/average pooling with a learnable mix (Lee et al. 2016; a baseline of
     Deep GMP).
 
@@ -71,7 +72,7 @@ class MixedMaxAvgPool2d(nn.Module):
         return f"mix={mix:.4g}, learnable={self.learnable}, flatten={self.flatten}"
 
 
-class LogSumExpPool2d(nn.Module):
+class LogSumExpPool2d(CheckedMoves, nn.Module):
     r"""Global log-sum-exp pooling with a learnable sharpness r (Pinheiro & Collobert 2015;
     a baseline of Deep GMP).
 

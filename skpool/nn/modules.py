@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._core.gmp import check_options
+from .._device import CheckedMoves, check_device
 from .._grid import check_grid
 from .._parameters import MAX_REFINE_STEPS, check_bool, check_integer, check_real
 from . import functional as F
@@ -58,7 +59,7 @@ def _setup_learnable_lam(
     _register_scalar(module, "log_lam", log_lam, learnable, device, dtype)
 
 
-class GeneralizedMaxPool2d(nn.Module):
+class GeneralizedMaxPool2d(CheckedMoves, nn.Module):
     r"""Global generalized max pooling with a learnable ridge λ (Deep GMP).
 
     Each sample's :math:`N = H W` descriptors :math:`\phi_i \in \mathbb{R}^C` (the rows of
@@ -189,7 +190,7 @@ class GeneralizedMaxPool2d(nn.Module):
         )
 
 
-class SeparabilityPool2d(nn.Module):
+class SeparabilityPool2d(CheckedMoves, nn.Module):
     r"""Separability pooling (Birodkar et al. 2019) with a fitted, spatially varying operator.
 
     A linear pooling operator :math:`P \in \mathbb{R}^{k \times M \times N}` maps the
@@ -250,6 +251,7 @@ class SeparabilityPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_device(device)
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         operator = _copy_as_tensor(operator, factory, "operator")
         if operator.ndim != 3:
@@ -393,6 +395,7 @@ def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
 
 def _register_scalar(module, name, value, learnable, device, dtype):
     """A scalar parameter (learnable) or buffer (fixed), saved in the state_dict either way."""
+    check_device(device)
     tensor = torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype())
     if learnable:
         module.register_parameter(name, nn.Parameter(tensor))
