@@ -33,7 +33,7 @@ from torch import nn
 from .._device import CheckedMoves, resolve_device
 from .._parameters import MAX_COUNT
 from ..retrieval_metrics import mean_average_precision
-from ._skorch import check_images
+from ._skorch import check_images, check_labels, keeps_fit_on_failure
 from ._triplet import HardBatchTripletLoss, PKBatchSampler
 from .cnn import PoolingCNN
 
@@ -280,6 +280,7 @@ class PoolingEmbedder(NeuralNet):
             kwargs.pop(batching, None)  # the batch sampler decides these
         return self.iterator_train(dataset, batch_sampler=sampler, **kwargs)
 
+    @keeps_fit_on_failure
     def fit(self, X, y=None, **fit_params):
         """Train on images X (n, H, W) or (n, C, H, W) with labels y (n,), any kind."""
         X = check_images(X)
@@ -288,6 +289,7 @@ class PoolingEmbedder(NeuralNet):
         y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else y, warn=True)
         if len(y) != len(X):
             raise ValueError(f"y has {len(y)} labels for {len(X)} images; give one per image.")
+        y = check_labels(y, len(X))  # as the classifiers: no None, NaN or continuous labels
         encoder = LabelEncoder().fit(y)
         codes = encoder.transform(y).astype(np.int64)
         # Check the sampler's parameters and the labels before any training.

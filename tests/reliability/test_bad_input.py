@@ -748,13 +748,15 @@ def test_classifier_predict_refuses_bad_images(fitted_classifier, method, X, err
         getattr(fitted_classifier, method)(X)
 
 
-def test_one_class_training_set_is_allowed_for_plain_networks():
-    """Decision: PoolingCNNClassifier and DGMPClassifier accept training labels of one class
-    (skorch's convention: the classes are the module's 0..n_classes-1 outputs, so a fold
-    holding one class is degenerate, not malformed). SeparabilityPoolingClassifier refuses it
-    (see the table above): separability needs two classes."""
+def test_one_class_training_set_is_refused_unless_classes_lists_more():
+    """Decision (issue 28): every classifier refuses training labels of one class, as
+    SeparabilityPoolingClassifier and scikit-learn's classifiers do (a one-class classifier
+    learns nothing); ``classes=[...]`` listing two or more allows a fold or batch holding
+    one of them."""
     for classifier in (PoolingCNNClassifier, DGMPClassifier):
-        net = classifier(**TINY_NET, random_state=0).fit(IMAGES, np.full(20, 3))
+        with pytest.raises(ValueError, match=r"at least two classes; got only \[3\]"):
+            classifier(**TINY_NET, random_state=0).fit(IMAGES, np.full(20, 3))
+        net = classifier(**TINY_NET, random_state=0, classes=[3, 4]).fit(IMAGES, np.full(20, 3))
         assert np.all(np.isfinite(net.predict_proba(IMAGES)))
 
 
