@@ -98,7 +98,9 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     estimated error is below 1e-6, and those whose refinement cannot get there (a nearly
     rank-deficient Gram matrix at small ``lam``, or one location or channel far above the
     others, so that one direction dominates G) are solved in float64. Output dtype follows the
-    input: float32 for float32, float64 otherwise.
+    input: float32 for floating input of at most 32 bits (numpy float16/float32, torch
+    float16/bfloat16/float32, a list of float32 rows), float64 otherwise (float64, integers,
+    booleans, Python numbers).
 
     References
     ----------
@@ -174,7 +176,8 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Returns
         -------
         ndarray of shape (n, C)
-            float32 for float32 input, float64 otherwise.
+            float32 for floating input of at most 32 bits (float16, bfloat16, float32; a list
+            of float32 rows), float64 otherwise.
         """
         self._validate_params()
         device = resolve_device(self.device)

@@ -180,7 +180,7 @@ def test_estimators_refuse_bad_X(face, case):
         pytest.param(np.round(MAPS * 10).astype(np.int8), np.float64, id="int8"),
         pytest.param(np.abs(np.round(MAPS * 10)).astype(np.uint8), np.float64, id="uint8"),
         pytest.param(MAPS > 0, np.float64, id="bool"),
-        pytest.param(MAPS.astype(np.float16), np.float64, id="numpy-float16"),
+        pytest.param(MAPS.astype(np.float16), np.float32, id="numpy-float16"),  # as torch's
         pytest.param(MAPS.astype(object), np.float64, id="numeric-object"),
         pytest.param(torch.from_numpy(np.round(MAPS * 10)).long(), np.float64, id="torch-int64"),
         pytest.param(torch.from_numpy(MAPS > 0), np.float64, id="torch-bool"),
@@ -190,8 +190,8 @@ def test_estimators_refuse_bad_X(face, case):
 )
 def test_accepted_dtypes_are_converted(X, out_dtype):
     """Decision (the dtype policy of the module docstring): numeric non-complex input is
-    accepted and computed in float64, except float32 input (and torch's half floats), which
-    is computed and returned in float32. The numbers equal those of the float64 conversion."""
+    accepted and computed in float64, except float32 input (and numpy's and torch's half
+    floats, issue 28), which is computed and returned in float32. The numbers equal those of the float64 conversion."""
     as_float64 = (
         X.double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
     )
