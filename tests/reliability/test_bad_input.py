@@ -191,7 +191,8 @@ def test_estimators_refuse_bad_X(face, case):
 def test_accepted_dtypes_are_converted(X, out_dtype):
     """Decision (the dtype policy of the module docstring): numeric non-complex input is
     accepted and computed in float64, except float32 input (and numpy's and torch's half
-    floats, issue 28), which is computed and returned in float32. The numbers equal those of the float64 conversion."""
+    floats, issue 28), which is computed and returned in float32. The numbers equal those of
+    the float64 conversion."""
     as_float64 = (
         X.double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
     )
