@@ -100,7 +100,7 @@ class FeatureStacks:
             )
             for row, i in enumerate(index):  # copies only; the math is batched below
                 batch[row, : lengths[i]] = _to_tensor(self.data[i], self.dtype, device)
-            _check_finite(batch, int(index[0]))
+            _check_finite(batch, int(index[0]), index)
             lengths_t = torch.as_tensor(lengths[index], device=device)
             mask = torch.arange(longest, device=device)[None, :] < lengths_t[:, None]
             yield index, batch, mask
@@ -385,9 +385,14 @@ def _to_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.from_numpy(array).to(device)
 
 
-def _check_finite(batch: torch.Tensor, first_sample: int) -> None:
+def _check_finite(batch: torch.Tensor, first_sample: int, index=None) -> None:
+    """ValueError naming the first sample (its index in X; ``index`` maps the batch's rows to
+    it when they are not ``first_sample, first_sample + 1, ...``) that holds NaN or infinity."""
     if not bool(torch.isfinite(batch).all()):
+        bad_rows = (~torch.isfinite(batch)).flatten(1).any(dim=1).nonzero()[:, 0].tolist()
+        samples = sorted(first_sample + r if index is None else int(index[r]) for r in bad_rows)
+        where = f"sample {samples[0]}" + (f" and {len(samples) - 1} more" if samples[1:] else "")
         raise ValueError(
-            "Input X contains NaN or infinity (in the batch starting at sample "
+            f"Input X contains NaN or infinity in {where} (in the batch starting at sample "
             f"{first_sample}); skpool needs finite features."
         )
