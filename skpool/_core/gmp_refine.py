@@ -15,8 +15,9 @@ import torch
 __all__ = ["AUTO_REFINE_TOLERANCE", "REFINE_TARGET"]
 
 #: With ``refine_steps="auto"``, float32 solves are refined when the bound
-#: ``eps32 * (lambda_max(G) + lam) / lam`` on their relative error exceeds this tolerance
-#: (``lambda_max`` bounded above by the trace and by the largest absolute row sum of G).
+#: ``eps32 * (lambda_max(G) + lam) / lam`` on their relative error, times the cancellation
+#: factor of :func:`_cancellation`, exceeds this tolerance (``lambda_max`` bounded above by
+#: the trace and by the largest absolute row sum of G).
 AUTO_REFINE_TOLERANCE = 1e-4
 #: With ``refine_steps="auto"``, a refined sample stops once the error left after its last
 #: correction, estimated as ``correction * rho / (1 - rho)`` from the observed contraction

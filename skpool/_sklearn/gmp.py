@@ -93,8 +93,10 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     -----
     Float32 input is solved in float32 and agrees with the float64 solution of the same
     values: where the error bound ``eps32 * (lambda_max(G) + lam) / lam`` of a plain float32
-    Cholesky solve exceeds 1e-4 (small ``lam``, many locations, or channels or locations of
-    very different magnitudes), samples are refined with float64 residuals until their
+    Cholesky solve, times the cancellation ``1 + rho`` of the float32 sum (``rho =
+    || |Phi|^T 1 || / || Phi^T 1 ||``, large for channels centred over the data) and
+    ``max(1, N / 1024)``, exceeds 1e-4 (small ``lam``, many locations, cancelling sums, or
+    channels or locations of very different magnitudes), samples are refined with float64 residuals until their
     estimated error is below 1e-6, and those whose refinement cannot get there (a nearly
     rank-deficient Gram matrix at small ``lam``, or one location or channel far above the
     others, so that one direction dominates G) are solved in float64. Output dtype follows the
