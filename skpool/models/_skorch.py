@@ -17,6 +17,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 
 from .._device import resolve_device
+from .._parameters import MAX_SEED, check_integer
 from .cnn import PoolingCNN
 
 #: The parameters of λ (``GeneralizedMaxPool2d.log_lam``), as a skorch param-group pattern.
@@ -95,6 +96,13 @@ def keeps_fit_on_failure(method):
 
     wrapper.keeps_fit_on_failure = True
     return wrapper
+
+
+def seed_torch(random_state) -> None:
+    """Seed torch with ``random_state`` (None: leave it), an integer in [0, 2**64 - 1] (the
+    range torch's generator takes; a ValueError naming it otherwise)."""
+    if random_state is not None:
+        torch.manual_seed(check_integer("random_state", random_state, 0, MAX_SEED))
 
 
 def check_labels(y, n_samples: int) -> np.ndarray:
@@ -212,8 +220,7 @@ class PoolingCNNClassifier(NeuralNetClassifier):
     # -- training ------------------------------------------------------------------------------
     def initialize(self):
         self.device = str(resolve_device(self.device))
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
+        seed_torch(self.random_state)
         return super().initialize()
 
     @keeps_fit_on_failure

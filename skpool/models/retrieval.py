@@ -33,7 +33,7 @@ from torch import nn
 from .._device import CheckedMoves, resolve_device
 from .._parameters import MAX_COUNT
 from ..retrieval_metrics import mean_average_precision
-from ._skorch import check_images, check_labels, keeps_fit_on_failure
+from ._skorch import check_images, check_labels, keeps_fit_on_failure, seed_torch
 from ._triplet import HardBatchTripletLoss, PKBatchSampler
 from .cnn import PoolingCNN
 
@@ -233,8 +233,7 @@ class PoolingEmbedder(NeuralNet):
 
     def initialize(self):
         self.device = str(resolve_device(self.device))
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
+        seed_torch(self.random_state)
         return super().initialize()
 
     def get_params_for(self, prefix):

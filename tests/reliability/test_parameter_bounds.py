@@ -105,3 +105,15 @@ def test_shared_checks_name_the_parameter():
     with pytest.raises(ValueError, match="lam"):
         check_real("lam", 1e309, 0, None, closed="neither")
     assert check_real("lam", torch.tensor(2.0), 0) == 2.0
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, 1.5])
+def test_skorch_models_seed_is_checked_by_name(seed):
+    from skpool.models import PoolingCNNClassifier
+    from skpool.models.retrieval import PoolingEmbedder
+
+    images = np.zeros((8, 8, 8), dtype=np.float32)
+    for model in (PoolingCNNClassifier, PoolingEmbedder):
+        with pytest.raises((TypeError, ValueError), match="random_state"):
+            model(random_state=seed, module__width=4, module__n_stages=1, max_epochs=1,
+                  device="cpu").fit(images, np.arange(8) % 2)
