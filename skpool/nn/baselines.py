@@ -12,7 +12,7 @@ from torch import nn
 from .._device import CheckedMoves
 from . import functional as F
 from .._parameters import check_bool, check_real
-from .modules import _check_positive, _register_scalar
+from .modules import _check_float_dtype, _check_positive, _register_scalar
 
 __all__ = ["MixedMaxAvgPool2d", "LogSumExpPool2d"]
 
@@ -117,6 +117,7 @@ class LogSumExpPool2d(CheckedMoves, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        _check_float_dtype(dtype)
         r_min = _check_positive("r_min", r_min)
         r = _check_positive("r", r)
         if not r > r_min:

@@ -252,6 +252,7 @@ class SeparabilityPool2d(CheckedMoves, nn.Module):
     ) -> None:
         super().__init__()
         check_device(device)
+        _check_float_dtype(dtype)
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         operator = _copy_as_tensor(operator, factory, "operator")
         if operator.ndim != 3:
@@ -381,6 +382,13 @@ def _check_positive(name: str, value) -> float:
     return check_real(name, value, 0.0, None, closed="neither")
 
 
+def _check_float_dtype(dtype) -> None:
+    """A layer's ``dtype`` is None (the default dtype) or a floating torch dtype: an integer
+    dtype would truncate λ or the operator (its channel scales to 0) and fail far from here."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch dtype, got {dtype!r}.")
+
+
 def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
     """A real, finite tensor copy of an array or tensor: the layer never aliases (then trains)
     its source."""
@@ -396,6 +404,7 @@ def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
 def _register_scalar(module, name, value, learnable, device, dtype):
     """A scalar parameter (learnable) or buffer (fixed), saved in the state_dict either way."""
     check_device(device)
+    _check_float_dtype(dtype)
     tensor = torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype())
     if learnable:
         module.register_parameter(name, nn.Parameter(tensor))

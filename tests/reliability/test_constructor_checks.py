@@ -114,3 +114,16 @@ def test_resnet_parameters_named(params, name):
 def test_embedding_net_dimension_bound():
     with pytest.raises(ValueError, match="embedding_dim"):
         PoolingEmbeddingNet(width=4, n_stages=1, embedding_dim=10**30)
+
+
+# ----------------------------------------------------------------- found in this issue's review
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32", np.float32])
+def test_layer_dtype_must_be_a_floating_torch_dtype(dtype):
+    """An integer dtype truncated the operator (SeparabilityPool2d then blamed its channel
+    scales: "must be > 0") or failed inside nn.Parameter."""
+    for make in (lambda: GeneralizedMaxPool2d(dtype=dtype), lambda: LogSumExpPool2d(dtype=dtype),
+                 lambda: SeparabilityPool2d(np.eye(4)[None], np.zeros(2), np.ones(2),
+                                            output_shape=(2, 2), dtype=dtype)):
+        with pytest.raises(TypeError, match="dtype"):
+            make()
+    assert GeneralizedMaxPool2d(dtype=torch.float64).log_lam.dtype == torch.float64

@@ -66,3 +66,16 @@ def test_corruption_names_must_be_names(name):
     images = np.zeros((2, 1, 8, 8), dtype=np.float32)
     with pytest.raises(TypeError, match=name):
         evaluate_corruptions(_Constant(), images, np.zeros(2), **{name: 5})
+
+
+# ----------------------------------------------------------------- found in this issue's review
+@pytest.mark.parametrize("dtype, value_range", [(np.float32, (0.0, 1e308)),
+                                                (np.float16, (0.0, 1e5))])
+def test_value_range_beyond_the_images_dtype_is_named(dtype, value_range):
+    """float32 images in value_range (0, 1e308) came back as inf/NaN from corrupt."""
+    from skpool.evaluation import corrupt
+
+    images = (np.random.default_rng(0).random((2, 1, 8, 8)) * 100).astype(dtype)
+    with pytest.raises(ValueError, match="value_range"):
+        corrupt(images, "brightness", 3, value_range=value_range)
+    assert np.isfinite(corrupt(images, "brightness", 3, value_range=(0.0, 100.0))).all()
