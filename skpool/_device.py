@@ -56,9 +56,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type in _ACCELERATORS:
         name, available, count = _ACCELERATORS[resolved.type]
         if not available():
+            where = "backends.mps" if resolved.type == "mps" else resolved.type
             raise ValueError(
                 f"device={str(device)!r} was requested but {name} is not available "
-                f"on this machine (torch.{resolved.type}.is_available() is False); use "
+                f"on this machine (torch.{where}.is_available() is False); use "
                 "device='cpu' or device='auto'."
             )
         if resolved.index is not None and resolved.index >= count():
