@@ -300,6 +300,7 @@ class SeparabilityPool2d(CheckedMoves, nn.Module):
             channel_statistics: apply the fit's channel normalisation, as the estimator's
                 ``transform`` does; with False the layer applies the operator alone.
         """
+        channel_statistics = check_bool("channel_statistics", channel_statistics)
         stats = (fitted.channel_mean, fitted.channel_scale) if channel_statistics else ()
         return cls(
             fitted.operator, *stats, trainable=trainable, output_shape=fitted.output_shape,

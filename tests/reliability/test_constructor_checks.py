@@ -127,3 +127,16 @@ def test_layer_dtype_must_be_a_floating_torch_dtype(dtype):
         with pytest.raises(TypeError, match="dtype"):
             make()
     assert GeneralizedMaxPool2d(dtype=torch.float64).log_lam.dtype == torch.float64
+
+
+def test_to_module_channel_statistics_must_be_a_boolean():
+    """``channel_statistics="no"`` applied the statistics (truthiness)."""
+    from skpool import SeparabilityPooling
+
+    from .helpers import labelled_maps
+
+    maps, labels = labelled_maps(n_samples=8, grid=(4, 4))
+    fitted = SeparabilityPooling(device="cpu").fit(maps, labels).fitted_operator_
+    with pytest.raises(TypeError, match="channel_statistics"):
+        fitted.to_module(channel_statistics="no")
+    assert fitted.to_module(channel_statistics=False).channel_mean is None
