@@ -109,3 +109,16 @@ def test_saved_and_reloaded_operator_keeps_the_fit_params(tmp_path):
     assert loaded.stride == 2
     np.testing.assert_array_equal(loaded.separability_ratios(MAPS, LABELS).average,
                                   expected.average)
+
+
+def test_estimator_pickled_before_fit_params_were_kept_asks_for_a_refit():
+    """An estimator without the fit's parameters (pickled by an older skpool) reads the
+    current ones, and refuses, asking for a refit, where they no longer give its grid."""
+    pool = SeparabilityPooling(stride=2, device="cpu").fit(MAPS, LABELS)
+    expected = pool.separability_ratios(MAPS, LABELS)
+    del pool.__dict__["_fit_params"]
+    np.testing.assert_array_equal(pool.separability_ratios(MAPS, LABELS).average,
+                                  expected.average)  # same parameters: same answer
+    pool.set_params(stride=3)
+    with pytest.raises(ValueError, match="refit"):
+        pool.separability_ratios(MAPS, LABELS)
