@@ -117,3 +117,14 @@ def test_skorch_models_seed_is_checked_by_name(seed):
         with pytest.raises((TypeError, ValueError), match="random_state"):
             model(random_state=seed, module__width=4, module__n_stages=1, max_epochs=1,
                   device="cpu").fit(images, np.arange(8) % 2)
+
+
+@pytest.mark.parametrize("params, name", [({"n_batches": 10**30}, "n_batches"),
+                                          ({"n_batches": True}, "n_batches"),
+                                          ({"n_labels_per_batch": True}, "n_labels_per_batch")])
+def test_pk_sampler_sizes_are_bounded_by_name(params, name):
+    """n_batches=10**30 gave a sampler whose len() overflowed (found in this issue's review)."""
+    from skpool.models.retrieval import PKBatchSampler
+
+    with pytest.raises(ValueError, match=name):
+        PKBatchSampler(np.arange(8) % 2, **{"n_labels_per_batch": 2, **params})
