@@ -1,8 +1,10 @@
 """Device resolution shared by every face of skpool (no sklearn import).
 
 A ``device`` parameter is stored unchanged by the estimators and resolved here when it
-is used: ``"auto"`` means CUDA when available, otherwise CPU; asking for CUDA where
-there is none is a clear :class:`ValueError`, never a silent fallback.
+is used: ``"auto"`` means CUDA when available, otherwise CPU; asking for an accelerator (CUDA,
+MPS, XPU) where there is none is a clear :class:`ValueError`, never a silent fallback. The
+layers and networks check their constructors' ``device`` and their moves (``.to``, ``.cuda``)
+here too (:func:`check_device`, :class:`CheckedMoves`).
 
 Also decided here for every device: whether skpool takes its GPU paths there
 (:func:`takes_gpu_paths`) and the solve's memory budget from the device's free memory
@@ -18,6 +20,8 @@ import torch
 __all__ = [
     "resolve_device",
     "describe_device",
+    "check_device",
+    "CheckedMoves",
     "takes_gpu_paths",
     "free_memory",
     "memory_budget",
@@ -29,7 +33,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
     Parameters
     ----------
-    device : {"auto", "cpu", "cuda", "cuda:<index>"}, torch.device or None
+    device : {"auto", "cpu", "cuda", "cuda:<index>", "mps", "xpu"}, torch.device or None
         ``None`` and ``"auto"`` pick ``"cuda"`` when :func:`torch.cuda.is_available`
         and ``"cpu"`` otherwise.
 
@@ -40,8 +44,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     Raises
     ------
     ValueError
-        If the string is not a device torch knows, if CUDA is requested but not
-        available, or if the CUDA index is out of range.
+        If the string is not a device torch knows, if an accelerator (CUDA, MPS, XPU) is
+        requested but not available, or if its index is out of range.
     TypeError
         If ``device`` is neither a string nor a :class:`torch.device`.
     """
@@ -61,23 +65,70 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise TypeError(
             f"device must be a string or a torch.device, got {type(device).__name__}."
         )
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
+    if resolved.type in _ACCELERATORS:
+        name, available, count = _ACCELERATORS[resolved.type]
+        if not available():
+            where = "backends.mps" if resolved.type == "mps" else resolved.type
             raise ValueError(
-                f"device={str(device)!r} was requested but CUDA is not available "
-                "on this machine (torch.cuda.is_available() is False); use "
+                f"device={str(device)!r} was requested but {name} is not available "
+                f"on this machine (torch.{where}.is_available() is False); use "
                 "device='cpu' or device='auto'."
             )
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        if resolved.index is not None and resolved.index >= count():
             raise ValueError(
                 f"device={str(device)!r} was requested but only "
-                f"{torch.cuda.device_count()} CUDA device(s) are visible."
+                f"{count()} {name} device(s) are visible."
             )
-    elif resolved.type not in ("cpu", "mps", "xpu"):
+    elif resolved.type != "cpu":
         raise ValueError(
-            f"Unsupported device {str(device)!r}: expected 'auto', 'cpu' or 'cuda'."
+            f"Unsupported device {str(device)!r}: expected 'auto', 'cpu', 'cuda', 'mps' or "
+            "'xpu'."
         )
     return resolved
+
+
+def _xpu_available() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+#: The accelerators a ``device`` may name: their name in messages, whether this machine has
+#: one, and how many it has (what torch would otherwise answer with its own RuntimeError or
+#: AssertionError, deep inside the first tensor moved there).
+_ACCELERATORS = {
+    "cuda": ("CUDA", torch.cuda.is_available, torch.cuda.device_count),
+    "mps": ("MPS", lambda: torch.backends.mps.is_available(), lambda: 1),
+    "xpu": ("XPU", _xpu_available, lambda: torch.xpu.device_count()),
+}
+
+
+def check_device(device) -> None:
+    """Refuse, with :func:`resolve_device`'s ValueError, a ``device`` argument of a torch
+    factory or move (a string, a :class:`torch.device`, a CUDA index, or None for the
+    default) that names an accelerator this machine lacks; the layers' constructors call it
+    and :class:`CheckedMoves` their ``.to``/``.cuda``/``.xpu``."""
+    if device is None:
+        return
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = torch.device(device)  # an index means the current accelerator (torch's rule)
+    resolve_device(device)
+
+
+class CheckedMoves:
+    """A mixin for :class:`torch.nn.Module`: ``.to``, ``.cuda`` and ``.xpu`` check the target
+    device with :func:`check_device` before moving anything, so a missing accelerator is the
+    same ValueError as everywhere else in skpool (not torch's AssertionError)."""
+
+    def to(self, *args, **kwargs):
+        check_device(torch._C._nn._parse_to(*args, **kwargs)[0])
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None):
+        check_device(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+        return super().cuda(device)
+
+    def xpu(self, device=None):
+        check_device(torch.device("xpu", device) if isinstance(device, int) else device or "xpu")
+        return super().xpu(device)
 
 
 def describe_device(device: str | torch.device | None = "auto") -> str:

@@ -18,11 +18,18 @@ from sklearn.datasets import load_digits
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, validate_params
 
+from ._parameters import MAX_COUNT
+
 __all__ = ["make_svhn_like"]
 
 IMAGE_SIZE = 32
 REDUCED_FRACTION = 0.05  # Birodkar et al.'s reduced SVHN: 5% of the training set
 _BLOCK = 2048  # images per independently seeded block (bounds memory, fixes each image)
+#: Images rendered together: every rendering op sees batches of exactly this many images,
+#: whatever n is, so that image i is computed by the same kernels on the same inputs for every
+#: n (a batch of one image can take other kernels: a grouped conv of one group, an einsum
+#: reduced to a matrix product, whose roundings differ by an ulp). _BLOCK is a multiple.
+_CHUNK = 64
 _DISTRACTOR_PROBABILITY = 0.75
 
 _DESCR = """\
@@ -49,8 +56,8 @@ source_* : int64 of shape (n, 3), the index into load_digits() of the centre,
 
 @validate_params(
     {
-        "n_train": [Interval(Integral, 1, None, closed="left")],
-        "n_test": [Interval(Integral, 0, None, closed="left")],
+        "n_train": [Interval(Integral, 1, MAX_COUNT, closed="both")],
+        "n_test": [Interval(Integral, 0, MAX_COUNT, closed="both")],
         "reduced": ["boolean"],
         "color": ["boolean"],
         "test_source_fraction": [Interval(Real, 0, 1, closed="neither")],
@@ -145,6 +152,9 @@ def make_svhn_like(
     >>> X_train.shape, X_test.shape, y_train.dtype
     ((50, 1, 32, 32), (200, 1, 32, 32), dtype('int64'))
     """
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool):  # an Integral to scikit-learn's validation; never meant
+            raise TypeError(f"make_svhn_like's {name} must be an integer, got {value!r}.")
     seeds = np.random.SeedSequence(_entropy(random_state))
     split_seed, train_seed, test_seed = seeds.spawn(3)
     digits = load_digits()
@@ -209,28 +219,58 @@ def _generate(n, pool, strokes, seed, options) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Draws:
-    """Random draws for the first ``n`` images of a block, made as if for a full block.
+    """Random draws for the images of one chunk of a block, made as if for a full block.
 
-    Every draw takes the same amount of the generator's stream whatever ``n`` is, so image i
-    of a block is the same in a partial block as in a full one.
+    Every draw takes the same amount of the generator's stream whatever ``n`` is (the k-th
+    draw of a block is made once, for all its images, and kept), so image i of a block is
+    the same in a partial block as in a full one; :meth:`select` picks the chunk's rows, and
+    the draws are replayed in the same order for every chunk.
     """
 
-    def __init__(self, generator: torch.Generator, n: int):
-        self.generator, self.n = generator, n
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+        self.rows = slice(0, _CHUNK)
+        self._made: list[torch.Tensor] = []
+        self._calls = 0
+
+    def select(self, start: int, stop: int) -> None:
+        """Serve the rows ``start:stop`` of every draw, replaying them from the first."""
+        self.rows, self._calls = slice(start, stop), 0
+
+    def _take(self, make) -> torch.Tensor:
+        if self._calls == len(self._made):
+            self._made.append(make())
+        values = self._made[self._calls][self.rows]
+        self._calls += 1
+        return values
 
     def uniform(self, low, high, *shape) -> torch.Tensor:
-        return low + (high - low) * torch.rand(_BLOCK, *shape, generator=self.generator)[: self.n]
+        return low + (high - low) * self._take(
+            lambda: torch.rand(_BLOCK, *shape, generator=self.generator)
+        )
 
     def normal(self, *shape) -> torch.Tensor:
-        return torch.randn(_BLOCK, *shape, generator=self.generator)[: self.n]
+        return self._take(lambda: torch.randn(_BLOCK, *shape, generator=self.generator))
 
     def integers(self, high, *shape) -> torch.Tensor:
-        return torch.randint(high, (_BLOCK, *shape), generator=self.generator)[: self.n]
+        return self._take(lambda: torch.randint(high, (_BLOCK, *shape), generator=self.generator))
 
 
 def _render_block(n, pool, strokes, generator, channels, options):
-    """One block: layout → digit masks → colours → clutter → blur → noise (all batched)."""
-    draw = _Draws(generator, n)
+    """The first ``n`` images of one block, rendered in chunks of exactly :data:`_CHUNK`
+    images (the last chunk's extra images are drawn as for a full block, then dropped)."""
+    draw = _Draws(generator)
+    images, sources = [], []
+    for start in range(0, n, _CHUNK):
+        draw.select(start, start + _CHUNK)
+        chunk_images, chunk_sources = _render_chunk(_CHUNK, pool, strokes, draw, channels, options)
+        images.append(chunk_images)
+        sources.append(chunk_sources)
+    return np.concatenate(images)[:n], np.concatenate(sources)[:n]
+
+
+def _render_chunk(n, pool, strokes, draw, channels, options):
+    """One chunk: layout → digit masks → colours → clutter → blur → noise (all batched)."""
     picks = torch.from_numpy(pool)[draw.integers(len(pool), 3)]
     present = draw.uniform(0, 1, 3) < _DISTRACTOR_PROBABILITY
     present[:, 0] = True

@@ -36,6 +36,7 @@ them), so ``skpool info`` and torch-only programs read operator files without sc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -185,6 +186,7 @@ def estimator_from_arrays(saved, **params):
         source = Path(source)
     else:
         source = "the saved operator"
+        saved = _native_dtypes(saved, source)
     known = SeparabilityPooling().get_params()
     kept = {name: value for name, value in saved.params.items() if name in known}
     for name in ("grid_shape", "output_shape"):
@@ -270,10 +272,36 @@ def _saved_from_arrays(arrays: dict[str, np.ndarray], path) -> FittedOperator:
         params=params,
         format_version=version,
     )
+    fitted = _native_dtypes(fitted, path)
     problems = fitted.problems()
     if problems:
         raise OperatorFileError(f"{path}: inconsistent operator file: {'; '.join(problems)}.")
     return fitted
+
+
+#: The float types an operator's arrays may hold (torch computes with them); a long double
+#: (float96/float128) has none.
+_FLOAT_SIZES = (2, 4, 8)
+
+
+def _native_dtypes(fitted: FittedOperator, source) -> FittedOperator:
+    """``fitted`` with its arrays in this machine's byte order (a big-endian file works here),
+    or an OperatorFileError for a float array of a type torch cannot compute with (long
+    double): at load, not as torch's dtype error at ``transform``."""
+    changes = {}
+    for name in ("operator", "channel_mean", "channel_scale", "eigenvalues", "classes"):
+        values = getattr(fitted, name)
+        if not isinstance(values, np.ndarray):
+            continue
+        if values.dtype.kind == "f" and values.dtype.itemsize not in _FLOAT_SIZES:
+            raise OperatorFileError(
+                f"{source}: {name} has dtype {values.dtype} ({values.dtype.itemsize * 8}-bit "
+                "float, e.g. long double); operator files hold float16, float32 or float64 "
+                "arrays."
+            )
+        if not values.dtype.isnative:
+            changes[name] = values.astype(values.dtype.newbyteorder("="))
+    return dataclasses.replace(fitted, **changes) if changes else fitted
 
 
 def _grid_pair(values: np.ndarray) -> tuple[int, int] | None:

@@ -9,8 +9,9 @@ Accepted ``X`` (see the data conventions in the package docs):
 - where allowed (GMP), a list of ``(N_i, C)`` arrays of different N_i.
 
 numpy arrays, memmaps, pandas frames (2-D), nested lists and torch tensors are accepted.
-float32 and float64 keep their dtype; integers and booleans become float64, other torch
-floats (float16, bfloat16) float32; complex and object data that is not numeric is refused.
+float32 and float64 keep their dtype; float16 (numpy or torch) and bfloat16 become float32;
+integers, booleans and Python numbers become float64 (a list of float32 rows stays float32);
+complex and object data that is not numeric is refused.
 Data are only read batch by batch (memmaps stay on disk), and every batch is checked for NaN
 and infinity before it is used.
 """
@@ -99,7 +100,7 @@ class FeatureStacks:
             )
             for row, i in enumerate(index):  # copies only; the math is batched below
                 batch[row, : lengths[i]] = _to_tensor(self.data[i], self.dtype, device)
-            _check_finite(batch, int(index[0]))
+            _check_finite(batch, int(index[0]), index)
             lengths_t = torch.as_tensor(lengths[index], device=device)
             mask = torch.arange(longest, device=device)[None, :] < lengths_t[:, None]
             yield index, batch, mask
@@ -121,6 +122,7 @@ def check_stacks(
     number of features (scikit-learn's rule), any input the fitted number of channels.
     """
     grid_shape = check_grid(grid_shape, optional=True)
+    _check_not_empty(estimator, X)
     if _is_ragged(X):
         if not allow_ragged:
             raise ValueError(
@@ -240,8 +242,41 @@ def _check_ndim(ndim) -> None:
         )
 
 
+def _check_not_empty(estimator, X) -> None:
+    """Name an input without samples (``[]``, ``np.empty((0, F))``, an empty tensor) before
+    scikit-learn's "Expected 2D array" hides what is wrong (its message for (0, F) kept)."""
+    if isinstance(X, torch.Tensor) and X.is_nested:
+        return  # no shape to read: _check_dense_tensor explains
+    shape = getattr(X, "shape", None)
+    if shape is None and isinstance(X, (list, tuple)):
+        shape = (len(X),)
+    if shape is not None and len(shape) >= 1 and shape[0] == 0:
+        raise ValueError(
+            f"X is empty: found array with 0 sample(s) (shape={tuple(shape)}) while a minimum "
+            f"of 1 is required by {type(estimator).__name__}."
+        )
+
+
+def _numpy_dtype_rule(X):
+    """The rule of the output dtype for numpy-like input: float32 for floating input of at most
+    32 bits (float16 is widened to float32, as torch's float16/bfloat16 are), float64
+    otherwise. A list or tuple of float32 rows counts as float32 (numpy's own reading of it);
+    Python numbers as float64."""
+    if isinstance(X, (list, tuple)):
+        try:
+            kind = np.asarray(X).dtype
+        except (ValueError, TypeError):  # ragged or odd: scikit-learn's checks explain it
+            return [np.float64, np.float32]
+        return [np.float32] if kind in (np.float16, np.float32) else [np.float64]
+    dtype = getattr(X, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype == np.float16:
+        return [np.float32]
+    return [np.float64, np.float32]
+
+
 def _check_arraylike(estimator, X, grid_shape, reset) -> FeatureStacks:
     ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+    dtypes = _numpy_dtype_rule(X)
     if ndim > 2:
         _check_ndim(ndim)
         X = validate_data(
@@ -250,7 +285,7 @@ def _check_arraylike(estimator, X, grid_shape, reset) -> FeatureStacks:
             reset=reset,
             allow_nd=True,
             ensure_2d=False,
-            dtype=[np.float64, np.float32],
+            dtype=dtypes,
             ensure_all_finite=False,
             copy=False,
         )
@@ -261,7 +296,7 @@ def _check_arraylike(estimator, X, grid_shape, reset) -> FeatureStacks:
             estimator,
             X,
             reset=reset,
-            dtype=[np.float64, np.float32],
+            dtype=dtypes,
             ensure_all_finite=not isinstance(X, np.memmap),
         )
     layout, grid, channels = _layout_from_shape(X.shape, grid_shape, X.ndim)
@@ -303,7 +338,8 @@ def _check_ragged(X) -> FeatureStacks:
                 raise ValueError("Complex data not supported.")
             if sample.dtype.kind not in "fiub":
                 raise ValueError(f"Stack {i} has unsupported dtype {sample.dtype}.")
-            dtypes.add(torch.float32 if sample.dtype == np.float32 else torch.float64)
+            narrow = sample.dtype in (np.float16, np.float32)  # the rule of _numpy_dtype_rule
+            dtypes.add(torch.float32 if narrow else torch.float64)
     (n_channels,) = channels
     if n_channels < 1:
         raise ValueError("The stacks have 0 channels.")
@@ -362,9 +398,14 @@ def _to_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.from_numpy(array).to(device)
 
 
-def _check_finite(batch: torch.Tensor, first_sample: int) -> None:
+def _check_finite(batch: torch.Tensor, first_sample: int, index=None) -> None:
+    """ValueError naming the first sample (its index in X; ``index`` maps the batch's rows to
+    it when they are not ``first_sample, first_sample + 1, ...``) that holds NaN or infinity."""
     if not bool(torch.isfinite(batch).all()):
+        bad_rows = (~torch.isfinite(batch)).flatten(1).any(dim=1).nonzero()[:, 0].tolist()
+        samples = sorted(first_sample + r if index is None else int(index[r]) for r in bad_rows)
+        where = f"sample {samples[0]}" + (f" and {len(samples) - 1} more" if samples[1:] else "")
         raise ValueError(
-            "Input X contains NaN or infinity (in the batch starting at sample "
+            f"Input X contains NaN or infinity in {where} (in the batch starting at sample "
             f"{first_sample}); skpool needs finite features."
         )

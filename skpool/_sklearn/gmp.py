@@ -18,6 +18,7 @@ from .._core.gmp import generalized_max_pool
 from .._device import resolve_device
 from .._parameters import GENERALIZED_MAX_POOLING as _DEFAULTS
 from .._parameters import GENERALIZED_MAX_POOLING_CHOICES as _CHOICES
+from .._parameters import MAX_COUNT as _MAX_COUNT
 from ._validation import atomic_fit, check_stacks
 
 __all__ = ["GeneralizedMaxPooling"]
@@ -88,12 +89,16 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     -----
     Float32 input is solved in float32 and agrees with the float64 solution of the same
     values: where the error bound ``eps32 * (lambda_max(G) + lam) / lam`` of a plain float32
-    Cholesky solve exceeds 1e-4 (small ``lam``, many locations, or channels or locations of
-    very different magnitudes), samples are refined with float64 residuals until their
+    Cholesky solve, times the cancellation ``1 + rho`` of the float32 sum (``rho =
+    || |Phi|^T 1 || / || Phi^T 1 ||``, large for channels centred over the data) and
+    ``max(1, N / 1024)``, exceeds 1e-4 (small ``lam``, many locations, cancelling sums, or
+    channels or locations of very different magnitudes), samples are refined with float64 residuals until their
     estimated error is below 1e-6, and those whose refinement cannot get there (a nearly
     rank-deficient Gram matrix at small ``lam``, or one location or channel far above the
     others, so that one direction dominates G) are solved in float64. Output dtype follows the
-    input: float32 for float32, float64 otherwise.
+    input: float32 for floating input of at most 32 bits (numpy float16/float32, torch
+    float16/bfloat16/float32, a list of float32 rows), float64 otherwise (float64, integers,
+    booleans, Python numbers).
 
     4-D maps are channels last, ``(n, H, W, C)``; the torch layers take channels first. A
     fitted instance refuses channels-first maps ``(n, C, H, W)`` with a hint when W differs
@@ -118,7 +123,7 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         "lam_scale": [StrOptions(set(_CHOICES["lam_scale"]))],
         "normalize": ["boolean"],
         "device": [str, torch.device],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
         "grid_shape": [tuple, list, None],
     }
 
@@ -174,7 +179,8 @@ class GeneralizedMaxPooling(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Returns
         -------
         ndarray of shape (n, C)
-            float32 for float32 input, float64 otherwise.
+            float32 for floating input of at most 32 bits (float16, bfloat16, float32; a list
+            of float32 rows), float64 otherwise.
         """
         self._validate_params()
         device = resolve_device(self.device)

@@ -16,10 +16,12 @@ from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 
 from .._core.apply import pool_into, separability_ratios
 from .._core.fit import FitSettings, check_process_group, fit_batches, fit_stacks
-from .._core.grid import average_pooling_operator
+from .._core.grid import average_pooling_operator, output_grid_shape
 from .._device import resolve_device
 from .._fitted import FittedOperator
 from .._parameters import SEPARABILITY_POOLING as _DEFAULTS
+from .._parameters import MAX_COUNT as _MAX_COUNT
+from .._parameters import MAX_MEMORY_MB as _MAX_MEMORY_MB
 from .._parameters import SEPARABILITY_POOLING_CHOICES as _CHOICES
 from ._batches import reiterable
 from ._fit_input import (
@@ -212,19 +214,19 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "alpha": [Interval(Real, 0, None, closed="left")],
-        "stride": [Interval(Integral, 1, None, closed="left")],
+        "alpha": [Interval(Real, 0, np.inf, closed="left")],
+        "stride": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
         "output_shape": [tuple, list, None],
-        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "n_components": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
         "norm": [StrOptions(set(_CHOICES["norm"]))],
         "normalize_channels": ["boolean"],
         "grid_shape": [tuple, list, None],
         "solver": [StrOptions(set(_CHOICES["solver"]))],
         "device": [str, torch.device],
         "dtype": [StrOptions(set(_CHOICES["dtype"]))],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_memory_mb": [Interval(Real, 0, None, closed="neither"), None],
-        "support_radius": [Interval(Real, 0, None, closed="neither"), None],
+        "batch_size": [Interval(Integral, 1, _MAX_COUNT, closed="both")],
+        "max_memory_mb": [Interval(Real, 0, _MAX_MEMORY_MB, closed="right"), None],
+        "support_radius": [Interval(Real, 0, np.inf, closed="neither"), None],
         "distributed": ["boolean"],
         "verbose": ["verbose"],
         "flatten": ["boolean"],
@@ -345,8 +347,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         -------
         ndarray of shape (n, H', W', k*C) for 4-D input, (n, M, k*C) for 3-D input and
         (n, M*k*C) for 2-D input or with ``flatten=True``
-            Channels component-major (``j*C + c``); float32 for float32 input, float64
-            otherwise.
+            Channels component-major (``j*C + c``); float32 for floating input of at most
+            32 bits (float16, bfloat16, float32; a list of float32 rows), float64 otherwise.
         """
         check_is_fitted(self)
         check_params(self, ("batch_size", "device", "grid_shape"), "transform")
@@ -395,13 +397,15 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
                 Reshape either to (…, H', W') for a map.
         """
         check_is_fitted(self)
-        names = ("batch_size", "device", "grid_shape", "stride", "output_shape")
-        check_params(self, names, "separability_ratios")
+        check_params(self, ("batch_size", "device", "grid_shape"), "separability_ratios")
         device = resolve_device(self.device)
         stacks = check_fitted_grid(self, X)
         codes, classes = encode_labels(self, y, stacks.n_samples)
         as_tensor = partial(torch.as_tensor, device=device, dtype=torch.float64)
-        stride = self.stride if self.output_shape is None else None
+        # average pooling's blocks as in the fit (stride or output_shape of the fit, not
+        # values set since without a refit)
+        fitted = self.fitted_operator_.params
+        stride = fitted["stride"] if fitted["output_shape"] is None else None
         average = average_pooling_operator(
             self.grid_shape_, self.output_shape_, stride=stride, dtype=torch.float64, device=device
         )
@@ -449,8 +453,28 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
             output_shape=tuple(int(v) for v in self.output_shape_),
             classes=getattr(self, "classes_", None),
             eigenvalues=getattr(self, "eigenvalues_", None),
-            params=self.get_params(deep=False),
+            params=self._fitted_params(),
         )
+
+    def _fitted_params(self) -> dict:
+        """The parameters of the fit (``set_params`` since then changes the next fit only).
+        An estimator pickled before they were kept has the current ones, checked against its
+        fitted grid."""
+        saved = self.__dict__.get("_fit_params")
+        if saved is not None:
+            return dict(saved)
+        params = self.get_params(deep=False)
+        try:
+            expected = output_grid_shape(self.grid_shape_, params["stride"], params["output_shape"])
+        except (TypeError, ValueError):
+            expected = None
+        if expected != tuple(self.output_shape_):
+            raise ValueError(
+                f"stride={params['stride']!r} and output_shape={params['output_shape']!r} do not "
+                f"give the fitted output grid {tuple(self.output_shape_)} (set_params after a fit "
+                "saved by an older skpool): refit, or set them back."
+            )
+        return params
 
     def __setstate__(self, state):
         state.setdefault("verbose", 0)  # pickled before skpool had the parameter
@@ -470,6 +494,8 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
         self.channel_mean_, self.channel_scale_ = fitted.channel_mean, fitted.channel_scale
         self.grid_shape_, self.output_shape_ = fitted.grid_shape, fitted.output_shape
         self.classes_ = fitted.classes
+        # the parameters of this fit: those saved with the operator, else the current ones
+        self._fit_params = {**self.get_params(deep=False), **fitted.params}
         if input_attributes:
             self.n_channels_in_ = fitted.n_channels
             self.n_features_in_ = fitted.n_locations * fitted.n_channels

@@ -152,6 +152,11 @@ def _open_memmap(path: Path, sample_shape: tuple[int, ...], dtype: str) -> np.nd
         dtype = np.dtype(dtype)
     except TypeError as exc:
         raise CommandError(f"--dtype {dtype!r} is not a numpy dtype.") from exc
+    if dtype.kind not in "fiub" or dtype.itemsize == 0:  # V0 would divide by zero below
+        raise CommandError(
+            f"--dtype {dtype.str!r} is not a number type: raw features must be float, int, uint "
+            "or bool (e.g. float32, float64, int16, >f4)."
+        )
     size = path.stat().st_size
     per_sample = math.prod(sample_shape) * dtype.itemsize
     if size == 0:
@@ -246,7 +251,18 @@ def transform_to_file(transformer, data: _Data, args) -> tuple[int, ...]:
 
     features, output, batch = data.features, args.output, args.batch_size
     n_samples = features.shape[0]
-    first = np.asarray(transformer.transform(features[:batch]))
+
+    def transform(start):  # one batch; a NaN is named by its sample index in the file
+        chunk = features[start : start + batch]
+        finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+        if not finite.all():
+            raise CommandError(
+                f"{args.features}: sample {start + int(np.argmin(finite))} contains NaN or "
+                "infinity; skpool needs finite features."
+            )
+        return np.asarray(transformer.transform(chunk))
+
+    first = transform(0)
     shape = (n_samples, *first.shape[1:])
     progress = tqdm(
         total=n_samples,
@@ -264,7 +280,7 @@ def transform_to_file(transformer, data: _Data, args) -> tuple[int, ...]:
         result[: len(first)] = first
         progress.update(len(first))
         for start in range(len(first), n_samples, batch):
-            chunk = np.asarray(transformer.transform(features[start : start + batch]))
+            chunk = transform(start)
             result[start : start + len(chunk)] = chunk
             progress.update(len(chunk))
         if output.suffix == ".npy":

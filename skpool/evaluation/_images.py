@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._parameters import MAX_SEED
+
 # ---------------------------------------------------------------------------- input and output
 
 
@@ -55,6 +57,14 @@ def check_images(images, value_range) -> tuple[torch.Tensor, callable]:
             f"({low:g}, {high:g}); pass the range your images are scaled to."
         )
     work = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
+    # the range must be representable where it is used: the span in the working dtype, the
+    # bounds in the images' own (a float32 image in value_range (0, 1e308) came back inf)
+    if high - low > torch.finfo(work).max or max(-low, high) > torch.finfo(tensor.dtype).max:
+        raise ValueError(
+            f"value_range=({low:g}, {high:g}) is beyond what {tensor.dtype} images hold "
+            f"(largest {torch.finfo(tensor.dtype).max:.4g}); pass the range the images are "
+            "scaled to."
+        )
     unit_range = (low, high) == (0.0, 1.0)  # the usual case: no copy, no rescaling
     unit = tensor.to(work) if unit_range else (tensor.to(work) - low) / (high - low)
 
@@ -95,8 +105,10 @@ def seed_from(random_state) -> int:
             f"{type(random_state).__name__}."
         )
     if isinstance(random_state, Integral):
-        if random_state < 0:
-            raise ValueError(f"random_state must be non-negative, got {random_state}.")
+        if not 0 <= random_state <= MAX_SEED:  # torch's generators take 64-bit seeds
+            raise ValueError(
+                f"random_state must be an integer in [0, 2**64 - 1], got {random_state}."
+            )
         return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1))

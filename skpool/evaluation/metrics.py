@@ -33,7 +33,7 @@ both see the same corrupted images.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from numbers import Integral
 
 import numpy as np
@@ -348,6 +348,8 @@ def _check_names(names, known, what) -> tuple[str, ...]:
         return known
     if isinstance(names, str):
         names = (names,)
+    if not isinstance(names, Iterable):
+        raise TypeError(f"{what} must be a name or a sequence of names, got {names!r}.")
     names = tuple(names)
     unknown = [name for name in names if name not in known]
     if unknown or not names:
@@ -356,6 +358,11 @@ def _check_names(names, known, what) -> tuple[str, ...]:
 
 
 def _check_severities(severities) -> tuple[int, ...]:
+    if isinstance(severities, (str, bytes)) or not isinstance(severities, Iterable):
+        raise TypeError(
+            f"severities must be a sequence of integers in 1..5, e.g. (3,) for one; got "
+            f"{severities!r}."
+        )
     severities = tuple(severities)
     if not severities or any(
         isinstance(s, bool) or not isinstance(s, Integral) or not 1 <= s <= 5 for s in severities

@@ -25,6 +25,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
+from .._parameters import MAX_COUNT
 from . import _images as ops
 
 __all__ = [
@@ -143,8 +144,10 @@ def iter_frames(images, perturbation, n_frames=None, random_state=None, value_ra
     n_frames = sweep.n_frames if n_frames is None else n_frames
     if isinstance(n_frames, bool) or not isinstance(n_frames, Integral):
         raise TypeError(f"n_frames must be an int >= 2 or None, got {n_frames!r}.")
-    if n_frames < 2:
-        raise ValueError(f"n_frames must be at least 2 (flips need two frames), got {n_frames}.")
+    if not 2 <= n_frames <= MAX_COUNT:
+        raise ValueError(
+            f"n_frames must be in [2, {MAX_COUNT}] (flips need two frames), got {n_frames}."
+        )
     unit, restore = ops.check_images(images, value_range)
     generator = ops.cpu_generator(ops.seed_from(random_state))
     return (restore(frame) for frame in _frames(unit, sweep, n_frames, generator))

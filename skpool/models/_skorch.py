@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import math
 from fnmatch import fnmatch
@@ -16,6 +18,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 
 from .._device import resolve_device
+from .._parameters import MAX_SEED, check_integer
 from .cnn import PoolingCNN
 
 #: The parameters of λ (``GeneralizedMaxPool2d.log_lam``), as a skorch param-group pattern.
@@ -41,17 +44,66 @@ def check_images(X) -> np.ndarray | torch.Tensor:
             )
         images = images.astype(np.float32, copy=False)
         finite = bool(np.isfinite(images).all())
+    if images.ndim >= 1 and images.shape[0] == 0:
+        raise ValueError(
+            f"Found 0 images: X is empty (shape {tuple(images.shape)}); give at least one "
+            "(n, H, W) or (n, C, H, W) image."
+        )
     if images.ndim not in (3, 4):
         raise ValueError(
             "Images must have shape (n, H, W) or (n, C, H, W) (channels first); got "
             f"{images.ndim}-D input of shape {tuple(images.shape)}. Reshape flat digits with "
             "X.reshape(-1, 8, 8)."
         )
-    if images.shape[0] == 0:
-        raise ValueError("Found 0 images.")
     if not finite:
         raise ValueError("Input images contain NaN or infinity.")
     return images
+
+
+def keeps_fit_on_failure(method):
+    """Decorate ``fit``/``partial_fit`` of a skorch net so that an exception (bad input, a
+    bad parameter, a fault or an interrupt during training) leaves the net as it was before
+    the call: its attributes as they were, and the weights, optimizer state and history of
+    the objects trained in place (``warm_start``, ``partial_fit``, a module instance) restored
+    from copies of their state dicts taken at the start."""
+    if getattr(method, "keeps_fit_on_failure", False):
+        return method
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.__dict__.get("_fit_guard_"):  # a nested call: the outer one restores
+            return method(self, *args, **kwargs)
+        saved = dict(self.__dict__)
+        states, history = {}, None
+        if saved.get("initialized_"):
+            for name in ("module_", "criterion_", "optimizer_"):
+                if hasattr(saved.get(name), "state_dict"):
+                    states[name] = copy.deepcopy(saved[name].state_dict())
+            if saved.get("history_") is not None:
+                history = copy.deepcopy(list(saved["history_"]))
+        self._fit_guard_ = True
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            for name, state in states.items():
+                self.__dict__[name].load_state_dict(state)
+            if history is not None:
+                self.history_[:] = history
+            raise
+        finally:
+            self.__dict__.pop("_fit_guard_", None)
+
+    wrapper.keeps_fit_on_failure = True
+    return wrapper
+
+
+def seed_torch(random_state) -> None:
+    """Seed torch with ``random_state`` (None: leave it), an integer in [0, 2**64 - 1] (the
+    range torch's generator takes; a ValueError naming it otherwise)."""
+    if random_state is not None:
+        torch.manual_seed(check_integer("random_state", random_state, 0, MAX_SEED))
 
 
 def check_labels(y, n_samples: int) -> np.ndarray:
@@ -101,6 +153,10 @@ class PoolingCNNClassifier(NeuralNetClassifier):
         As in :class:`skorch.NeuralNetClassifier`; the defaults suit small image sets
         (cross-entropy on logits, Adam at 1e-3, 10 epochs, batches of 64, no internal
         validation split).
+
+    A ``fit`` or ``partial_fit`` that fails (bad input, a bad parameter, an error or an
+    interrupt during training) leaves the net as it was: the previous fit's classes, weights,
+    optimizer state and history (subclasses' ``fit`` too).
 
     Attributes
     ----------
@@ -156,34 +212,51 @@ class PoolingCNNClassifier(NeuralNetClassifier):
         )
         self.random_state = random_state
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("fit", "partial_fit"):  # a subclass's own fit is atomic as well
+            if name in cls.__dict__:
+                setattr(cls, name, keeps_fit_on_failure(cls.__dict__[name]))
+
     # -- training ------------------------------------------------------------------------------
     def initialize(self):
         self.device = str(resolve_device(self.device))
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
+        seed_torch(self.random_state)
         return super().initialize()
 
+    @keeps_fit_on_failure
     def fit(self, X, y=None, **fit_params):
         X = check_images(X)
         if not (self.warm_start and self.initialized_):
             self._learn_data(X, y)
         return super().fit(X, y, **fit_params)
 
+    @keeps_fit_on_failure
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         X = check_images(X)
         if "label_encoder_" not in self.__dict__:  # not fitted with labels before
-            self._learn_data(X, y)
+            self._learn_data(X, y, classes)
         return super().partial_fit(X, y, classes=classes, **fit_params)
 
-    def _learn_data(self, X, y) -> None:
-        """Fit the label encoding and note the module arguments the data determine."""
-        for name in ("label_encoder_", "inferred_module_params_"):
-            self.__dict__.pop(name, None)
+    def _learn_data(self, X, y, classes=None) -> None:
+        """Fit the label encoding and note the module arguments the data determine (at least
+        two classes, among the labels or in ``classes``: a classifier of one class learns
+        nothing, and scikit-learn's classifiers refuse it too)."""
         if is_dataset(X) or y is None:  # the targets are in a Dataset: used as they are
+            for name in ("label_encoder_", "inferred_module_params_"):
+                self.__dict__.pop(name, None)
             return
         labels = check_labels(y, len(X))
-        known = self.classes is not None and len(self.classes) > 0
-        encoder = LabelEncoder().fit(np.asarray(self.classes) if known else labels)
+        if classes is None:
+            classes = self.classes
+        known = classes is not None and len(classes) > 0
+        encoder = LabelEncoder().fit(np.asarray(classes) if known else labels)
+        if len(encoder.classes_) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least two classes; got only "
+                f"{encoder.classes_.tolist()}. List every class with classes=[...] when a "
+                "batch holds only one."
+            )
         self.label_encoder_ = encoder
         self.inferred_module_params_ = {
             "n_classes": len(encoder.classes_),

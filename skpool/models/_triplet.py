@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._parameters import MAX_COUNT
+
 __all__ = ["HardBatchTripletLoss", "PKBatchSampler"]
 
 
@@ -129,10 +131,15 @@ class PKBatchSampler(torch.utils.data.Sampler):
             ("n_labels_per_batch", n_labels_per_batch),
             ("n_samples_per_label", n_samples_per_label),
         ):
-            if not (isinstance(value, Integral) and value >= 2):
+            if isinstance(value, bool) or not (isinstance(value, Integral) and value >= 2):
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}.")
-        if n_batches is not None and not (isinstance(n_batches, Integral) and n_batches >= 1):
-            raise ValueError(f"n_batches must be an integer >= 1, got {n_batches!r}.")
+        if n_batches is not None and (
+            isinstance(n_batches, bool)
+            or not (isinstance(n_batches, Integral) and 1 <= n_batches <= MAX_COUNT)
+        ):  # len() of a sampler must fit in an index
+            raise ValueError(
+                f"n_batches must be an integer in [1, {MAX_COUNT}], got {n_batches!r}."
+            )
         labels = np.asarray(labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be 1-D, got shape {labels.shape}.")

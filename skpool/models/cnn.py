@@ -23,7 +23,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .pooling import GLOBAL_POOLINGS, STAGE_POOLINGS, StagedPoolingMixin, make_global_pool
+from .._parameters import MAX_COUNT
+from .pooling import (
+    GLOBAL_POOLINGS,
+    STAGE_POOLINGS,
+    StagedPoolingMixin,
+    _check_count,
+    check_network_sizes,
+    make_global_pool,
+)
 
 __all__ = ["PoolingCNN", "STAGE_POOLINGS", "GLOBAL_POOLINGS"]
 
@@ -86,9 +94,14 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
         global_pool_options: dict | None = None,
     ) -> None:
         super().__init__()
-        if int(n_stages) < 1:
-            raise ValueError(f"n_stages must be >= 1, got {n_stages}.")
-        self._configure_points(stage_pooling, n_components, int(n_stages), input_size)
+        check_network_sizes(in_channels, n_classes)
+        width, n_stages = _check_count("width", width), _check_count("n_stages", n_stages)
+        if n_stages >= MAX_COUNT.bit_length() or width << n_stages > MAX_COUNT:
+            raise ValueError(
+                f"width={width} and n_stages={n_stages} give width * 2**n_stages channels in "
+                f"the last stage, more than {MAX_COUNT}; use fewer stages or a smaller width."
+            )
+        self._configure_points(stage_pooling, n_components, n_stages, input_size)
         self.in_channels = in_channels
 
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU())

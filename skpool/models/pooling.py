@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from .._core.grid import average_pooling_operator, output_grid_shape
+from .._device import CheckedMoves, check_device
 from .._grid import check_grid
+from .._parameters import MAX_COUNT
 from ..nn import (
     GeneralizedMaxPool2d,
     LogSumExpPool2d,
@@ -48,7 +50,7 @@ WITH_COMPONENTS = ("separability", "sgd")
 STAGE_STRIDE = 2
 
 
-class LearnedPool2d(nn.Module):
+class LearnedPool2d(CheckedMoves, nn.Module):
     r"""A spatial pooling operator learned by SGD with the network (Birodkar et al. 2019,
     Table 4: the learned-by-gradient alternative to the closed-form separability operator).
 
@@ -96,8 +98,10 @@ class LearnedPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_device(device)
         grid_shape = check_grid(grid_shape, "grid_shape")
         n_components = _check_count("n_components", n_components)
+        stride = _check_count("stride", stride)
         self.grid_shape = grid_shape
         self.output_shape = output_grid_shape(grid_shape, stride)
         average = average_pooling_operator(
@@ -144,7 +148,7 @@ def spatial_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pool(x)
 
 
-class StagedPoolingMixin:
+class StagedPoolingMixin(CheckedMoves):
     """What the two networks share: their pooling points, components and input checks.
 
     A network sets ``stage_pooling`` (one per point), ``n_components`` (the components asked
@@ -290,7 +294,16 @@ def _per_point(name: str, value, n_points: int) -> tuple:
     return (value,) * n_points
 
 
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+def _check_count(name: str, value, high: int = MAX_COUNT) -> int:
+    """An integer in [1, high] (a ValueError naming ``name`` otherwise, a bool included)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= high:
+        raise ValueError(f"{name} must be an integer >= 1 and <= {high}, got {value!r}.")
     return int(value)
+
+
+def check_network_sizes(in_channels, n_classes) -> None:
+    """The sizes every network constructor takes: ``in_channels`` and ``n_classes``, integers
+    in [1, :data:`~skpool._parameters.MAX_COUNT`] (checked before any layer is built, so that a
+    bad value is named instead of failing inside ``Conv2d``)."""
+    _check_count("in_channels", in_channels)
+    _check_count("n_classes", n_classes)

@@ -34,12 +34,11 @@ with step decay.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .pooling import StagedPoolingMixin, make_global_pool, spatial_pool
+from .._parameters import MAX_COUNT, check_real
+from .pooling import StagedPoolingMixin, check_network_sizes, make_global_pool, spatial_pool
 
 __all__ = ["ResNet18"]
 
@@ -139,11 +138,14 @@ class ResNet18(StagedPoolingMixin, nn.Module):
         global_pool_options: dict | None = None,
     ) -> None:
         super().__init__()
-        multiplier = float(width_multiplier)
-        if not (math.isfinite(multiplier) and round(BASE_WIDTHS[0] * multiplier) >= 1):
+        check_network_sizes(in_channels, n_classes)
+        multiplier = check_real("width_multiplier", width_multiplier, 0, None, closed="neither")
+        if not 1 <= round(BASE_WIDTHS[0] * multiplier) * BASE_WIDTHS[-1] // BASE_WIDTHS[0] <= (
+            MAX_COUNT
+        ):
             raise ValueError(
-                "width_multiplier must be a finite number with round(64 * width_multiplier) "
-                f">= 1, got {width_multiplier!r}."
+                "width_multiplier must give round(64 * width_multiplier) >= 1 channels and at "
+                f"most {MAX_COUNT} in the last stage, got {width_multiplier!r}."
             )
         self._configure_points(stage_pooling, n_components, len(BASE_WIDTHS) - 1, input_size)
         self.in_channels = in_channels

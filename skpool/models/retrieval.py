@@ -28,9 +28,17 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import column_or_1d
 from torch import nn
 
-from .._device import resolve_device
+from .._device import CheckedMoves, resolve_device
+from .._parameters import MAX_COUNT
 from ..retrieval_metrics import mean_average_precision
-from ._skorch import LAM_PARAMETERS, LamLearningRate, check_images
+from ._skorch import (
+    LAM_PARAMETERS,
+    LamLearningRate,
+    check_images,
+    check_labels,
+    keeps_fit_on_failure,
+    seed_torch,
+)
 from ._triplet import HardBatchTripletLoss, PKBatchSampler
 from .cnn import PoolingCNN
 
@@ -47,7 +55,7 @@ __all__ = [
 LAM_PARAMETER_PATTERN = LAM_PARAMETERS
 
 
-class PoolingEmbeddingNet(nn.Module):
+class PoolingEmbeddingNet(CheckedMoves, nn.Module):
     r"""An image embedding network: :class:`~skpool.models.PoolingCNN`'s trunk, a global
     pooling, an optional linear projection, and l2 normalisation.
 
@@ -108,11 +116,12 @@ class PoolingEmbeddingNet(nn.Module):
         )
         if embedding_dim is None:
             cnn.head = nn.Identity()
-        elif isinstance(embedding_dim, Integral) and embedding_dim >= 1:
+        elif isinstance(embedding_dim, Integral) and 1 <= embedding_dim <= MAX_COUNT:
             cnn.head = nn.Linear(cnn.head.in_features, int(embedding_dim))
         else:
             raise ValueError(
-                f"embedding_dim must be None or an integer >= 1, got {embedding_dim!r}."
+                f"embedding_dim must be None or an integer in [1, {MAX_COUNT}], got "
+                f"{embedding_dim!r}."
             )
         self.cnn = cnn
 
@@ -229,8 +238,7 @@ class PoolingEmbedder(LamLearningRate, NeuralNet):
 
     def initialize(self):
         self.device = str(resolve_device(self.device))
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
+        seed_torch(self.random_state)
         return super().initialize()
 
     def get_iterator(self, dataset, training=False):
@@ -244,6 +252,7 @@ class PoolingEmbedder(LamLearningRate, NeuralNet):
             kwargs.pop(batching, None)  # the batch sampler decides these
         return self.iterator_train(dataset, batch_sampler=sampler, **kwargs)
 
+    @keeps_fit_on_failure
     def fit(self, X, y=None, **fit_params):
         """Train on images X (n, H, W) or (n, C, H, W) with labels y (n,), any kind."""
         X = check_images(X)
@@ -252,6 +261,7 @@ class PoolingEmbedder(LamLearningRate, NeuralNet):
         y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else y, warn=True)
         if len(y) != len(X):
             raise ValueError(f"y has {len(y)} labels for {len(X)} images; give one per image.")
+        y = check_labels(y, len(X))  # as the classifiers: no None, NaN or continuous labels
         encoder = LabelEncoder().fit(y)
         codes = encoder.transform(y).astype(np.int64)
         # Check the sampler's parameters and the labels before any training.

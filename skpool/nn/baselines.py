@@ -9,13 +9,15 @@ import math
 import torch
 from torch import nn
 
+from .._device import CheckedMoves
 from . import functional as F
-from .modules import _check_positive, _register_scalar
+from .._parameters import check_bool, check_real
+from .modules import _check_float_dtype, _check_positive, _register_scalar
 
 __all__ = ["MixedMaxAvgPool2d", "LogSumExpPool2d"]
 
 
-class MixedMaxAvgPool2d(nn.Module):
+class MixedMaxAvgPool2d(CheckedMoves, nn.Module):
     r"""Global mixed max/average pooling with a learnable mix (Lee et al. 2016; a baseline of
     Deep GMP).
 
@@ -51,11 +53,9 @@ class MixedMaxAvgPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        mix = float(mix)
-        if not 0.0 < mix < 1.0:
-            raise ValueError(f"mix must lie in (0, 1), got {mix!r}.")
-        self.learnable = learnable
-        self.flatten = flatten
+        mix = check_real("mix", mix, 0.0, 1.0, closed="neither")
+        self.learnable = check_bool("learnable", learnable)
+        self.flatten = check_bool("flatten", flatten)
         _register_scalar(self, "mix_logit", math.log(mix) - math.log1p(-mix), learnable,
                          device, dtype)
 
@@ -72,7 +72,7 @@ class MixedMaxAvgPool2d(nn.Module):
         return f"mix={mix:.4g}, learnable={self.learnable}, flatten={self.flatten}"
 
 
-class LogSumExpPool2d(nn.Module):
+class LogSumExpPool2d(CheckedMoves, nn.Module):
     r"""Global log-sum-exp pooling with a learnable sharpness r (Pinheiro & Collobert 2015;
     a baseline of Deep GMP).
 
@@ -117,6 +117,7 @@ class LogSumExpPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        _check_float_dtype(dtype)
         r_min = _check_positive("r_min", r_min)
         r = _check_positive("r", r)
         if not r > r_min:
@@ -129,9 +130,9 @@ class LogSumExpPool2d(nn.Module):
                 f"{smallest:.3g}): the floor of r would be 0. Give r_min >= {smallest:.3g}, or "
                 "dtype=torch.float64."
             )
-        self.learnable = learnable
+        self.learnable = check_bool("learnable", learnable)
         self.r_min = r_min
-        self.flatten = flatten
+        self.flatten = check_bool("flatten", flatten)
         excess = r - r_min  # ρ = softplus⁻¹(excess), written to avoid overflow of expm1
         _register_scalar(self, "r_raw", excess + math.log(-math.expm1(-excess)), learnable,
                          device, dtype)

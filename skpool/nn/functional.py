@@ -274,8 +274,14 @@ def _log_sum_exp_pool2d(x, r, mask, keepdim):
     flat, valid, count = _masked_flat(x, mask)
     # The result does not depend on the shift m (its derivative in m is exactly 0): detach it.
     shift = _masked_max(flat, valid).detach()
-    gaps = _fill_padding(flat - shift[..., None], valid)  # d <= 0; 0 at padding
     largest = torch.finfo(x.dtype).max  # an r beyond it would round to inf: inf * 0 = NaN
+    # Maps spanning the range (float32 +-2e38): x - m, and the sum of N gaps, would overflow.
+    # The gaps are divided by a power of two s per (B, C) with N * 2 max|x| / s <= largest;
+    # s is exactly 1 (the same arithmetic as unscaled) unless the range needs it, and a
+    # power of two scales exactly (no sync: an elementwise choice).
+    reach = _masked_max(flat.abs(), valid).detach() / largest * (2 * count)
+    scale = torch.exp2(torch.ceil(torch.log2(reach.clamp_min(1.0))))
+    gaps = _fill_padding(flat / scale[..., None] - (shift / scale)[..., None], valid)  # d / s
     if isinstance(r, torch.Tensor):  # within r's dtype too (a float32 r with float64 maps)
         if r.is_floating_point():
             largest = min(largest, torch.finfo(r.dtype).max)
@@ -284,12 +290,13 @@ def _log_sum_exp_pool2d(x, r, mask, keepdim):
         r = min(float(r), largest)
     # z = r d <= 0; an overflowing product is held at the dtype's lowest finite value, where
     # every term has its limit already and no gradient meets 0 * inf.
-    scaled = (_per_location(r) * gaps).clamp_min(torch.finfo(gaps.dtype).min)
+    scaled = (_per_location(r) * gaps * scale[..., None]).clamp_min(torch.finfo(gaps.dtype).min)
     excess = torch.expm1(scaled)  # 0 at padding
-    weighted = (gaps * _expm1_ratio(scaled)).sum(dim=-1) / count  # T
+    weighted = (gaps * _expm1_ratio(scaled)).sum(dim=-1) / count  # T / s
     mean_excess = excess.sum(dim=-1) / count  # S = r T, in (-1, 0]
     mean_exp = _fill_padding(torch.exp(scaled), valid).sum(dim=-1) / count  # 1 + S, >= 1/N
-    pooled = shift + weighted * _log1p_ratio(mean_excess, mean_exp)
+    # m + T psi(S) = s (m / s + (T / s) psi(S)): finite wherever the result is
+    pooled = scale * (shift / scale + weighted * _log1p_ratio(mean_excess, mean_exp))
     pooled = pooled.to(out_dtype)
     return pooled[:, :, None, None] if keepdim else pooled
 

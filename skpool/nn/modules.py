@@ -10,12 +10,15 @@ a = sigmoid(ω).
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
 
 from .._core.gmp import check_options
+from .._device import CheckedMoves, check_device
 from .._grid import check_grid
+from .._parameters import MAX_REFINE_STEPS, check_bool, check_integer, check_real
 from . import functional as F
 
 __all__ = [
@@ -39,6 +42,9 @@ def _setup_learnable_lam(
     θ = log λ (an ``nn.Parameter`` when ``learnable``, else a buffer), in
     :data:`LOG_LAM_RANGE`."""
     lam = _check_positive("lam", lam)
+    learnable, normalize = check_bool("learnable", learnable), check_bool("normalize", normalize)
+    if isinstance(refine_steps, Integral) and not isinstance(refine_steps, bool):
+        refine_steps = check_integer("refine_steps", refine_steps, 0, MAX_REFINE_STEPS)
     check_options(lam_scale, refine_steps)
     log_lam = math.log(lam)
     if not LOG_LAM_RANGE[0] <= log_lam <= LOG_LAM_RANGE[1]:
@@ -53,7 +59,7 @@ def _setup_learnable_lam(
     _register_scalar(module, "log_lam", log_lam, learnable, device, dtype)
 
 
-class GeneralizedMaxPool2d(nn.Module):
+class GeneralizedMaxPool2d(CheckedMoves, nn.Module):
     r"""Global generalized max pooling with a learnable ridge λ (Deep GMP).
 
     Each sample's :math:`N = H W` descriptors :math:`\phi_i \in \mathbb{R}^C` (the rows of
@@ -158,7 +164,7 @@ class GeneralizedMaxPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.flatten = flatten
+        self.flatten = check_bool("flatten", flatten)
         _setup_learnable_lam(
             self, lam, learnable, normalize, lam_scale, refine_steps, device, dtype
         )
@@ -182,7 +188,7 @@ class GeneralizedMaxPool2d(nn.Module):
         )
 
 
-class SeparabilityPool2d(nn.Module):
+class SeparabilityPool2d(CheckedMoves, nn.Module):
     r"""Separability pooling (Birodkar et al. 2019) with a fitted, spatially varying operator.
 
     A linear pooling operator :math:`P \in \mathbb{R}^{k \times M \times N}` maps the
@@ -246,6 +252,8 @@ class SeparabilityPool2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_device(device)
+        _check_float_dtype(dtype)
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         operator = _copy_as_tensor(operator, factory, "operator")
         if operator.ndim != 3:
@@ -272,7 +280,7 @@ class SeparabilityPool2d(nn.Module):
                     "channel_scale must be > 0 everywhere (a fitted scale is 1 for a constant "
                     "channel); it divides the input."
                 )
-        self.trainable = trainable
+        self.trainable = trainable = check_bool("trainable", trainable)
         for name, value in {"operator": operator, **stats}.items():
             if trainable and value is not None:
                 self.register_parameter(name, nn.Parameter(value))
@@ -293,6 +301,7 @@ class SeparabilityPool2d(nn.Module):
             channel_statistics: apply the fit's channel normalisation, as the estimator's
                 ``transform`` does; with False the layer applies the operator alone.
         """
+        channel_statistics = check_bool("channel_statistics", channel_statistics)
         stats = (fitted.channel_mean, fitted.channel_scale) if channel_statistics else ()
         return cls(
             fitted.operator, *stats, trainable=trainable, output_shape=fitted.output_shape,
@@ -381,10 +390,15 @@ def _step_refinement(module) -> int | str:
 
 
 def _check_positive(name: str, value) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return value
+    """A finite float > 0 (a TypeError naming ``name`` for None, strings, bools)."""
+    return check_real(name, value, 0.0, None, closed="neither")
+
+
+def _check_float_dtype(dtype) -> None:
+    """A layer's ``dtype`` is None (the default dtype) or a floating torch dtype: an integer
+    dtype would truncate λ or the operator (its channel scales to 0) and fail far from here."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch dtype, got {dtype!r}.")
 
 
 def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
@@ -401,6 +415,8 @@ def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
 
 def _register_scalar(module, name, value, learnable, device, dtype):
     """A scalar parameter (learnable) or buffer (fixed), saved in the state_dict either way."""
+    check_device(device)
+    _check_float_dtype(dtype)
     tensor = torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype())
     if learnable:
         module.register_parameter(name, nn.Parameter(tensor))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._core.gmp import _generalized_max_pool, generalized_max_pool
+from .._device import CheckedMoves
 from .modules import LOG_LAM_RANGE, _at_least_float32, _setup_learnable_lam, _step_refinement
 
 __all__ = ["generalized_max_pool_sequence", "SequenceGeneralizedMaxPool"]
@@ -86,7 +87,7 @@ def generalized_max_pool_sequence(
     )
 
 
-class SequenceGeneralizedMaxPool(nn.Module):
+class SequenceGeneralizedMaxPool(CheckedMoves, nn.Module):
     r"""Generalized max pooling of token sequences with a learnable λ (Deep GMP for tokens).
 
     Pools the valid tokens of each sequence to the vector that has the same similarity to every

@@ -351,8 +351,10 @@ def test_weights_reproduce_the_pooled_vector(rng, n, c):
 
 @pytest.mark.parametrize(
     "lam_in_s2,refined",
-    [(10.0, False),  # the trace bound settles it: no row sums, no refinement
-     (0.1, False),  # the trace bound fails, the Gershgorin row-sum bound settles it
+    [(10.0, False),  # the row-sum bound settles it, cancellation included: no refinement
+     # zero-mean descriptors: Phi^T 1 cancels (rho ~ 16), which the decision counts since
+     # issue 28; eps32 * cond * (1 + rho) with the estimate's margin exceeds the tolerance
+     (0.1, True),
      (1e-4, True)],  # both fail: float64 refinement
 )
 def test_auto_refinement_decision(rng, monkeypatch, lam_in_s2, refined):

@@ -144,8 +144,8 @@ def test_n_classes_from_labels_or_classes(small):
     assert net.module_.head.out_features == 5 and list(net.classes_) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"labels the classifier was not fitted with: \[9\]"):
         PoolingCNNClassifier(**TINY, classes=[0, 1, 2]).fit(X, np.where(codes == 2, 9, codes))
-    one = PoolingCNNClassifier(**TINY).fit(X, np.full(30, "only"))  # degenerate, not malformed
-    assert list(one.classes_) == ["only"] and set(one.predict(X)) == {"only"}
+    with pytest.raises(ValueError, match="at least two classes"):  # as scikit-learn's
+        PoolingCNNClassifier(**TINY).fit(X, np.full(30, "only"))
     with pytest.raises(ValueError, match="Unknown label type"):
         PoolingCNNClassifier(**TINY).fit(X, np.linspace(0, 1, 30))
     warm = PoolingCNNClassifier(**TINY, warm_start=True).fit(X, codes)

@@ -180,7 +180,7 @@ def test_estimators_refuse_bad_X(face, case):
         pytest.param(np.round(MAPS * 10).astype(np.int8), np.float64, id="int8"),
         pytest.param(np.abs(np.round(MAPS * 10)).astype(np.uint8), np.float64, id="uint8"),
         pytest.param(MAPS > 0, np.float64, id="bool"),
-        pytest.param(MAPS.astype(np.float16), np.float64, id="numpy-float16"),
+        pytest.param(MAPS.astype(np.float16), np.float32, id="numpy-float16"),  # as torch's
         pytest.param(MAPS.astype(object), np.float64, id="numeric-object"),
         pytest.param(torch.from_numpy(np.round(MAPS * 10)).long(), np.float64, id="torch-int64"),
         pytest.param(torch.from_numpy(MAPS > 0), np.float64, id="torch-bool"),
@@ -190,8 +190,9 @@ def test_estimators_refuse_bad_X(face, case):
 )
 def test_accepted_dtypes_are_converted(X, out_dtype):
     """Decision (the dtype policy of the module docstring): numeric non-complex input is
-    accepted and computed in float64, except float32 input (and torch's half floats), which
-    is computed and returned in float32. The numbers equal those of the float64 conversion."""
+    accepted and computed in float64, except float32 input (and numpy's and torch's half
+    floats, issue 28), which is computed and returned in float32. The numbers equal those of
+    the float64 conversion."""
     as_float64 = (
         X.double().numpy() if isinstance(X, torch.Tensor) else np.asarray(X, dtype=np.float64)
     )
@@ -486,7 +487,8 @@ LAYER_CASES = [
      "lam must be a finite number > 0"),
     ("gmp-lam-below-range", lambda: GeneralizedMaxPool2d(lam=1e-40), ValueError,
      r"lam must lie in \[exp\(-80\), exp\(80\)\]"),
-    ("gmp-lam-string", lambda: GeneralizedMaxPool2d(lam="a"), ValueError, "could not convert"),
+    ("gmp-lam-string", lambda: GeneralizedMaxPool2d(lam="a"), TypeError,
+     "lam must be a real number, got 'a'"),
     ("f-gmp-lam-zero", lambda: F.generalized_max_pool2d(X_NCHW, 0.0), ValueError,
      "lam must be a finite number > 0"),
     ("f-gmp-lam-inf", lambda: F.generalized_max_pool2d(X_NCHW, math.inf), ValueError,
@@ -679,11 +681,11 @@ CLASSIFIER_CASES = [
      ValueError, "stage_pooling must be one of"),
     ("pooling-n-stages-zero",
      lambda: PoolingCNNClassifier(**{**TINY_NET, "module__n_stages": 0}).fit(IMAGES, DIGITS),
-     ValueError, "n_stages must be >= 1, got 0"),
+     ValueError, "n_stages must be an integer >= 1 and <= 2147483647, got 0"),
     ("separability-n-stages-zero",
      lambda: SeparabilityPoolingClassifier(**{**TINY_NET, "module__n_stages": 0})
      .fit(IMAGES, DIGITS),
-     ValueError, "n_stages must be >= 1, got 0"),
+     ValueError, "n_stages must be an integer >= 1 and <= 2147483647, got 0"),
     ("dgmp-lam-zero", lambda: DGMPClassifier(**TINY_NET, module__lam=0.0).fit(IMAGES, DIGITS),
      ValueError, "lam must be a finite number > 0"),
     ("dgmp-lam-lr-factor-negative",
@@ -749,13 +751,15 @@ def test_classifier_predict_refuses_bad_images(fitted_classifier, method, X, err
         getattr(fitted_classifier, method)(X)
 
 
-def test_one_class_training_set_is_allowed_for_plain_networks():
-    """Decision: PoolingCNNClassifier and DGMPClassifier accept training labels of one class
-    (skorch's convention: the classes are the module's 0..n_classes-1 outputs, so a fold
-    holding one class is degenerate, not malformed). SeparabilityPoolingClassifier refuses it
-    (see the table above): separability needs two classes."""
+def test_one_class_training_set_is_refused_unless_classes_lists_more():
+    """Decision (issue 28): every classifier refuses training labels of one class, as
+    SeparabilityPoolingClassifier and scikit-learn's classifiers do (a one-class classifier
+    learns nothing); ``classes=[...]`` listing two or more allows a fold or batch holding
+    one of them."""
     for classifier in (PoolingCNNClassifier, DGMPClassifier):
-        net = classifier(**TINY_NET, random_state=0).fit(IMAGES, np.full(20, 3))
+        with pytest.raises(ValueError, match=r"at least two classes; got only \[3\]"):
+            classifier(**TINY_NET, random_state=0).fit(IMAGES, np.full(20, 3))
+        net = classifier(**TINY_NET, random_state=0, classes=[3, 4]).fit(IMAGES, np.full(20, 3))
         assert np.all(np.isfinite(net.predict_proba(IMAGES)))
 
 

@@ -331,8 +331,12 @@ def test_transform_checks_device_and_grid_shape_set_after_fit(rng):
         pool.set_params(device=3).transform(maps)
     with pytest.raises(ValueError, match="grid_shape"):
         pool.set_params(device="cpu", grid_shape=(4, 0)).transform(maps.reshape(36, 16, 2))
+    # the diagnostics use the fit's stride (issue 28); the next fit checks the new one
+    before = pool.set_params(grid_shape=None).separability_ratios(maps, labels)
+    after = pool.set_params(stride=0).separability_ratios(maps, labels)
+    np.testing.assert_array_equal(after.average, before.average)  # same state, same code
     with pytest.raises(ValueError, match="stride"):
-        pool.set_params(grid_shape=None, stride=0).separability_ratios(maps, labels)
+        pool.fit(maps, labels)
 
 
 def test_any_valid_batch_size_gives_the_same_transform(rng):
