@@ -25,6 +25,7 @@ import torch
 from ._core.gmp import generalized_max_pool_weights
 from ._core.grid import output_centres
 from ._grid import check_grid
+from ._parameters import check_integer
 
 __all__ = ["plot_operator", "plot_gmp_weights"]
 
@@ -95,6 +96,8 @@ def plot_operator(
         )
     layout = _cell_layout(locations, out)
     n_panels = sum(len(row) for row in layout)
+    if max_panels is not None:
+        max_panels = check_integer("max_panels", max_panels)
     if max_panels is not None and n_panels > max_panels:
         raise ValueError(
             f"locations={locations!r} asks for {n_panels} panels of the {out[0]}x{out[1]} "
@@ -218,8 +221,7 @@ def plot_gmp_weights(
     if min(lams) <= 0:
         raise ValueError(f"lam must be > 0, got {lam!r}.")
     if max_images is not None:
-        if int(max_images) < 1:
-            raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}.")
+        max_images = check_integer("max_images", max_images)
         if len(maps) > max_images:
             warnings.warn(
                 f"plot_gmp_weights draws the first {max_images} of {len(maps)} images "

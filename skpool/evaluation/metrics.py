@@ -301,7 +301,10 @@ def evaluate_perturbations(
 
 
 def _check_rates(values, name, scalar=False) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
+    raw = np.asarray(values)
+    if raw.dtype == bool or raw.dtype.kind not in "iuf":  # True is not an error rate of 1
+        raise TypeError(f"{name} must be error rates (real numbers in [0, 1]), got {values!r}.")
+    array = raw.astype(np.float64)
     if scalar and array.ndim != 0:
         raise ValueError(f"{name} must be one number, got shape {array.shape}.")
     if not scalar and (array.ndim != 1 or array.size == 0):

@@ -20,6 +20,7 @@ import torch
 
 from .._core.gmp import _generalized_max_pool, check_lam_values, check_options
 from .._core.operator import apply_pooling_operator
+from .._parameters import check_bool
 
 __all__ = [
     "generalized_max_pool2d",
@@ -77,6 +78,8 @@ def generalized_max_pool2d(
             f"got shape {tuple(lam.shape)}."
         )
     check_options(lam_scale, refine_steps)
+    check_bool("normalize", normalize)
+    check_bool("keepdim", keepdim)
     check_lam_values(lam)  # a tensor's values: a device synchronisation
     return _generalized_max_pool2d(x, lam, normalize, mask, keepdim, lam_scale, refine_steps)
 
@@ -198,6 +201,7 @@ def mixed_max_avg_pool2d(
             )
     elif not 0.0 <= float(mix) <= 1.0:
         raise ValueError(f"mix must lie in [0, 1], got {mix!r}.")
+    check_bool("keepdim", keepdim)
     return _mixed_max_avg_pool2d(x, mix, mask, keepdim)
 
 
@@ -261,6 +265,7 @@ def log_sum_exp_pool2d(
             )
     elif not (math.isfinite(float(r)) and float(r) > 0):
         raise ValueError(f"r must be a finite number > 0, got {r!r}.")
+    check_bool("keepdim", keepdim)
     return _log_sum_exp_pool2d(x, r, mask, keepdim)
 
 
