@@ -93,9 +93,10 @@ def _xpu_available() -> bool:
 
 #: The accelerators a ``device`` may name: their name in messages, whether this machine has
 #: one, and how many it has (what torch would otherwise answer with its own RuntimeError or
-#: AssertionError, deep inside the first tensor moved there).
+#: AssertionError, deep inside the first tensor moved there). Looked up at each call, so that
+#: a patched ``torch.cuda`` (the tests of the CUDA branches) is seen.
 _ACCELERATORS = {
-    "cuda": ("CUDA", torch.cuda.is_available, torch.cuda.device_count),
+    "cuda": ("CUDA", lambda: torch.cuda.is_available(), lambda: torch.cuda.device_count()),
     "mps": ("MPS", lambda: torch.backends.mps.is_available(), lambda: 1),
     "xpu": ("XPU", _xpu_available, lambda: torch.xpu.device_count()),
 }
