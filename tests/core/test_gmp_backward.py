@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from skpool._core.gmp import generalized_max_pool
-from tests.gmp_reference import ridge_condition
+from gmp_reference import ridge_condition
 
 SHAPES = [(12, 40), (24, 24), (50, 10), (1, 5), (7, 1)]  # N < C, N = C, N > C, edge cases
 EPS = {torch.float32: float(torch.finfo(torch.float32).eps),

@@ -19,7 +19,7 @@ from skpool.nn import (
     SeparabilityPool2d,
     SequenceGeneralizedMaxPool,
 )
-from tests.sync_counter import SyncCounter
+from sync_counter import SyncCounter
 
 
 def _separability(trainable):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
-from tests.sync_counter import SyncCounter
+from sync_counter import SyncCounter
 
 BATCH = 10
 
