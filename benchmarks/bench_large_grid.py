@@ -30,7 +30,7 @@ import torch
 
 from _timing import describe, gemm_peak_gflops, median_time, synchronize
 from skpool import resolve_device
-from skpool._core.geneig import top_generalized_eigenvectors
+from skpool._core.solve import top_generalized_eigenvectors
 from skpool._core.grid import inside_radius, locality_costs, output_grid_shape
 from skpool._core.scatter import ScatterStatistics, class_weights_from_labels
 

@@ -103,7 +103,7 @@ print(json.dumps({"before": before, "peak": peak_mib(), "seconds": seconds}))
 
 CHILD_SOLVE = PEAK_HELPERS + r"""
 import torch
-from skpool._core.geneig import top_generalized_eigenvectors
+from skpool._core.solve import top_generalized_eigenvectors
 from skpool._core.grid import locality_costs
 
 budget_mib, method, n_cells = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])

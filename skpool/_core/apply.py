@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .fit import labelled, scatter_statistics
-from .geneig import rayleigh_ratios
+from .solve import rayleigh_ratios
 from .operator import apply_pooling_operator
 from .scatter import class_weights_from_labels, standardise
 

@@ -14,7 +14,7 @@ protocol:
 3. **Pass 2**: class means and within-class scatter of the normalised batches, reduced over
    the ranks; the class sizes it saw must be those of pass 1.
 4. **Solve** (:func:`fit_operator`): the output cells are split between the ranks, each solves
-   its slice with :func:`~skpool._core.geneig.top_generalized_eigenvectors` and the rows are
+   its slice with :func:`~skpool._core.solve.top_generalized_eigenvectors` and the rows are
    gathered; rows without class information get their cell's average-pooling row.
 
 With ``distributed`` every rank runs every step (they are collectives) and a failure on one
@@ -38,7 +38,7 @@ from .._fitted import FittedOperator
 from .._grid import check_grid
 from . import distributed as dist
 from ._precision import with_highest_matmul_precision
-from .geneig import (
+from .solve import (
     fill_empty_rows,
     no_class_information,
     rows_without_class_information,

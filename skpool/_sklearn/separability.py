@@ -71,7 +71,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     such as a torch ``DataLoader``; both give the in-memory result (the statistics are exact
     sums). With ``distributed=True`` the processes of a :mod:`torch.distributed` group fit one
     operator on their shards. Everything runs in torch, batched over the output cells, on CPU
-    or GPU; the protocol is :mod:`skpool._core.fit`, the solve :mod:`skpool._core.geneig`.
+    or GPU; the protocol is :mod:`skpool._core.fit`, the solve :mod:`skpool._core.solve`.
 
     Parameters
     ----------
@@ -115,7 +115,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     max_memory_mb : float, default=None
         Memory budget (MiB) of the work matrices of one chunk of output cells in the solve (a
         few N×N matrices per cell, n×n with ``support_radius``; the formulas per route are in
-        :func:`skpool._core.geneig.top_generalized_eigenvectors`). At least one cell is solved
+        :func:`skpool._core.solve.top_generalized_eigenvectors`). At least one cell is solved
         at a time. The statistics (N×N), the costs and the operator (k·M·N) come on top; the
         peak memory of a fit does not grow with the number of samples. None (default): from
         the memory free on the device when the solve starts, read again at every fit: on
@@ -190,7 +190,7 @@ class SeparabilityPooling(TransformerMixin, BaseEstimator):
     (identical samples, or the same samples in every class) A is rounding noise: a row p
     with :math:`\|D^\top p\|` (:math:`A = D D^\top`) within the rounding bound of D is
     replaced by its cell's average-pooling row, with ratio 0, whatever the batches, order,
-    dtype or solver (:mod:`skpool._core.geneig`). A small A is not such a case: class means
+    dtype or solver (:mod:`skpool._core.solve`). A small A is not such a case: class means
     1e-7 of the spread apart are solved as usual.
 
     4-D maps are channels last, ``(n, H, W, C)``; the torch layers take channels first. A

@@ -14,12 +14,8 @@ functional forms (:mod:`skpool.nn.functional`).
 
 from . import functional
 from ._fit_pooling import PooledConv2d, fit_pooling
-from .modules import (
-    GeneralizedMaxPool2d,
-    LogSumExpPool2d,
-    MixedMaxAvgPool2d,
-    SeparabilityPool2d,
-)
+from .baselines import LogSumExpPool2d, MixedMaxAvgPool2d
+from .modules import GeneralizedMaxPool2d, SeparabilityPool2d
 from .sequence import SequenceGeneralizedMaxPool, generalized_max_pool_sequence
 
 __all__ = [

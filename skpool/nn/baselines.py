@@ -12,7 +12,7 @@ from torch import nn
 from .._device import CheckedMoves
 from . import functional as F
 from .._parameters import check_bool, check_real
-from .modules import _check_float_dtype, _check_positive, _register_scalar
+from ._layer_parameters import _check_float_dtype, _check_positive, _register_scalar
 
 __all__ = ["MixedMaxAvgPool2d", "LogSumExpPool2d"]
 

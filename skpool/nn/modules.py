@@ -18,17 +18,11 @@ from torch import nn
 from .._core.gmp import check_options
 from .._device import CheckedMoves, check_device
 from .._grid import check_grid
-from .._parameters import MAX_REFINE_STEPS, check_bool, check_integer, check_real
+from .._parameters import MAX_REFINE_STEPS, check_bool, check_integer
 from . import functional as F
+from ._layer_parameters import _check_float_dtype, _check_positive, _register_scalar
 
-__all__ = [
-    "GeneralizedMaxPool2d",
-    "SeparabilityPool2d",
-    "MixedMaxAvgPool2d",
-    "LogSumExpPool2d",
-]
-# MixedMaxAvgPool2d and LogSumExpPool2d live in :mod:`skpool.nn.baselines`; they are imported
-# at the end of this module (they use its helpers) so that ``skpool.nn.modules`` keeps them.
+__all__ = ["GeneralizedMaxPool2d", "SeparabilityPool2d"]
 
 #: θ = log λ is clamped to this range in ``forward``: exp stays finite and positive in float32
 #: (exp(±80) ≈ 5.5e34, 1.8e-35). Outside it the gradient w.r.t. θ is zero.
@@ -389,18 +383,6 @@ def _step_refinement(module) -> int | str:
     return 0 if steps == "auto" and training_step else steps
 
 
-def _check_positive(name: str, value) -> float:
-    """A finite float > 0 (a TypeError naming ``name`` for None, strings, bools)."""
-    return check_real(name, value, 0.0, None, closed="neither")
-
-
-def _check_float_dtype(dtype) -> None:
-    """A layer's ``dtype`` is None (the default dtype) or a floating torch dtype: an integer
-    dtype would truncate λ or the operator (its channel scales to 0) and fail far from here."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be None or a floating torch dtype, got {dtype!r}.")
-
-
 def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
     """A real, finite tensor copy of an array or tensor: the layer never aliases (then trains)
     its source."""
@@ -413,19 +395,6 @@ def _copy_as_tensor(value, factory, name: str) -> torch.Tensor:
     return tensor
 
 
-def _register_scalar(module, name, value, learnable, device, dtype):
-    """A scalar parameter (learnable) or buffer (fixed), saved in the state_dict either way."""
-    check_device(device)
-    _check_float_dtype(dtype)
-    tensor = torch.tensor(value, device=device, dtype=dtype or torch.get_default_dtype())
-    if learnable:
-        module.register_parameter(name, nn.Parameter(tensor))
-    else:
-        module.register_buffer(name, tensor)
-
-
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
-
-from .baselines import LogSumExpPool2d, MixedMaxAvgPool2d  # noqa: E402  (see __all__)
