@@ -79,3 +79,24 @@ def test_sphinx_build_has_no_warning(tmp_path):
     assert all(f"{script.stem}.html" in gallery for script in (ROOT / "examples").glob("*.py"))
     assert "_images/svhn_like.png" in (out / "robustness.html").read_text()
     assert (out / "benchmarks" / "README.html").is_file()
+
+
+def test_every_public_function_and_class_has_an_api_page():
+    """A name added to a public module's ``__all__`` (a function or a class: constants and
+    submodules are described in their module's text) is listed in ``docs/api.rst``."""
+    import importlib
+    import inspect
+
+    listed = set(re.findall(r"^   ([\w.]+)$", (DOCS / "api.rst").read_text(encoding="utf-8"),
+                            flags=re.MULTILINE))
+    missing = []
+    for module_name in ("skpool", "skpool.nn", "skpool.models", "skpool.io", "skpool.evaluation",
+                        "skpool.retrieval_metrics", "skpool.plotting", "skpool.datasets"):
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            value = getattr(module, name)
+            if inspect.ismodule(value) or not (inspect.isclass(value) or callable(value)):
+                continue
+            if name not in listed and f"{module_name.split('.')[-1]}.{name}" not in listed:
+                missing.append(f"{module_name}.{name}")
+    assert not missing, missing
