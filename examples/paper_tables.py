@@ -143,9 +143,9 @@ def planned_cells(seeds: int) -> list[tuple[str, str, int]]:
         [("christlein12", head) for head in RETRIEVAL_HEADS],
         [("birodkar1", f"cnn/{regime}/{pooling}") for regime in REGIMES
          for pooling in ("strided", "separability")],
+        [("avgpool", "cnn/full/avg")],
         [("christlein3", head) for head in CLASSIFICATION_HEADS],
         [("birodkar4", f"cnn/{regime}/sgd") for regime in REGIMES],
-        [("avgpool", "cnn/full/avg")],
         [("birodkar1", f"resnet/{regime}/{pooling}") for regime in REGIMES
          for pooling in ("strided", "separability")],
         [("recipe", "resnet/reduced/separability-2-then-0")],
