@@ -2,6 +2,7 @@ r"""The CNN of Birodkar et al. (2019), with a choice of pooling per stage and of
 
 Architecture (for an input of ``in_channels`` × H × W)::
 
+    input    each image standardised: zero mean, unit variance (``standardize=True``)
     stem     conv3x3(in_channels -> width) + ReLU
     stage s  conv3x3(c -> 2c/k) + batch-norm + ReLU, then a 2x downsampling:   (s < n_stages)
                "strided"        the conv itself has stride 2 (k = 1)

@@ -2,6 +2,7 @@ r"""CIFAR-style ResNet-18 (He et al. 2016) with a pooling choice at each downsam
 
 Architecture (widths for ``width_multiplier = 1``; every width is multiplied by it)::
 
+    input    each image standardised: zero mean, unit variance (``standardize=True``)
     stem     conv3x3(in_channels -> 64) + BN + ReLU                       (full resolution)
     layer1   2 basic blocks, 64 channels
     layer2   2 basic blocks, 128 channels; the first downsamples (point 0)

@@ -2,8 +2,10 @@ r"""Deep Generalized Max Pooling for retrieval (Christlein et al. 2019): an embe
 
 A CNN (:class:`~skpool.models.PoolingCNN`'s convolutional trunk) ends in a global pooling
 (average, max, mixed, log-sum-exp, or generalized max pooling with a learnable λ) and an
-l2-normalised embedding; it is trained with the batch-hard triplet loss of Hermans et al.
-(2017) on batches of P labels × K samples, with AMSGrad (β = 0.9, 0.999, weight decay 1e-5,
+l2-normalised embedding; it is pre-trained with cross-entropy on the training labels
+(``pretrain_epochs``, 5 by default: the papers start from ImageNet weights, and from scratch the
+triplet loss alone collapses the embeddings), then trained with the batch-hard triplet loss of
+Hermans et al. (2017) on batches of P labels × K samples, with AMSGrad (β = 0.9, 0.999, weight decay 1e-5,
 learning rate 2e-4) and a larger learning rate for λ, as in the paper's writer-retrieval
 experiments. ``transform`` returns the embeddings; retrieval is then a nearest-neighbour
 search, scored by :mod:`skpool.retrieval_metrics` (mean average precision, top-1), which
