@@ -382,8 +382,10 @@ def verdict(differences, paper_sign: int) -> dict:
     d = np.asarray([v for v in differences if v is not None], dtype=float)
     result = {"n": int(d.size), "mean": float(d.mean()) if d.size else None,
               "low": None, "high": None}
-    if d.size < 2:
-        return {**result, "verdict": "inconclusive at this size (fewer than 2 seeds)"}
+    if d.size == 0:
+        return {**result, "verdict": "not measured (its cells were not computed)"}
+    if d.size == 1:
+        return {**result, "verdict": "inconclusive at this size (one seed)"}
     half = t975(d.size - 1) * d.std(ddof=1) / math.sqrt(d.size)
     low, high = d.mean() - half, d.mean() + half
     result.update(low=float(low), high=float(high))
@@ -619,8 +621,7 @@ def _values(cells, seeds, table, model, key, scale=100.0):
 
 
 def _classification_table(cells, seeds) -> str:
-    lines = ["### Test error (%) of every classifier (mean ± sd over seeds; train error in "
-             "brackets)\n", "| model | test error | train error | seeds |", "| --- | --- | --- | --- |"]
+    lines = ["### Test and training error (%) of every classifier (mean ± sd over seeds)\n", "| model | test error | train error | seeds |", "| --- | --- | --- | --- |"]
     models = sorted({(t, m) for t, m, _ in cells if t in ("birodkar1", "birodkar4", "recipe",
                                                            "avgpool", "christlein3")})
     for table, model in models:
