@@ -65,7 +65,8 @@ of cross-validated, Adam (weight decay 5e-4, batches of 32) for every classifier
 trains ResNet-18 with SGD and step decay), one learned point at 16×16 (point 1) for Table 1,
 32×32 grey SVHN-like digits instead of SVHN, CIFAR-10(-C/-P), ICDAR17 and CLaMM16. The cells
 run claim group by claim group (every seed of a group before the next), so a run stopped
-early holds whole groups; the ResNet-18 groups, the costliest, come last.
+early holds whole groups; the ResNet-18 groups, the costliest, come last (the two-point
+recipe on seeds 0–1 before Table 1's ResNet-18 group, on the other seeds after it).
 
 Every cell (table, model, seed) is written to ``--out`` (JSON) as soon as it is computed,
 atomically; a rerun with the same settings skips the cells already there (an interrupted run
@@ -141,7 +142,8 @@ def planned_cells(seeds: int) -> list[tuple[str, str, int]]:
     """Every (table, model, seed): the pilot (seed 0's baselines and retrieval heads) first,
     then claim group by claim group, every seed of a group before the next group, so that an
     interrupted run holds whole groups (a verdict needs several seeds); the costliest groups
-    (ResNet-18) come last."""
+    (ResNet-18) come last, the paper's two-point ResNet recipe on seeds 0–1 just before them
+    and on the other seeds at the end."""
     pilot = [("birodkar1", f"{arch}/{regime}/strided", 0)
              for arch in ARCHITECTURES for regime in ("full", "reduced")]
     pilot += [("christlein12", head, 0) for head in RETRIEVAL_HEADS]
@@ -154,11 +156,14 @@ def planned_cells(seeds: int) -> list[tuple[str, str, int]]:
         [("birodkar4", f"cnn/{regime}/sgd") for regime in REGIMES],
         [("birodkar1", f"resnet/{regime}/{pooling}") for regime in REGIMES
          for pooling in ("strided", "separability")],
-        [("recipe", "resnet/reduced/separability-2-then-0")],
     ]
+    recipe = [("recipe", "resnet/reduced/separability-2-then-0", seed) for seed in range(seeds)]
     cells = list(pilot)
-    for group in groups:
+    for number, group in enumerate(groups):
+        if number == len(groups) - 1:  # the paper's ResNet recipe on two seeds before that
+            cells += recipe[:2]
         cells += [(table, model, seed) for seed in range(seeds) for table, model in group]
+    cells += recipe[2:]
     seen, ordered = set(), []
     for cell in cells:
         if cell not in seen:

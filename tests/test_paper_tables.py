@@ -46,6 +46,8 @@ def test_pilot_first_then_whole_claim_groups(tables):
     assert all(sorted(s for t2, m2, s in cells if (t2, m2) == tm) == [0, 1, 2, 3, 4]
                for tm in models)
     assert cells[-1][0] == "recipe"  # the costliest (ResNet-18) groups last
+    assert cells.index(("recipe", "resnet/reduced/separability-2-then-0", 1)) < cells.index(
+        ("birodkar1", "resnet/full/separability", 0))  # the recipe at least on two seeds early
     # every claim's cells are planned
     for claim in tables.claims():
         for key in ("baseline", "learned"):
