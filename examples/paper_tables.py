@@ -666,6 +666,9 @@ def _robustness_table(cells, seeds) -> str:
              "100 = more robust)\n",
              "| network | mCE geometric | mCE other | mFR geometric | mFR other "
              "| geometric perturbations flipping less |", "| --- | --- | --- | --- | --- | --- |"]
+    from skpool.evaluation import GEOMETRIC_PERTURBATIONS
+
+    n_geometric = len(GEOMETRIC_PERTURBATIONS)
     for arch in ARCHITECTURES:
         per_seed = [r for r in (robustness_ratios(cells, arch, s) for s in seeds) if r]
         if not per_seed:
@@ -673,7 +676,7 @@ def _robustness_table(cells, seeds) -> str:
         row = [mean_std([r[k] for r in per_seed]) for k in ("ce_geometric", "ce_other",
                                                             "fr_geometric", "fr_other")]
         less = mean_std([r["geometric_flipping_less"] for r in per_seed])
-        lines.append(f"| {arch} | {' | '.join(row)} | {less} of 8 |")
+        lines.append(f"| {arch} | {' | '.join(row)} | {less} of {n_geometric} |")
     return "\n".join(lines)
 
 
@@ -791,6 +794,14 @@ def _work(table, model, seed, settings, device):
             "seconds": round(time.perf_counter() - began, 2), **measured}
 
 
+def _stop(pool) -> None:
+    """Cancel the queued cells and end the cells in progress (their results are not wanted)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+
+
 def run_cells(todo, results, args, settings, argv) -> dict:
     """Compute ``todo`` with ``args.jobs`` processes, saving the file after each cell; stop
     (cancelling the rest) as soon as the pilot cells are in and the gate fails."""
@@ -838,10 +849,9 @@ def run_cells(todo, results, args, settings, argv) -> dict:
                 results.record["gate"] = outcome
                 results.save()
                 if not outcome["passed"]:
-                    for future in pending:
-                        future.cancel()
                     print("pilot gate failed: the remaining cells are not computed",
                           file=sys.stderr, flush=True)
+                    _stop(pool)
                     pending = {}
     bar.close()
     return session
