@@ -21,7 +21,8 @@ a few thousand images (~15 per class) does not learn: 80% error measured on 150 
    the run stops (exit status 3) and no comparison is reported.
 3. *Retrieval of identities unseen in training* (as Christlein's writer retrieval): the
    embedders learn digits 0–4 of the first ``--retrieval-size`` training images; the test
-   images of digits 5–9 query each other (relevant = same digit). Chance = the expected mAP of a random ranking, exact.
+   images of digits 5–9 query each other (relevant = same digit). Chance = the expected mAP
+   of a random ranking, exact.
 4. *Paired seeds.* ``--seeds`` seeds (same data; initialisation, batch order and the
    corruptions' draws change with the seed, the same for both arms of a comparison). Each
    claim is a paired per-seed difference (learned − baseline) with its 95% Student-t
@@ -54,14 +55,15 @@ direction, not of values):
 Also measured, as evidence on 2×2 average pooling at a stage (issue 24): the CNN with average
 pooling at the learned point, full set, paired against strided.
 
-**Sizes.** The default (``--size cpu``) is sized for about 30 minutes on two idle CPU cores
-with ``--jobs 2`` (on a loaded machine it takes longer: the report gives the wall time and the
-load average); ``--size full`` for a GPU (``--device cuda``); ``--quick`` is a structure check
+**Sizes.** The default (``--size cpu``) took 53 minutes of wall time (123 minutes of compute)
+with ``--jobs 2`` on a 2-vCPU Xeon shared with other jobs (load average 2–8; README, "The
+papers' tables in miniature"); on an idle machine it should be well under an hour, not
+measured; ``--size full`` for a GPU (``--device cuda``); ``--quick`` is a structure check
 (its networks do not learn: the gate fails, on purpose, and nothing is reported). Sized down
 from the papers on the CPU: widths (CNN 16, the paper 64; ResNet-18 × 1/8), 8 epochs (20 on
 the reduced set), 4,000 training images (reduced: 1,000), 500 test images, retrieval trained
-on ~2,000 images (digits 0–4) for 5 + 8 epochs, 100 perturbation sequences, α = 15 and l2 fixed instead
-of cross-validated, Adam (weight decay 5e-4, batches of 32) for every classifier (the paper
+on ~2,000 images (digits 0–4) for 5 + 8 epochs, 100 perturbation sequences, α = 15 and l2
+fixed instead of cross-validated, Adam (weight decay 5e-4, batches of 32) for every classifier (the paper
 trains ResNet-18 with SGD and step decay), one learned point at 16×16 (point 1) for Table 1,
 32×32 grey SVHN-like digits instead of SVHN, CIFAR-10(-C/-P), ICDAR17 and CLaMM16. The cells
 run claim group by claim group (every seed of a group before the next), so a run stopped
