@@ -1,4 +1,5 @@
-"""examples/paper_tables.py: the cells, the resumable results file, the report, the quick mode."""
+"""examples/paper_tables.py: the cells, the gate, the verdicts, the results file, the report,
+and the quick mode end to end."""
 
 from __future__ import annotations
 
@@ -16,13 +17,11 @@ from skpool.evaluation import (
     CORRUPTIONS,
     GEOMETRIC_CORRUPTIONS,
     GEOMETRIC_PERTURBATIONS,
-    NON_GEOMETRIC_PERTURBATIONS,
     PERTURBATIONS,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "paper_tables.py"
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -33,38 +32,49 @@ def tables():
     return module
 
 
-# ------------------------------------------------------------------------------ fast tests
+# ------------------------------------------------------------------------------ cells and options
 
 
-def test_cells_cover_every_table_and_come_seed_by_seed(tables):
-    cells = tables.planned_cells(3)
+def test_pilot_first_then_whole_claim_groups(tables):
+    cells = tables.planned_cells(5)
     assert len(cells) == len(set(cells))
-    assert [c for c in cells if c[0] == "cv"] == [("cv", "cnn", 0), ("cv", "resnet", 0)]
-    seeds = [seed for table, _, seed in cells if table != "cv"]
-    assert seeds == sorted(seeds)  # an interrupted run holds whole seeds first
-    per_seed = [c for c in cells if c[2] == 1]
-    # 2 networks x 2 training sets x (strided, separability, sgd) + 7 retrieval + 4 classifiers
-    assert len(per_seed) == 2 * 2 * 3 + 7 + 4
-    assert {m for t, m, _ in per_seed if t == "christlein12"} == {
-        "avg", "max", "mixed", "lse", "dgmp-lam1", "dgmp-lam1e3", "dgmp-lam1e5"}
+    pilot = tables.PILOT
+    assert cells[: len(pilot)] == pilot and {seed for _, _, seed in pilot} == {0}
+    assert {m for t, m, _ in pilot if t == "christlein12"} == set(tables.RETRIEVAL_HEADS)
+    # every model has every seed, and a group's seeds are contiguous after the pilot
+    models = {(t, m) for t, m, _ in cells}
+    assert all(sorted(s for t2, m2, s in cells if (t2, m2) == tm) == [0, 1, 2, 3, 4]
+               for tm in models)
+    assert cells[-1][0] == "recipe"  # the costliest (ResNet-18) groups last
+    assert cells.index(("recipe", "resnet/reduced/separability-2-then-0", 1)) < cells.index(
+        ("birodkar1", "resnet/full/separability", 0))  # the recipe at least on two seeds early
+    # every claim's cells are planned
+    for claim in tables.claims():
+        for key in ("baseline", "learned"):
+            if key in claim:
+                assert (*claim[key], 4) in cells, claim["id"]
 
 
-def test_parse_fills_the_mode_and_keeps_overrides(tables, tmp_path):
+def test_parse_fills_the_size_and_keeps_overrides(tables, tmp_path):
     quick = tables.parse(["--quick", "--out", str(tmp_path / "r.json"), "--epochs", "3"])
-    assert quick.epochs == 3 and quick.seeds == tables.QUICK["seeds"]
-    assert quick.train_size == tables.QUICK["train_size"] and quick.channels == 1
-    full = tables.parse(["--out", str(tmp_path / "r.json"), "--alpha-grid", "2,30"])
-    assert full.alpha_grid == [2.0, 30.0] and full.width == tables.FULL["width"]
-    with pytest.raises(SystemExit):
-        tables.parse(["--quick", "--out", str(tmp_path / "r.json"), "--cv", "1"])
+    assert quick.epochs == 3 and quick.seeds == 1 and quick.width == tables.SIZES["quick"]["width"]
+    cpu = tables.parse(["--out", str(tmp_path / "r.json"), "--alpha", "2"])
+    assert cpu.alpha == 2.0 and cpu.train_size == tables.SIZES["cpu"]["train_size"]
+    full = tables.parse(["--size", "full", "--out", str(tmp_path / "r.json")])
+    assert full.width == 64 and full.reduced_size == full.train_size // 20  # the paper's 5%
+    default = tables.parse([])
+    assert default.out.parent == Path(".") and not default.out.exists()  # never a tracked file
+    for bad in (["--seeds", "0"], ["--reduced-size", "99999"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            tables.parse(["--quick", *bad])
 
 
 def test_results_file_refuses_other_settings_and_foreign_files(tables, tmp_path):
     path = tmp_path / "r.json"
     results = tables.ResultsFile(path, {"epochs": 2, "width": 4})
-    results.add_cell({"table": "cv", "model": "cnn", "seed": 0, "seconds": 1.0})
+    results.add_cell({"table": "christlein12", "model": "avg", "seed": 0, "seconds": 1.0})
     again = tables.ResultsFile(path, {"epochs": 2, "width": 4})
-    assert set(again.done) == {("cv", "cnn", 0)}
+    assert set(again.done) == {("christlein12", "avg", 0)}
     with pytest.raises(ValueError, match="epochs"):
         tables.ResultsFile(path, {"epochs": 3, "width": 4})
     for text in ("not json", "[1, 2]", '{"format": "other", "cells": []}'):
@@ -76,7 +86,7 @@ def test_results_file_refuses_other_settings_and_foreign_files(tables, tmp_path)
 def test_a_failed_save_leaves_the_previous_file(tables, tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     results = tables.ResultsFile(path, {"epochs": 2})
-    results.add_cell({"table": "cv", "model": "cnn", "seed": 0, "seconds": 1.0})
+    results.add_cell({"table": "christlein12", "model": "avg", "seed": 0, "seconds": 1.0})
     before = path.read_text()
 
     def fail(*args, **kwargs):
@@ -84,137 +94,186 @@ def test_a_failed_save_leaves_the_previous_file(tables, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tables.os, "replace", fail)  # interrupted between write and rename
     with pytest.raises(KeyboardInterrupt):
-        results.add_cell({"table": "cv", "model": "resnet", "seed": 0, "seconds": 1.0})
+        results.add_cell({"table": "christlein12", "model": "max", "seed": 0, "seconds": 1.0})
     assert path.read_text() == before
 
 
-def _robustness(rng, flips_never=()):
+# ------------------------------------------------------------------------------ statistics
+
+
+def test_chance_map_is_the_mean_ap_of_random_rankings(tables):
+    from skpool.retrieval_metrics import mean_average_precision
+
+    labels = np.repeat([0, 1, 2, 3], [5, 7, 9, 1])  # a singleton: no relevant item, left out
+    rng = np.random.default_rng(0)
+    # random embeddings rank at random: the mean over many draws estimates the expectation
+    draws = [mean_average_precision(rng.standard_normal((len(labels), 3)), labels)
+             for _ in range(1000)]
+    # Monte Carlo: the mean of 1000 draws is within 5 standard errors of the expectation
+    # (a false alarm once in ~2 million runs)
+    assert abs(np.mean(draws) - tables.chance_map(labels)) < 5 * np.std(draws) / np.sqrt(1000)
+    # by hand: one relevant among S = 2 others: E[1/rank] = (1 + 1/2) / 2
+    assert tables.chance_map([0, 0, 1]) == pytest.approx((2 * 0.75 + 0) / 2, rel=1e-15)
+
+
+def test_t_quantiles_match_scipy(tables):
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 4, 9, 30):
+        # tabulated to 3 decimals: half a unit of the last digit
+        assert abs(tables.t975(df) - stats.t.ppf(0.975, df)) <= 5e-4
+    assert tables.t975(27) >= stats.t.ppf(0.975, 27)  # between rows: the wider interval
+
+
+@pytest.mark.parametrize("differences, sign, expected", [
+    ([-5.0, -4.0, -6.0, -5.5, -4.5], -1, "confirmed"),
+    ([-5.0, -4.0, -6.0, -5.5, -4.5], +1, "refuted"),
+    ([3.0, 2.5, 3.5, 2.0, 4.0], +1, "confirmed"),
+    ([-1.0, 2.0, -3.0, 1.5, 0.5], -1, "inconclusive at this size"),
+    ([-1.0], -1, "inconclusive at this size (one seed)"),
+    ([], -1, "not measured (its cells were not computed)"),
+])
+def test_verdict_on_synthetic_differences(tables, differences, sign, expected):
+    result = tables.verdict(differences, sign)
+    assert result["verdict"] == expected
+    d = np.asarray(differences)
+    if len(d) == 0:
+        return
+    assert result["mean"] == pytest.approx(d.mean(), rel=1e-12)
+    if len(d) > 1:
+        half = tables.t975(len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert result["low"] == pytest.approx(d.mean() - half, rel=1e-12)
+        assert result["high"] == pytest.approx(d.mean() + half, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ gate and report
+
+
+def _robustness(rng, scale=1.0):
     return {
-        "corruption_errors": {c: rng.uniform(0.1, 0.9, 5).tolist() for c in CORRUPTIONS},
-        "flip_probability": {
-            p: 0.0 if p in flips_never else float(rng.uniform(0.05, 0.5)) for p in PERTURBATIONS
-        },
-        "flips_per_step": {p: rng.uniform(0, 0.5, 30).tolist() for p in PERTURBATIONS},
+        "corruption_errors": {c: (scale * rng.uniform(0.1, 0.9, 5)).tolist() for c in CORRUPTIONS},
+        "flip_probability": {p: float(scale * rng.uniform(0.05, 0.5)) for p in PERTURBATIONS},
     }
 
 
-def test_report_computes_ce_and_fr_as_hendrycks_and_dietterich(tables, rng):
-    never = GEOMETRIC_PERTURBATIONS[0]  # the baseline never flips there: FR undefined
+def _synthetic_cells(tables, seeds, strided_error=0.25, head_map=0.35, learned_gain=-0.05):
+    """Cells for every planned model: strided errors, learned ones lower by ``learned_gain``
+    plus seed noise; retrieval mAP ``head_map`` against chance 0.2."""
+    rng = np.random.default_rng(1)
     cells = []
-    for seed in (0, 1):
-        for pooling, error in (("strided", 0.3), ("separability", 0.2)):
-            cells.append({
-                "table": "birodkar1", "model": f"cnn/full/{pooling}", "seed": seed,
-                "test_error": error + 0.01 * seed,
-                "robustness": _robustness(rng, flips_never=(never,) if pooling == "strided"
-                                          else ()),
-            })
-    text = tables.report({"cells": cells})
-    row = next(line for line in text.splitlines() if line.startswith("| cnn | 30.50"))
+    for table, model, seed in tables.planned_cells(seeds):
+        cell = {"table": table, "model": model, "seed": seed, "seconds": 1.0}
+        noise = 0.01 * rng.standard_normal()
+        if table == "christlein12":
+            cell.update(mAP=head_map + (0.05 if model.startswith("dgmp") else 0.0) + noise,
+                        top1=0.5, untrained_mAP=0.21, chance_mAP=0.2)
+        else:
+            base = strided_error if "reduced" not in model else strided_error + 0.2
+            learned = model.split("/")[-1] != "strided" or table == "christlein3"
+            cell.update(test_error=base + (learned_gain if learned else 0.0) + noise,
+                        train_error=0.05)
+            if table == "birodkar1" and "/full/" in model:
+                cell["robustness"] = _robustness(rng, 0.8 if learned else 1.0)
+        cells.append(cell)
+    return cells
 
-    # Reference: CE_c = sum_s E(model) / sum_s E(baseline); FR_p = FP(model) / FP(baseline);
-    # means over the geometric group, then over seeds (written out here independently).
-    ce, fr = [], []
-    for seed in (0, 1):
-        base, model = (cells[2 * seed]["robustness"], cells[2 * seed + 1]["robustness"])
-        ce.append(np.mean([np.sum(model["corruption_errors"][c])
-                           / np.sum(base["corruption_errors"][c])
-                           for c in GEOMETRIC_CORRUPTIONS]))
-        fr.append(np.mean([model["flip_probability"][p] / base["flip_probability"][p]
-                           for p in GEOMETRIC_PERTURBATIONS if p != never]))
-    fields = [field.strip() for field in row.strip("|").split("|")]
-    assert fields[1] == "30.50 ± 0.50 → 20.50 ± 0.50"
-    for field, reference in ((fields[2], ce), (fields[4], fr)):
-        mean, std = (float(v) for v in field.split(" ± "))
-        # printed to 0.1 (x100): half a unit of the last digit, plus float64 roundoff
-        assert abs(mean - 100 * np.mean(reference)) <= 0.05 + 1e-9
-        assert abs(std - 100 * np.std(reference)) <= 0.05 + 1e-9
-    # "rotate" names a corruption and a perturbation: each row must show its own ratio.
-    for kind, key in (("CE", "corruption_errors"), ("FR", "flip_probability")):
-        ratios = [np.sum(cells[2 * s + 1]["robustness"][key]["rotate"])
-                  / np.sum(cells[2 * s]["robustness"][key]["rotate"]) for s in (0, 1)]
-        row = next(line for line in text.splitlines() if line.startswith(f"| {kind} rotate |"))
-        mean = float(row.split("|")[3].split(" ± ")[0])
-        assert abs(mean - 100 * np.mean(ratios)) <= 0.05 + 1e-9  # printed to 0.1
-    assert "32.53 → 21.56" in text and "54.8" in text and "85.9" in text
-    assert "| resnet | n/a → n/a |" in text  # not run: said so, not invented
+
+def test_gate_checks_every_baseline_and_head(tables):
+    cells = {(c["table"], c["model"], c["seed"]): c for c in _synthetic_cells(tables, 1)}
+    assert tables.gate(cells)["passed"]
+    failing = dict(cells)
+    failing[("birodkar1", "cnn/full/strided", 0)] = {**cells[("birodkar1", "cnn/full/strided",
+                                                             0)], "test_error": 0.31}
+    outcome = tables.gate(failing)
+    assert not outcome["passed"]
+    assert [c["check"] for c in outcome["checks"] if not c["passed"]] == [
+        "cnn strided, full set: test error"]
+    low_head = dict(cells)
+    low_head[("christlein12", "lse", 0)] = {**cells[("christlein12", "lse", 0)], "mAP": 0.259}
+    assert not tables.gate(low_head)["passed"]  # 0.259 / 0.2 < 1.3
+    missing = {k: v for k, v in cells.items() if k != ("christlein12", "max", 0)}
+    assert not tables.gate(missing)["passed"]  # a missing check never passes
+
+
+def test_report_gives_no_comparison_when_the_gate_fails(tables):
+    record = {"cells": _synthetic_cells(tables, 3, strided_error=0.45)}
+    text = tables.report(record)
+    assert "did not pass: no comparison is reported" in text
+    assert "confirmed" not in text and "refuted" not in text and "verdict" not in text
+
+
+def test_report_gives_one_verdict_per_claim_from_paired_seeds(tables):
+    cells = _synthetic_cells(tables, 5)
+    text = tables.report({"cells": cells})
+    rows = [line for line in text.splitlines()
+            if line.startswith("| ") and line.rstrip().endswith("** |")]
+    assert len(rows) == len(tables.claims())
+    # learned errors 5 points lower than strided with 1-point noise: confirmed
+    row = next(r for r in rows if r.startswith("| separability < strided, test error (%), cnn, full"))
+    assert "**confirmed**" in row and "| 5 |" in row
+    # the reference paired difference, written out independently
+    by_key = {(c["table"], c["model"], c["seed"]): c for c in cells}
+    d = [100 * (by_key[("birodkar1", "cnn/full/separability", s)]["test_error"]
+                - by_key[("birodkar1", "cnn/full/strided", s)]["test_error"]) for s in range(5)]
+    assert f"{np.mean(d):+.1f} [" in row
+    # DGMP +5 mAP points over every head: confirmed; CE ratios 0.8: confirmed
+    assert all("**confirmed**" in r for r in rows if "DGMP (λ₀ = 1 relative) >" in r)
+    assert "**confirmed**" in next(r for r in rows if "mean CE" in r and "cnn" in r)
+
+
+def test_robustness_ratios_follow_hendrycks_and_dietterich(tables):
+    rng = np.random.default_rng(3)
+    base, learned = _robustness(rng), _robustness(rng)
+    cells = {("birodkar1", "cnn/full/strided", 0): {"robustness": base},
+             ("birodkar1", "cnn/full/separability", 0): {"robustness": learned}}
+    ratios = tables.robustness_ratios(cells, "cnn", 0)
+    ce = np.mean([np.sum(learned["corruption_errors"][c]) / np.sum(base["corruption_errors"][c])
+                  for c in GEOMETRIC_CORRUPTIONS])
+    fr = np.mean([learned["flip_probability"][p] / base["flip_probability"][p]
+                  for p in GEOMETRIC_PERTURBATIONS])
+    # the same float64 sums in another order: a few roundings of values ~1
+    assert ratios["ce_geometric"] == pytest.approx(100 * ce, rel=1e-12)
+    assert ratios["fr_geometric"] == pytest.approx(100 * fr, rel=1e-12)
+    assert ratios["geometric_flipping_less"] == sum(
+        learned["flip_probability"][p] < base["flip_probability"][p]
+        for p in GEOMETRIC_PERTURBATIONS)
+    assert tables.robustness_ratios(cells, "resnet", 0) is None
 
 
 # ------------------------------------------------------------------------------ the quick mode
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=400, check=False,
-    )
+def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
 
 
-@pytest.mark.slow
-def test_quick_mode_writes_every_cell_and_resumes(tables, tmp_path):
-    out, plot = tmp_path / "results.json", tmp_path / "flips.png"
+@pytest.mark.slow  # 11 tiny trainings in a fresh interpreter: a minute or more when loaded
+def test_quick_mode_stops_at_the_gate_and_resumes(tables, tmp_path):
+    out = tmp_path / "results.json"
     command = ["--quick", "--device", "cpu", "--no-progress", "--out", str(out)]
-    first = _run(*command, "--plot", str(plot))
-    assert first.returncode == 0, first.stderr[-3000:]
-
+    first = _run(*command)
+    # width 4, one epoch on 200 images: nothing learns, so the gate fails (exit 3) and no
+    # comparison is made; only the pilot's cells are computed
+    assert first.returncode == 3, first.stderr[-3000:]
     record = json.loads(out.read_text())
-    planned = tables.planned_cells(1)
-    assert sorted((c["table"], c["model"], c["seed"]) for c in record["cells"]) == sorted(planned)
-    assert record["settings"] == {k: tables.QUICK[k] for k in tables.SETTINGS}
-    session = record["sessions"][0]
-    assert session["computed"] == len(planned) and session["resumed"] == 0
-    assert session["machine"]["threads"] == 1 and session["machine"]["simd"]
-    for cell in record["cells"]:
-        if "test_error" in cell:
-            assert 0.0 <= cell["test_error"] <= 1.0
-        if cell["table"] == "christlein12":
-            assert 0.0 < cell["mAP"] <= 1.0 and 0.0 <= cell["top1"] <= 1.0
-        if cell["model"].startswith("dgmp"):
-            assert cell["learned_lambda"] > 0
-        if cell["table"] == "cv":
-            assert cell["best_params"] in cell["candidates"]
-            assert len(cell["mean_accuracy"]) == len(tables.QUICK["alpha_grid"]) * len(
-                tables.QUICK["norm_grid"])
-        if "robustness" in cell:
-            assert cell["model"].split("/")[1] == "full"
-            robustness = cell["robustness"]
-            assert sorted(robustness["corruption_errors"]) == sorted(CORRUPTIONS)
-            assert all(len(v) == 5 for v in robustness["corruption_errors"].values())
-            assert sorted(robustness["flip_probability"]) == sorted(PERTURBATIONS)
-            assert len(robustness["flips_per_step"]["translate"]) == 15  # 16 frames
-    assert sum("robustness" in c for c in record["cells"]) == 4
-
-    for heading in ("Table 1", "Tables 2–3", "Table 4", "Tables I–II", "Table III"):
-        assert heading in first.stdout
-    assert "32.53 → 21.56" in first.stdout and "Session 1 (" in first.stdout
-    assert "ATen" in first.stdout and "torch thread" in first.stdout  # the machine
+    assert sorted((c["table"], c["model"], c["seed"]) for c in record["cells"]) == sorted(
+        tables.PILOT)
+    assert record["gate"]["passed"] is False
+    assert "did not pass: no comparison is reported" in first.stdout
     assert out.with_suffix(".md").read_text().strip() in first.stdout
-    assert plot.read_bytes().startswith(PNG)
-    assert set(GEOMETRIC_PERTURBATIONS) | set(NON_GEOMETRIC_PERTURBATIONS) == set(PERTURBATIONS)
+    for cell in record["cells"]:
+        if cell["table"] == "christlein12":
+            assert 0 < cell["chance_mAP"] < 1 and 0 < cell["mAP"] <= 1
+    session = record["sessions"][0]
+    assert session["computed"] == len(tables.PILOT) and session["load"]["start"]
 
-    # A rerun finds every cell done, trains nothing and leaves the file as it was.
+    # A rerun computes nothing after a failed gate and leaves the file as it was.
     written = out.read_text()
     again = _run(*command)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"0 cells to compute, {len(planned)} already" in again.stdout
-    assert out.read_text() == written
-    rerun = json.loads(written)
-
-    # A lost cell is recomputed alone; the same code, threads and seeds on the same machine
-    # with deterministic algorithms give the same network, hence the same error.
-    lost = next(c for c in record["cells"] if (c["table"], c["model"]) == ("christlein3", "max"))
-    rerun["cells"].remove(lost)
-    out.write_text(json.dumps(rerun))
-    resumed = _run(*command)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 cells to compute" in resumed.stdout
-    final = json.loads(out.read_text())
-    assert [s["computed"] for s in final["sessions"]] == [len(planned), 1]
-    assert final["sessions"][-1]["resumed"] == len(planned) - 1
-    assert final["cells"][-1]["test_error"] == lost["test_error"]
-
-    # Other settings are refused before any training, and the file is left as it was.
+    assert again.returncode == 3 and out.read_text() == written
+    # Other settings are refused before any training.
     refused = _run(*command, "--epochs", "3")
     assert refused.returncode != 0 and "epochs" in refused.stderr
-    assert json.loads(out.read_text()) == final
+    assert out.read_text() == written

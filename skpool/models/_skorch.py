@@ -151,8 +151,13 @@ class PoolingCNNClassifier(NeuralNetClassifier):
         All class labels, when the training labels may lack some (skorch's parameter).
     criterion, optimizer, lr, max_epochs, batch_size, train_split, verbose, **kwargs
         As in :class:`skorch.NeuralNetClassifier`; the defaults suit small image sets
-        (cross-entropy on logits, Adam at 1e-3, 10 epochs, batches of 64, no internal
-        validation split).
+        (cross-entropy on logits, Adam at 1e-3 with weight decay 5e-4
+        (``optimizer__weight_decay``), 10 epochs, batches of 32, no internal validation
+        split). Measured on ``make_svhn_like(n_train=3000, n_test=500)``, width 16, 8 epochs,
+        seeds 0–2, standardised input: batches of 64 without weight decay 36.0 / 40.2% test
+        error (seeds 0, 1), batches of 32 30.2 / 34.2 / 33.0%, with weight decay
+        28.4 / 33.2 / 30.0% (issue 24). The networks standardise each image themselves
+        (``module__standardize=True``), so raw [0, 1] images are the input.
 
     A ``fit`` or ``partial_fit`` that fails (bad input, a bad parameter, an error or an
     interrupt during training) leaves the net as it was: the previous fit's classes, weights,
@@ -192,12 +197,13 @@ class PoolingCNNClassifier(NeuralNetClassifier):
         optimizer=torch.optim.Adam,
         lr=1e-3,
         max_epochs=10,
-        batch_size=64,
+        batch_size=32,
         train_split=None,
         verbose=0,
         device="auto",
         **kwargs,
     ):
+        kwargs.setdefault("optimizer__weight_decay", 5e-4)
         super().__init__(
             module,
             criterion=criterion,

@@ -2,6 +2,7 @@ r"""The CNN of Birodkar et al. (2019), with a choice of pooling per stage and of
 
 Architecture (for an input of ``in_channels`` × H × W)::
 
+    input    each image standardised: zero mean, unit variance (``standardize=True``)
     stem     conv3x3(in_channels -> width) + ReLU
     stage s  conv3x3(c -> 2c/k) + batch-norm + ReLU, then a 2x downsampling:   (s < n_stages)
                "strided"        the conv itself has stride 2 (k = 1)
@@ -62,6 +63,10 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
             learned for one grid). Default: None.
         global_pool_options: further keyword arguments of the global pooling layer (e.g.
             ``{"learnable": False}`` for "gmp"). Default: None.
+        standardize: standardise each input image to zero mean and unit variance (over its
+            channels and pixels) before the first convolution, as Birodkar et al. do for SVHN
+            (:func:`~skpool.models.pooling.standardize_images`); the model then takes raw
+            images. ``False`` feeds the images as they are. Default: True.
 
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`, or :math:`(B, H, W)` when ``in_channels == 1``.
@@ -92,6 +97,7 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
         n_components: int | tuple[int, ...] = 2,
         input_size: tuple[int, int] | None = None,
         global_pool_options: dict | None = None,
+        standardize: bool = True,
     ) -> None:
         super().__init__()
         check_network_sizes(in_channels, n_classes)
@@ -103,6 +109,7 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
             )
         self._configure_points(stage_pooling, n_components, n_stages, input_size)
         self.in_channels = in_channels
+        self.standardize = bool(standardize)
 
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU())
         self.convs = nn.ModuleList()
@@ -125,7 +132,7 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
         self.head = nn.Linear(channels, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._as_images(x)
+        x = self._input(x)
         x = self.stem(x)
         for conv, pool in zip(self.convs, self.pools):
             x = pool(conv(x))
@@ -135,7 +142,7 @@ class PoolingCNN(StagedPoolingMixin, nn.Module):
         """The feature maps that stage ``stage``'s pooling receives: (B, C_s, H_s, W_s)."""
         if not 0 <= stage < len(self.convs):
             raise IndexError(f"stage must be in 0..{len(self.convs) - 1}, got {stage}.")
-        x = self.stem(self._as_images(x))
+        x = self.stem(self._input(x))
         for conv, pool in zip(self.convs[:stage], self.pools[:stage]):
             x = pool(conv(x))
         return self.convs[stage](x)

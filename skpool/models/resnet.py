@@ -2,6 +2,7 @@ r"""CIFAR-style ResNet-18 (He et al. 2016) with a pooling choice at each downsam
 
 Architecture (widths for ``width_multiplier = 1``; every width is multiplied by it)::
 
+    input    each image standardised: zero mean, unit variance (``standardize=True``)
     stem     conv3x3(in_channels -> 64) + BN + ReLU                       (full resolution)
     layer1   2 basic blocks, 64 channels
     layer2   2 basic blocks, 128 channels; the first downsamples (point 0)
@@ -107,6 +108,10 @@ class ResNet18(StagedPoolingMixin, nn.Module):
         input_size: the input images' (H, W); needed by "sgd" points. Default: None.
         global_pool_options: further keyword arguments of the global pooling layer.
             Default: None.
+        standardize: standardise each input image to zero mean and unit variance (over its
+            channels and pixels) before the first convolution, as Birodkar et al. do for SVHN
+            (:func:`~skpool.models.pooling.standardize_images`); the model then takes raw
+            images. ``False`` feeds the images as they are. Default: True.
 
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`, or :math:`(B, H, W)` when ``in_channels == 1``.
@@ -136,6 +141,7 @@ class ResNet18(StagedPoolingMixin, nn.Module):
         n_components: int | tuple[int, ...] = 2,
         input_size: tuple[int, int] | None = None,
         global_pool_options: dict | None = None,
+        standardize: bool = True,
     ) -> None:
         super().__init__()
         check_network_sizes(in_channels, n_classes)
@@ -149,6 +155,7 @@ class ResNet18(StagedPoolingMixin, nn.Module):
             )
         self._configure_points(stage_pooling, n_components, len(BASE_WIDTHS) - 1, input_size)
         self.in_channels = in_channels
+        self.standardize = bool(standardize)
         base = round(BASE_WIDTHS[0] * multiplier)
         widths = [base * (w // BASE_WIDTHS[0]) for w in BASE_WIDTHS]
 
@@ -177,7 +184,7 @@ class ResNet18(StagedPoolingMixin, nn.Module):
         return [block.pool for block in self._downsampling_blocks()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self._as_images(x))
+        x = self.stem(self._input(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.head(self.global_pool(x).flatten(1))
 
@@ -186,7 +193,7 @@ class ResNet18(StagedPoolingMixin, nn.Module):
         ``relu(bn1(conv1(.)))`` of that stage's first block, (B, out/k, H_s, W_s)."""
         if not 0 <= stage < len(self.stage_pooling):
             raise IndexError(f"stage must be in 0..{len(self.stage_pooling) - 1}, got {stage}.")
-        x = self.layer1(self.stem(self._as_images(x)))
+        x = self.layer1(self.stem(self._input(x)))
         for layer in (self.layer2, self.layer3, self.layer4)[:stage]:
             x = layer(x)
         return self._downsampling_blocks()[stage].pool_input(x)
