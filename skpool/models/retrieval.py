@@ -20,7 +20,8 @@ GridSearchCV uses to tune the margin and the initial λ.
 
 from __future__ import annotations
 
-from numbers import Integral
+import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
