@@ -264,7 +264,7 @@ def global_head_classifier(head, seed, settings, device):
 def retrieval(head, seed, data, settings, device) -> dict:
     """Train on the seen classes, retrieve among the unseen ones; also the untrained net."""
     from skpool.models import DGMPEmbedder, PoolingEmbedder
-    from skpool.retrieval_metrics import mean_average_precision, top1_accuracy
+    from skpool.evaluation import mean_average_precision, top1_accuracy
 
     params = {"module__width": settings["width"], "max_epochs": settings["retrieval_epochs"],
               "pretrain_epochs": settings["pretrain_epochs"], "random_state": seed,

@@ -5,7 +5,7 @@ A miniature of Birodkar et al. (2019) Tables 2–3 with the metrics of Hendrycks
 (2019), on :func:`skpool.datasets.make_svhn_like` (32×32 crops made from scikit-learn's digits;
 nothing is downloaded). For each seed it trains
 
-- the **baseline**: :class:`~skpool.models.classifiers.PoolingCNNClassifier` whose three stages
+- the **baseline**: :class:`~skpool.models.PoolingCNNClassifier` whose three stages
   downsample with stride-2 convolutions (``strided``), and
 - the **compared models**: by default the same CNN with 2×2 average pooling after each stage
   (``avg``); ``--models strided,avg,max,separability`` adds max pooling and Birodkar et al.'s
@@ -64,7 +64,7 @@ from skpool.evaluation import (
     evaluate_perturbations,
     flip_rate,
 )
-from skpool.models.classifiers import PoolingCNNClassifier, SeparabilityPoolingClassifier
+from skpool.models import PoolingCNNClassifier, SeparabilityPoolingClassifier
 
 QUICK = {"seeds": 1, "train_size": 3000, "test_size": 500, "sequences": 200, "epochs": 10,
          "width": 12}

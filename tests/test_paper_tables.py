@@ -102,7 +102,7 @@ def test_a_failed_save_leaves_the_previous_file(tables, tmp_path, monkeypatch):
 
 
 def test_chance_map_is_the_mean_ap_of_random_rankings(tables):
-    from skpool.retrieval_metrics import mean_average_precision
+    from skpool.evaluation import mean_average_precision
 
     labels = np.repeat([0, 1, 2, 3], [5, 7, 9, 1])  # a singleton: no relevant item, left out
     rng = np.random.default_rng(0)

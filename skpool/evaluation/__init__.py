@@ -13,6 +13,9 @@ and Perturbations*, ICLR 2019.
   probabilities (anything with ``predict`` taking (n, C, H, W) images);
   :func:`corruption_error`, :func:`mean_corruption_error`, :func:`flip_probability`,
   :func:`flip_rate`, :func:`mean_flip_rate` — the metrics, relative to a baseline.
+- :func:`mean_average_precision`, :func:`average_precision_per_query`, :func:`top1_accuracy`
+  and their scikit-learn scorers — retrieval metrics (every sample queries all the others;
+  relevant = same label), as in Christlein et al.'s writer retrieval.
 
 Images are (n, C, H, W) floating numpy arrays or torch tensors in ``value_range`` (default
 [0, 1]); the computations are batched torch on the images' device.
@@ -34,6 +37,13 @@ from .metrics import (
     mean_corruption_error,
     mean_flip_rate,
     perturbation_predictions,
+)
+from .retrieval import (
+    average_precision_per_query,
+    mean_average_precision,
+    mean_average_precision_scorer,
+    top1_accuracy,
+    top1_accuracy_scorer,
 )
 from .perturbations import (
     GEOMETRIC_PERTURBATIONS,
@@ -64,4 +74,9 @@ __all__ = [
     "evaluate_corruptions",
     "evaluate_perturbations",
     "perturbation_predictions",
+    "mean_average_precision",
+    "average_precision_per_query",
+    "top1_accuracy",
+    "mean_average_precision_scorer",
+    "top1_accuracy_scorer",
 ]

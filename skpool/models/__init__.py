@@ -18,7 +18,8 @@ from .resnet import ResNet18
 _CLASSIFIERS = ("PoolingCNNClassifier", "DGMPClassifier", "SeparabilityPoolingClassifier")
 _RETRIEVAL = ("PoolingEmbedder", "DGMPEmbedder", "PoolingEmbeddingNet")
 _TRIPLET = ("HardBatchTripletLoss", "PKBatchSampler")  # also in retrieval; torch only
-_LAZY = {**dict.fromkeys(_CLASSIFIERS, "skpool.models.classifiers"),
+_LAZY = {"PoolingCNNClassifier": "skpool.models._skorch", "DGMPClassifier": "skpool.models._skorch",
+         "SeparabilityPoolingClassifier": "skpool.models._procedure",
          **dict.fromkeys(_RETRIEVAL, "skpool.models.retrieval"),
          **dict.fromkeys(_TRIPLET, "skpool.models._triplet")}
 

@@ -8,7 +8,7 @@ triplet loss alone collapses the embeddings), then trained with the batch-hard t
 Hermans et al. (2017) on batches of P labels × K samples, with AMSGrad (β = 0.9, 0.999, weight decay 1e-5,
 learning rate 2e-4) and a larger learning rate for λ, as in the paper's writer-retrieval
 experiments. ``transform`` returns the embeddings; retrieval is then a nearest-neighbour
-search, scored by :mod:`skpool.retrieval_metrics` (mean average precision, top-1), which
+search, scored by :mod:`skpool.evaluation` (mean average precision, top-1), which
 GridSearchCV uses to tune the margin and the initial λ.
 
 - :class:`HardBatchTripletLoss` — the loss, usable on its own, and :class:`PKBatchSampler` —
@@ -33,7 +33,7 @@ from torch import nn
 
 from .._device import CheckedMoves, resolve_device
 from .._parameters import MAX_COUNT
-from ..retrieval_metrics import mean_average_precision
+from ..evaluation.retrieval import mean_average_precision
 from ._skorch import (
     LAM_PARAMETERS,
     LamLearningRate,
@@ -151,7 +151,7 @@ class PoolingEmbedder(LamLearningRate, NeuralNet):
     ``fit(X, y)`` trains :class:`PoolingEmbeddingNet` on batches of P labels × K samples
     (:class:`PKBatchSampler`) with :class:`HardBatchTripletLoss`; ``transform(X)`` returns the
     l2-normalised embeddings; ``score(X, y)`` is their retrieval mean average precision
-    (:func:`skpool.retrieval_metrics.mean_average_precision`), so GridSearchCV can tune the
+    (:func:`skpool.evaluation.mean_average_precision`), so GridSearchCV can tune the
     margin (``criterion__margin``), the initial λ (``module__lam``) and anything else without
     a ``scoring`` argument (or with ``scoring=top1_accuracy_scorer``).
 

@@ -11,7 +11,7 @@ from sklearn.model_selection import GridSearchCV, train_test_split
 from skorch.dataset import ValidSplit
 from skorch.utils import data_from_dataset
 
-import skpool.models.classifiers as classifiers_module
+import skpool.models as models_module
 from skpool.models import (
     DGMPClassifier,
     PoolingCNNClassifier,
@@ -42,10 +42,12 @@ def small():
 
 
 # -- names, parameters -----------------------------------------------------------------------------
-def test_classifiers_module_exposes_only_its_classes():
-    public = {name for name in dir(classifiers_module) if not name.startswith("_")}
-    assert public == set(classifiers_module.__all__) == {
-        "PoolingCNNClassifier", "DGMPClassifier", "SeparabilityPoolingClassifier"}
+def test_skpool_models_loads_each_classifier_from_its_module():
+    from skorch import NeuralNetClassifier
+
+    for name in ("PoolingCNNClassifier", "DGMPClassifier", "SeparabilityPoolingClassifier"):
+        assert name in models_module.__all__
+        assert issubclass(getattr(models_module, name), NeuralNetClassifier), name
 
 
 def test_dgmp_lists_its_module_defaults():

@@ -17,7 +17,7 @@ from skpool.models import (
     SeparabilityPoolingClassifier,
 )
 from skpool.models.pooling import STANDARDIZE_EPS, standardize_images
-from skpool.retrieval_metrics import mean_average_precision
+from skpool.evaluation import mean_average_precision
 
 
 def test_standardize_images_matches_a_float64_reference():

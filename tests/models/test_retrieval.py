@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GridSearchCV, train_test_split
 from skorch.dataset import ValidSplit
 
-import skpool.retrieval_metrics as retrieval_metrics
+import skpool.evaluation.retrieval as retrieval_metrics
 from skpool.models.retrieval import (
     DGMPEmbedder,
     HardBatchTripletLoss,
@@ -21,7 +21,7 @@ from skpool.models.retrieval import (
     PoolingEmbeddingNet,
 )
 from skpool.nn import GeneralizedMaxPool2d
-from skpool.retrieval_metrics import (
+from skpool.evaluation import (
     average_precision_per_query,
     mean_average_precision,
     mean_average_precision_scorer,

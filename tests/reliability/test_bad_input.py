@@ -3,7 +3,7 @@ the message that names the problem (never a traceback from deep inside, never a 
 
 Faces: the estimators' ``fit``/``transform`` (``GeneralizedMaxPooling``,
 ``SeparabilityPooling``), the layers and their functional forms (``skpool.nn``), the skorch
-classifiers' ``fit``/``predict`` (``skpool.models.classifiers``), ``skpool.io.load_operator``
+classifiers' ``fit``/``predict`` (``skpool.models``), ``skpool.io.load_operator``
 and the command line (``skpool.cli.main``).
 
 Dtype policy (asserted here and in :func:`test_accepted_dtypes_are_converted`):
@@ -36,7 +36,7 @@ from reliability.helpers import TINY_NET, digits_like, labelled_maps
 from skpool import GeneralizedMaxPooling, SeparabilityPooling, resolve_device
 from skpool.cli import main
 from skpool.io import FORMAT_VERSION, OperatorFileError, load_operator, save_operator
-from skpool.models.classifiers import (
+from skpool.models import (
     DGMPClassifier,
     PoolingCNNClassifier,
     SeparabilityPoolingClassifier,

@@ -16,7 +16,7 @@ import separability_reference as ref
 from gmp_reference import EPS32, EPS64, auto_unit_bound, unit_error_bound
 from reliability.helpers import TINY_NET, digits_like, labelled_maps
 from skpool import GeneralizedMaxPooling, SeparabilityPooling
-from skpool.models.classifiers import (
+from skpool.models import (
     DGMPClassifier,
     PoolingCNNClassifier,
     SeparabilityPoolingClassifier,

@@ -42,7 +42,7 @@ from skpool.io import (
     save_estimator,
     save_operator,
 )
-from skpool.models.classifiers import PoolingCNNClassifier
+from skpool.models import PoolingCNNClassifier
 from testing_utils import requires_cuda
 
 MAPS, LABELS = labelled_maps(seed=0, n_samples=24, grid=(4, 4), n_channels=3, n_classes=3)

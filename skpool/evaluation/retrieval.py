@@ -65,7 +65,7 @@ def average_precision_per_query(embeddings, labels) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from skpool.retrieval_metrics import average_precision_per_query
+    >>> from skpool.evaluation import average_precision_per_query
     >>> points = np.array([[0.0], [1.0], [3.0], [6.0]])
     >>> average_precision_per_query(points, ["a", "a", "b", "a"])  # query 3 ranks b, a, a
     array([0.83333333, 0.83333333,        nan, 0.58333333])
@@ -80,7 +80,7 @@ def mean_average_precision(embeddings, labels) -> float:
     Examples
     --------
     >>> import numpy as np
-    >>> from skpool.retrieval_metrics import mean_average_precision
+    >>> from skpool.evaluation import mean_average_precision
     >>> points = np.array([[0.0], [0.1], [5.0], [5.1]])
     >>> mean_average_precision(points, [0, 0, 1, 1])
     1.0
@@ -97,7 +97,7 @@ def top1_accuracy(embeddings, labels) -> float:
     Examples
     --------
     >>> import numpy as np
-    >>> from skpool.retrieval_metrics import top1_accuracy
+    >>> from skpool.evaluation import top1_accuracy
     >>> top1_accuracy(np.array([[0.0], [1.0], [1.5], [3.0]]), [0, 1, 0, 1])
     0.0
     """
@@ -112,7 +112,7 @@ def mean_average_precision_scorer(estimator, X, y) -> float:
     --------
     >>> from sklearn.model_selection import GridSearchCV
     >>> from skpool.models.retrieval import DGMPEmbedder
-    >>> from skpool.retrieval_metrics import mean_average_precision_scorer
+    >>> from skpool.evaluation import mean_average_precision_scorer
     >>> search = GridSearchCV(
     ...     DGMPEmbedder(max_epochs=2),
     ...     {"criterion__margin": [0.1, 0.5], "module__lam": [1.0, 1e3]},
