@@ -318,7 +318,7 @@ def _solve(
     lam_scaled = lam / scale2
     shrink = (lam_scaled * (finfo.eps / n)).clamp_min(1.0)
     ridge = lam_scaled / shrink  # (B,) float64, may require grad
-    factor_ridge = torch.maximum(ridge[:, None], _ridge_floor(unit_diag, finfo.eps, n, robust))
+    factor_ridge = _at_least(ridge[:, None], _ridge_floor(unit_diag, finfo.eps, n, robust))
     factor_diagonal = factor_ridge * scale2[:, None]  # (B, n) float64, may require grad
     with torch.no_grad():
         system = gram  # G + diag, in place (nothing else holds gram)
@@ -331,7 +331,7 @@ def _solve(
         steps = 0
     if steps:
         # Refinement and the float64 solve aim at the problem with the float64 floor.
-        solve_diagonal = torch.maximum(
+        solve_diagonal = _at_least(
             ridge[:, None], _ridge_floor(unit_diag, torch.finfo(torch.float64).eps, n, robust)
         ) * scale2[:, None]
     else:
@@ -350,6 +350,18 @@ def _solve(
         # All-zero descriptors pool to exactly zero; a nonzero result there: G underflowed.
         trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
     return xi, trouble
+
+
+
+def _at_least(ridge: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """max(ridge, floor) for a differentiable float64 ``ridge`` and a constant ``floor``, as
+    floor + keep * (ridge - floor) with ``keep`` a float64 0/1 mask: the same values and
+    gradient as :func:`torch.maximum`, whose backward saves two boolean masks of float64
+    comparisons. Inductor (torch 2.13, CPU, AVX-512 and AVX2 dispatch) stores those masks with
+    a vectorised write that corrupts the heap (``malloc(): unaligned tcache chunk``, or NaN
+    results), so a compiled layer must not create them."""
+    keep = (ridge.detach() >= floor).to(ridge.dtype)
+    return floor + keep * (ridge - floor)
 
 
 class _RidgeSolve(torch.autograd.Function):
