@@ -35,7 +35,6 @@ from .._device import CheckedMoves, resolve_device
 from .._parameters import MAX_COUNT
 from ..evaluation.retrieval import mean_average_precision
 from ._skorch import (
-    LAM_PARAMETERS,
     LamLearningRate,
     check_images,
     check_labels,
@@ -53,9 +52,6 @@ __all__ = [
     "DGMPEmbedder",
 ]
 
-#: fnmatch pattern of the learnable log-λ parameters (:class:`~skpool.nn.GeneralizedMaxPool2d`,
-#: :class:`~skpool.nn.SequenceGeneralizedMaxPool`) whose learning rate ``lam_lr_factor`` scales.
-LAM_PARAMETER_PATTERN = LAM_PARAMETERS
 #: Batch size of the cross-entropy pre-training (the value its measurements used).
 PRETRAIN_BATCH_SIZE = 64
 
