@@ -32,6 +32,7 @@ from .gmp_refine import (
     _refine,
     _refine_solve,
     _weighted_sum,
+    factor_solve,
 )
 
 __all__ = [
@@ -397,7 +398,7 @@ class _RidgeSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, phi, diagonal, target, factor, system, dual, steps, auto):
         rhs = target if dual else _weighted_sum(phi, target)
-        solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+        solution = factor_solve(factor, rhs)
         plain = _weighted_sum(phi, solution) if dual else solution
         if steps == "auto":
             diag, scale2, ridge, trouble, eps = auto
@@ -443,7 +444,7 @@ def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, 
         refine = steps if isinstance(steps, int) else 0
 
         def solve(rhs):
-            x = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+            x = factor_solve(factor, rhs)
             return _refine_solve(phi, diagonal, factor, rhs, x, dual, refine) if refine else x
 
     if dual:
@@ -487,7 +488,7 @@ def _ridge_solve_backward_float64(phi, diagonal, target, grad, dual):
     factor, _ = torch.linalg.cholesky_ex(system + torch.diag_embed(diagonal))
     target64 = target.double()
     rhs = target64 if dual else _weighted_sum(phi64, target64)
-    solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+    solution = factor_solve(factor, rhs)
     xi = _weighted_sum(phi64, solution) if dual else solution
     no_change = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
     return _ridge_solve_backward(
@@ -504,7 +505,7 @@ class _FactorSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, phi, diagonal, rhs, factor, dual):
-        output = torch.cholesky_solve(rhs.to(factor.dtype)[:, :, None], factor)[..., 0]
+        output = factor_solve(factor, rhs)
         ctx.save_for_backward(phi, diagonal, factor, output)
         ctx.dual = dual
         return output
@@ -517,7 +518,7 @@ class _FactorSolve(torch.autograd.Function):
             if torch.is_grad_enabled():
                 w = _FactorSolve.apply(phi, diagonal, grad_y, factor, ctx.dual)
             else:
-                w = torch.cholesky_solve(grad_y.to(factor.dtype)[:, :, None], factor)[..., 0]
+                w = factor_solve(factor, grad_y)
             if ctx.dual:
                 phi_t_y, phi_t_w = _weighted_sum(phi, y), _weighted_sum(phi, w)
                 grad_phi = _outer_difference(-w, phi_t_y, y, phi_t_w)

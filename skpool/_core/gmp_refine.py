@@ -42,6 +42,17 @@ _ESTIMATE_STEPS = 3
 _SUM_BLOCK = 1024
 
 
+def factor_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x = (L L^T)^-1 b for the Cholesky factors ``factor`` (B, n, n) (lower) and the vectors
+    ``rhs`` (B, n), in the factor's dtype: two batched triangular solves, the arithmetic of
+    :func:`torch.cholesky_solve` (LAPACK potrs is these two trsm), which on CPU (torch 2.13)
+    calls potrs matrix by matrix, 1.3x slower at n = 64 and 4x at n = 512
+    (benchmarks/README.md, issue 26)."""
+    rhs = rhs.to(factor.dtype)[:, :, None]
+    lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, lower, upper=True)[..., 0]
+
+
 def _auto_refine(
     phi, target, exact_ridge, factor, solution, dual, diag, scale2, ridge, system, trouble, eps
 ):
@@ -211,7 +222,7 @@ def _refine(phi, target, ridge, factor, solution, dual, steps, first_contraction
         similarities = (phi64 @ xi[:, :, None])[..., 0]  # Phi xi, (B, N)
         applied = similarities if dual else _weighted_sum(phi64, similarities)
         residual = rhs - applied - ridge * current
-        step = torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)[..., 0].double()
+        step = factor_solve(factor, residual).double()
         new_current = current + step
         new_xi = _weighted_sum(phi64, new_current) if dual else new_current
         if not adaptive:
@@ -252,7 +263,7 @@ def _solve_float64(phi, target, ridge, dual):
     system = system + torch.diag_embed(ridge)
     factor, _ = torch.linalg.cholesky_ex(system)
     rhs = target.double() if dual else _weighted_sum(phi64, target.double())
-    solution = torch.cholesky_solve(rhs[:, :, None], factor)[..., 0]
+    solution = factor_solve(factor, rhs)
     xi = _weighted_sum(phi64, solution) if dual else solution
     return xi.to(phi.dtype)
 
@@ -271,5 +282,5 @@ def _refine_solve(phi, diagonal, factor, rhs, solution, dual, steps):
         else:  # Phi^T (Phi x)
             applied = _weighted_sum(phi64, (phi64 @ x[:, :, None])[..., 0])
         residual = rhs64 - applied - diagonal * x
-        x = x + torch.cholesky_solve(residual.to(phi.dtype)[:, :, None], factor)[..., 0].double()
+        x = x + factor_solve(factor, residual).double()
     return x.to(phi.dtype)

@@ -37,7 +37,7 @@ def medium():
 
 @pytest.fixture
 def seen(monkeypatch):
-    """The precision settings under which cholesky_ex / cholesky_solve / bmm-like matmuls of
+    """The precision settings under which cholesky_ex / cholesky_solve / solve_triangular of
     the core ran (spied where skpool calls them)."""
     record = []
 
@@ -49,6 +49,7 @@ def seen(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", spy(torch.linalg.cholesky_ex))
     monkeypatch.setattr(torch, "cholesky_solve", spy(torch.cholesky_solve))
+    monkeypatch.setattr(torch.linalg, "solve_triangular", spy(torch.linalg.solve_triangular))
     return record
 
 
