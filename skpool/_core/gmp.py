@@ -304,47 +304,55 @@ def _solve(
     if relative:
         lam = lam * _mean_squared_norm(phi, gram, target)
 
-    diag = gram.diagonal(dim1=1, dim2=2).double()  # (B, n)
-    scale2 = diag.amax(dim=1)  # s^2, largest squared descriptor (or column) norm
-    if checked:
-        trouble = ~torch.isfinite(scale2) | ((scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2))
-        underflow_or_zero = scale2 == 0  # all-zero descriptors, or G underflowed
-    scale2 = torch.where(torch.isfinite(scale2) & (scale2 > 0), scale2, torch.ones_like(scale2))
-    unit_diag = diag / scale2[:, None]  # G_ii / s^2, in [0, 1]
+    with torch.no_grad():  # the ridge's gradient is the sensitivity below, not a graph
+        diag = gram.diagonal(dim1=1, dim2=2).double()  # (B, n)
+        scale2 = diag.amax(dim=1)  # s^2, largest squared descriptor (or column) norm
+        if checked:
+            trouble = ~torch.isfinite(scale2) | (
+                (scale2 > 0) & (scale2 < finfo.tiny / finfo.eps**2)
+            )
+            underflow_or_zero = scale2 == 0  # all-zero descriptors, or G underflowed
+            scale2 = torch.where(torch.isfinite(scale2) & (scale2 > 0), scale2, 1.0)
+        else:  # rescaled descriptors: s^2 finite unless they are not (their result is NaN)
+            scale2 = torch.where(scale2 > 0, scale2, 1.0)
+        unit_diag = diag / scale2[:, None]  # G_ii / s^2, in [0, 1]
 
-    # The problem's ridge in units of s^2, capped where the Gram matrix no longer matters (xi
-    # is then proportional to 1/lam: shrink it exactly). The factor's diagonal is floored entry
-    # by entry within Cholesky's own backward error (see the Notes), never by a mean: one
-    # large channel or location must not raise the ridge of the others.
-    lam_scaled = lam / scale2
-    shrink = (lam_scaled * (finfo.eps / n)).clamp_min(1.0)
-    ridge = lam_scaled / shrink  # (B,) float64, may require grad
-    factor_ridge = _at_least(ridge[:, None], _ridge_floor(unit_diag, finfo.eps, n, robust))
-    factor_diagonal = factor_ridge * scale2[:, None]  # (B, n) float64, may require grad
-    with torch.no_grad():
+        # The problem's ridge in units of s^2, capped where the Gram matrix no longer matters
+        # (xi is then proportional to 1/lam: shrink it exactly). The factor's diagonal is
+        # floored entry by entry within Cholesky's own backward error (see the Notes), never
+        # by a mean: one large channel or location must not raise the ridge of the others.
+        lam_scaled = lam.detach() / scale2
+        unshrunk = lam_scaled * (finfo.eps / n) < 1.0
+        ridge = torch.where(unshrunk, lam_scaled, n / finfo.eps)[:, None]  # (B, 1) float64
+        factor_diagonal = torch.maximum(ridge, _ridge_floor(unit_diag, finfo.eps, n, robust))
         system = gram  # G + diag, in place (nothing else holds gram)
-        system.diagonal(dim1=1, dim2=2).add_(factor_diagonal.to(dtype))
+        system.diagonal(dim1=1, dim2=2).add_((factor_diagonal * scale2[:, None]).to(dtype))
         factor, info = torch.linalg.cholesky_ex(system)
-    trouble = trouble | (info > 0) if checked else info > 0
+        trouble = trouble | (info > 0) if checked else info > 0
 
-    steps = 0 if dtype == torch.float64 else refine_steps
-    if steps == "auto" and torch.compiler.is_compiling():
-        steps = 0
-    if steps:
-        # Refinement and the float64 solve aim at the problem with the float64 floor.
-        solve_diagonal = _at_least(
-            ridge[:, None], _ridge_floor(unit_diag, torch.finfo(torch.float64).eps, n, robust)
-        ) * scale2[:, None]
-    else:
-        solve_diagonal = factor_diagonal
-    auto = (diag, scale2, ridge.detach(), trouble, finfo.eps) if steps == "auto" else None
-    xi, _, _ = _RidgeSolve.apply(phi, solve_diagonal, target, factor, system, dual, steps, auto)
+        steps = 0 if dtype == torch.float64 else refine_steps
+        if steps == "auto" and torch.compiler.is_compiling():
+            steps = 0
+        if steps:  # refinement and the float64 solve aim at the problem with the float64 floor
+            floor = _ridge_floor(unit_diag, torch.finfo(torch.float64).eps, n, robust)
+            solve_diagonal = torch.maximum(ridge, floor)
+        else:
+            solve_diagonal = factor_diagonal
+        # d(diagonal)/d(lam) per entry: 1 where the ridge is above the floor and uncapped,
+        # 0 where the floor or the cap holds it (floor + keep * (ridge - floor): the
+        # gradient of max(ridge, floor) of earlier versions, ties to the ridge).
+        sensitivity = ((ridge >= solve_diagonal) & unshrunk[:, None]).to(torch.float64)
+        solve_diagonal = solve_diagonal * scale2[:, None]  # (B, n) float64
+    auto = (diag, scale2, ridge[:, 0], trouble, finfo.eps) if steps == "auto" else None
+    xi, _, _ = _RidgeSolve.apply(
+        phi, lam, solve_diagonal, sensitivity, target, factor, system, dual, steps, auto
+    )
 
     if normalize:  # the direction does not depend on the positive factor 1/shrink
-        norm = torch.linalg.vector_norm(xi, dim=1, keepdim=True)
-        xi = xi / torch.where(norm > 0, norm, torch.ones_like(norm))
-        finite = torch.isfinite(norm.detach()[:, 0]) if checked else None  # inf/NaN reach it
-    else:
+        xi, norm = _Normalize.apply(xi)
+        finite = torch.isfinite(norm) if checked else None  # inf/NaN reach it
+    else:  # xi / shrink, shrink = max(1, lam eps / (n s^2)) a function of lam (and of Phi)
+        shrink = (lam / scale2 * (finfo.eps / n)).clamp_min(1.0)
         xi = (xi.double() / shrink[:, None]).to(dtype)
         finite = torch.isfinite(xi.detach()).all(dim=1) if checked else None
     if checked:
@@ -353,24 +361,41 @@ def _solve(
     return xi, trouble
 
 
+class _Normalize(torch.autograd.Function):
+    """x / ||x|| per row of (B, C), a zero row left zero (divided by 1), with the analytic
+    backward (g - y (y . g)) / ||x|| (g where the row is zero) instead of autograd's dozen
+    operations through the norm; differentiable again (the backward recomputes y from x under
+    ``create_graph``). Second output, not differentiable: the (B,) norms."""
 
-def _at_least(ridge: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """max(ridge, floor) for a differentiable float64 ``ridge`` and a constant ``floor``, as
-    floor + keep * (ridge - floor) with ``keep`` a float64 0/1 mask: the same values and
-    gradient as :func:`torch.maximum`, whose backward saves two boolean masks of float64
-    comparisons. Inductor (torch 2.13, CPU, AVX-512 and AVX2 dispatch) stores those masks with
-    a vectorised write that corrupts the heap (``malloc(): unaligned tcache chunk``, or NaN
-    results), so a compiled layer must not create them."""
-    keep = (ridge.detach() >= floor).to(ridge.dtype)
-    return floor + keep * (ridge - floor)
+    @staticmethod
+    def forward(ctx, x):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        safe = torch.where(norm > 0, norm, 1.0)
+        y = x / safe
+        ctx.save_for_backward(x, y, safe)
+        ctx.mark_non_differentiable(norm)
+        return y, norm[:, 0]
+
+    @staticmethod
+    def backward(ctx, grad, _grad_norm):
+        x, y, safe = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: y and ||x|| as functions of x
+            norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            safe = torch.where(norm.detach() > 0, norm, 1.0)
+            y = x / safe
+        return (grad - y * (y * grad).sum(dim=1, keepdim=True)) / safe
 
 
 class _RidgeSolve(torch.autograd.Function):
     r"""The unnormalised pooled vectors xi (B, C) of the ridge systems whose Cholesky factor
     is given, with the analytic backward.
 
-    Inputs: ``phi`` (B, N, C); ``diagonal`` (B, n) float64, the diagonal D added to the Gram
-    matrix (the ridge, floored; differentiable); ``target`` (B, N) (1 at real locations);
+    Inputs: ``phi`` (B, N, C); ``lam`` (B,) float64, each sample's ridge (may require grad);
+    ``diagonal`` (B, n) float64, the diagonal D added to the Gram matrix (the ridge, floored
+    and capped: a function of ``lam`` computed without autograd), and ``sensitivity`` (B, n)
+    float64, dD/dlam (1 where the ridge holds, 0 where the floor or the cap does: D is
+    piecewise linear in lam, so the gradient of lam is sum_i dD_i * sensitivity_i and its
+    second derivative through D is 0); ``target`` (B, N) (1 at real locations);
     ``factor`` (B, n, n), the Cholesky factor of ``system`` = Gram + D in the dtype of phi;
     ``dual`` (N <= C: the N x N system); ``steps`` (0, an int, or "auto": the forward's float64
     refinement, :mod:`skpool._core.gmp_refine`); ``auto`` (the arguments of
@@ -396,7 +421,7 @@ class _RidgeSolve(torch.autograd.Function):
     # forward takes ctx (no setup_context): Function.apply binds a setup_context-style
     # forward's arguments through inspect.signature on every call, 0.1-0.2 ms per step.
     @staticmethod
-    def forward(ctx, phi, diagonal, target, factor, system, dual, steps, auto):
+    def forward(ctx, phi, lam, diagonal, sensitivity, target, factor, system, dual, steps, auto):
         rhs = target if dual else _weighted_sum(phi, target)
         solution = factor_solve(factor, rhs)
         plain = _weighted_sum(phi, solution) if dual else solution
@@ -416,20 +441,29 @@ class _RidgeSolve(torch.autograd.Function):
         if xi is solution:  # primal, unrefined: the non-differentiable output is a copy
             solution = solution.clone()
         ctx.mark_non_differentiable(solution, changed)
-        ctx.save_for_backward(phi, diagonal, target, factor, xi, solution, changed)
+        ctx.save_for_backward(
+            phi, lam, diagonal, sensitivity, target, factor, xi, solution, changed
+        )
         ctx.dual, ctx.steps = dual, steps
         return xi, solution, changed
 
     @staticmethod
     def backward(ctx, grad_xi, _grad_solution, _grad_changed):
-        phi, diagonal, target, factor, xi, solution, changed = ctx.saved_tensors
+        phi, lam, diagonal, sensitivity, target, factor, xi, solution, changed = (
+            ctx.saved_tensors
+        )
+        if torch.is_grad_enabled() and lam.requires_grad:
+            # Double backward: D as the differentiable function of lam it is (same values;
+            # lam - lam.detach() is exactly 0), so that second derivatives see it.
+            diagonal = diagonal + sensitivity * (lam - lam.detach())[:, None]
         with torch.autocast(device_type=phi.device.type, enabled=False), \
                 highest_matmul_precision():
             grad_phi, grad_diagonal = _ridge_solve_backward(
                 phi, diagonal, target, factor, xi, solution, changed, grad_xi, ctx.dual,
                 ctx.steps,
             )
-        return grad_phi, grad_diagonal, None, None, None, None, None, None
+        grad_lam = (grad_diagonal * sensitivity).sum(dim=1) if ctx.needs_input_grad[1] else None
+        return grad_phi, grad_lam, None, None, None, None, None, None, None, None
 
 
 def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, grad, dual,
@@ -453,13 +487,13 @@ def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, 
             alpha = solve(target)  # differentiable, or refined like the forward
         u = solve((phi @ grad[:, :, None])[..., 0])  # K^-1 Phi xi_bar, (B, N)
         rest = grad - _weighted_sum(phi, u)  # xi_bar - Phi^T u = D v
-        grad_phi = _outer_difference(alpha, rest, u, xi)
+        grad_phi = _outer_difference(alpha, rest, u, xi, phi)
         grad_diagonal = -(u * alpha)
     else:
         v = solve(grad)  # G^-1 xi_bar, (B, C)
         residual = target - (phi @ xi[:, :, None])[..., 0]  # t - Phi xi, (B, N)
         phi_v = (phi @ v[:, :, None])[..., 0]
-        grad_phi = _outer_difference(residual, v, phi_v, xi)
+        grad_phi = _outer_difference(residual, v, phi_v, xi, phi)
         grad_diagonal = -(v * xi)
     grad_diagonal = grad_diagonal.to(diagonal.dtype)
     if steps == "auto" and not create_graph and bool(changed.any()):  # "auto" synchronises
@@ -473,9 +507,14 @@ def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, 
     return grad_phi, grad_diagonal
 
 
-def _outer_difference(a, b, c, d):
+def _outer_difference(a, b, c, d, like):
     """a b^T - c d^T per sample, (B, N, C) from (B, N), (B, C), (B, N), (B, C): one batched
-    product of (B, N, 2) by (B, 2, C), a single pass over the output."""
+    product of (B, N, 2) by (B, 2, C), a single pass over the output, laid out in memory as
+    ``like`` (the descriptors) where those are a transposed view, as the layers' channels-first
+    maps give: autograd then hands the maps their gradient, and adds other gradients of the
+    descriptors to it, without a transposing copy."""
+    if not like.is_contiguous() and like.mT.is_contiguous():
+        return (torch.stack([b, d], dim=2) @ torch.stack([a, -c], dim=1)).mT
     return torch.stack([a, -c], dim=2) @ torch.stack([b, d], dim=1)
 
 
@@ -521,11 +560,11 @@ class _FactorSolve(torch.autograd.Function):
                 w = factor_solve(factor, grad_y)
             if ctx.dual:
                 phi_t_y, phi_t_w = _weighted_sum(phi, y), _weighted_sum(phi, w)
-                grad_phi = _outer_difference(-w, phi_t_y, y, phi_t_w)
+                grad_phi = _outer_difference(-w, phi_t_y, y, phi_t_w, phi)
             else:
                 phi_y = (phi @ y[:, :, None])[..., 0]
                 phi_w = (phi @ w[:, :, None])[..., 0]
-                grad_phi = _outer_difference(-phi_y, w, phi_w, y)
+                grad_phi = _outer_difference(-phi_y, w, phi_w, y, phi)
             grad_diagonal = -(w * y).to(diagonal.dtype)
         return grad_phi, grad_diagonal, w, None, None
 

@@ -351,8 +351,9 @@ def test_torch_compile_inductor_matches_eager():
     vectorised ``frexp`` kernel; scalar code (``cpp.simdlen=1``) there.
 
     The native run also guards against a heap corruption that inductor's AVX-512 code caused
-    when the layer's ridge floor went through ``torch.maximum`` (see ``_at_least`` in
-    ``skpool._core.gmp``): before that fix this test aborted in ``malloc``."""
+    when the layer's ridge floor went through ``torch.maximum`` under autograd (whose backward
+    saved two boolean masks): this test aborted in ``malloc`` then. The floor is now applied
+    without autograd (``_RidgeSolve`` takes dD/dlam instead)."""
     import os
 
     import torch._inductor.config as inductor_config
