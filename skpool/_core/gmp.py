@@ -142,8 +142,9 @@ def generalized_max_pool(
 
     **Gradients.** Analytic (:class:`_RidgeSolve`): the backward reuses the forward's
     Cholesky factor for one more solve (v = (G + lam I)^-1 xi_bar) and O(N C) products per
-    sample; the relative ridge's dependence on Phi and the normalisation are differentiated
-    by autograd. Double backward works (differentiable solves with the same factor).
+    sample; lam's gradient through the derivative of the floored ridge, the normalisation's
+    analytically too, the relative ridge's dependence on Phi by autograd. Double backward
+    works (differentiable solves with the same factor).
 
     **Precision.** The solve runs at "highest" float32 matmul precision whatever
     :func:`torch.set_float32_matmul_precision` says (restored afterwards), so TF32 or
@@ -243,34 +244,6 @@ def _empty_result(features: torch.Tensor, lam) -> torch.Tensor:
     return out
 
 
-def _mean_squared_norm(phi, gram, target) -> torch.Tensor:
-    """trace(Phi^T Phi) / (real locations) per sample, (B,) float64, differentiable in ``phi``
-    (autograd carries the relative ridge's dependence on Phi), the trace taken from the Gram
-    matrix (either side's: both traces are ||Phi||_F^2) without another pass over Phi; 1
-    where it is 0 or not finite (all-zero samples pool to zero whatever the ridge;
-    overflowing ones are re-solved rescaled, where it is computed again)."""
-    trace = _SquaredNorm.apply(phi, gram.diagonal(dim1=1, dim2=2).sum(dim=1)).double()
-    count = target.detach().sum(dim=1).double().clamp_min(1.0)
-    mean = trace / count
-    usable = torch.isfinite(mean.detach()) & (mean.detach() > 0)
-    return torch.where(usable, mean, torch.ones_like(mean))
-
-
-class _SquaredNorm(torch.autograd.Function):
-    """||Phi_b||_F^2 per sample, given (computed from the Gram matrix's diagonal) in the
-    forward; its gradient 2 Phi in the backward (differentiable again)."""
-
-    @staticmethod
-    def forward(ctx, phi, trace):
-        ctx.save_for_backward(phi)
-        return trace.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (phi,) = ctx.saved_tensors
-        return phi * (2 * grad).to(phi.dtype)[:, None, None], None
-
-
 def _solve(
     phi: torch.Tensor,
     target: torch.Tensor,
@@ -280,29 +253,48 @@ def _solve(
     robust: bool,
     relative: bool,
     checked: bool = True,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve the ridge system on the smaller Gram matrix.
 
     ``phi`` (B, N, C), ``target`` (B, N) (1 at real locations, 0 at padding), ``lam`` (B,)
-    float64 (times the mean squared norm when ``relative``). Returns the pooled (B, C) vectors
-    and a (B,) bool flag of samples whose numbers cannot be trusted (overflow, underflow,
-    failed factorisation; without ``checked``, for descriptors rescaled by
-    :func:`_power_of_two_scales`, only the failed factorisations, in fewer operations).
+    float64: the ridge, or with ``relative`` its multiple of the mean squared norm. With
+    ``scales`` (B,) float64 (exact powers of two, :func:`_power_of_two_scales`) the system
+    solved is that of ``phi * scales`` (an absolute ``lam`` in its units) and the gradient
+    is returned for ``phi``. Returns the pooled (B, C) vectors and a (B,) bool flag of
+    samples whose numbers cannot be trusted (overflow, underflow, failed factorisation;
+    without ``checked``, for rescaled descriptors, only the failed factorisations, in fewer
+    operations).
 
-    The Gram matrix and its factor are computed outside autograd; :class:`_RidgeSolve` holds
-    the analytic backward, which reuses the factor. The ridge's dependence on ``lam`` and, when
-    ``relative``, on ``phi`` is left to autograd (a few (B,) operations).
+    The rescaled descriptors, the Gram matrix, its factor, the relative ridge's mean squared
+    norm and the floored, capped ridge are computed outside autograd; :class:`_RidgeSolve`
+    holds the analytic backward: it reuses the factor, gives ``lam``'s gradient through
+    dD/dlam, and folds the rescaling and the relative ridge's dependence on ``phi`` into the
+    descriptors' gradient (no pass over them beyond the one that builds it).
     """
     dtype = phi.dtype
     finfo = torch.finfo(dtype)
     n_locations, n_channels = phi.shape[1:]
     dual = n_locations <= n_channels
     with torch.no_grad():
-        phi_t = phi.transpose(1, 2)
-        gram = phi @ phi_t if dual else phi_t @ phi  # (B, n, n), n = min(N, C)
+        scaled = phi.detach() if scales is None else phi.detach() * scales.to(dtype)[:, None, None]
+        scaled_t = scaled.transpose(1, 2)
+        gram = scaled @ scaled_t if dual else scaled_t @ scaled  # (B, n, n), n = min(N, C)
+        if relative:
+            # trace(Phi^T Phi) / (real locations), from either side's Gram matrix (both
+            # traces are ||Phi||_F^2); 1 where it is 0 or not finite (all-zero samples pool
+            # to zero whatever the ridge; overflowing ones are re-solved rescaled, where it
+            # is computed again).
+            trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1).double()
+            count = target.sum(dim=1).double().clamp_min(1.0)
+            usable = torch.isfinite(trace) & (trace > 0)
+            multiplier = torch.where(usable, trace / count, 1.0)
+            trace_weight = usable / count  # d multiplier / d trace
+            ridge_lam = lam.detach() * multiplier
+        else:
+            multiplier = trace_weight = None
+            ridge_lam = lam.detach()
     n = gram.shape[-1]
-    if relative:
-        lam = lam * _mean_squared_norm(phi, gram, target)
 
     with torch.no_grad():  # the ridge's gradient is the sensitivity below, not a graph
         diag = gram.diagonal(dim1=1, dim2=2).double()  # (B, n)
@@ -321,7 +313,7 @@ def _solve(
         # (xi is then proportional to 1/lam: shrink it exactly). The factor's diagonal is
         # floored entry by entry within Cholesky's own backward error (see the Notes), never
         # by a mean: one large channel or location must not raise the ridge of the others.
-        lam_scaled = lam.detach() / scale2
+        lam_scaled = ridge_lam / scale2
         unshrunk = lam_scaled * (finfo.eps / n) < 1.0
         ridge = torch.where(unshrunk, lam_scaled, n / finfo.eps)[:, None]  # (B, 1) float64
         factor_diagonal = torch.maximum(ridge, _ridge_floor(unit_diag, finfo.eps, n, robust))
@@ -345,20 +337,32 @@ def _solve(
         solve_diagonal = solve_diagonal * scale2[:, None]  # (B, n) float64
     auto = (diag, scale2, ridge[:, 0], trouble, finfo.eps) if steps == "auto" else None
     xi, _, _ = _RidgeSolve.apply(
-        phi, lam, solve_diagonal, sensitivity, target, factor, system, dual, steps, auto
+        phi, lam, scaled, scales, multiplier, trace_weight, solve_diagonal, sensitivity, target,
+        factor, system, dual, steps, auto,
     )
 
     if normalize:  # the direction does not depend on the positive factor 1/shrink
         xi, norm = _Normalize.apply(xi)
         finite = torch.isfinite(norm) if checked else None  # inf/NaN reach it
     else:  # xi / shrink, shrink = max(1, lam eps / (n s^2)) a function of lam (and of Phi)
-        shrink = (lam / scale2 * (finfo.eps / n)).clamp_min(1.0)
+        shrink = (_ridge_of(phi, lam, scales, trace_weight) / scale2 * (finfo.eps / n)).clamp_min(1.0)
         xi = (xi.double() / shrink[:, None]).to(dtype)
         finite = torch.isfinite(xi.detach()).all(dim=1) if checked else None
     if checked:
         # All-zero descriptors pool to exactly zero; a nonzero result there: G underflowed.
         trouble = trouble | ~finite | (underflow_or_zero & (xi.detach() != 0).any(dim=1))
     return xi, trouble
+
+
+def _ridge_of(phi, lam, scales, trace_weight):
+    """Each sample's ridge (B,) float64 as a differentiable function of ``lam`` and, relative
+    (``trace_weight`` given: usable / real locations), of the descriptors (rescaled by
+    ``scales``): what the normalisation-free result and the double backward differentiate."""
+    if trace_weight is None:
+        return lam
+    scaled = phi if scales is None else phi * scales.to(phi.dtype)[:, None, None]
+    trace = scaled.square().sum(dim=(1, 2)).double()
+    return lam * torch.where(trace_weight > 0, trace * trace_weight, 1.0)
 
 
 class _Normalize(torch.autograd.Function):
@@ -390,16 +394,26 @@ class _RidgeSolve(torch.autograd.Function):
     r"""The unnormalised pooled vectors xi (B, C) of the ridge systems whose Cholesky factor
     is given, with the analytic backward.
 
-    Inputs: ``phi`` (B, N, C); ``lam`` (B,) float64, each sample's ridge (may require grad);
-    ``diagonal`` (B, n) float64, the diagonal D added to the Gram matrix (the ridge, floored
-    and capped: a function of ``lam`` computed without autograd), and ``sensitivity`` (B, n)
-    float64, dD/dlam (1 where the ridge holds, 0 where the floor or the cap does: D is
-    piecewise linear in lam, so the gradient of lam is sum_i dD_i * sensitivity_i and its
-    second derivative through D is 0); ``target`` (B, N) (1 at real locations);
+    Inputs: ``phi`` (B, N, C), the descriptors (may require grad); ``lam`` (B,) float64
+    (may require grad), each sample's ridge, or with ``multiplier`` its multiple of the mean
+    squared norm; ``scaled``, the descriptors the system is built from (``phi * scales``,
+    computed without autograd, or ``phi`` itself); ``scales`` (B,) float64 or None;
+    ``multiplier`` (B,) float64 or None (absolute ridge): the relative ridge's mean squared
+    norm of ``scaled`` (1 where it is 0 or not finite), ``trace_weight`` its derivative by
+    the trace (usable / real locations); ``diagonal`` (B, n) float64, the diagonal D added to
+    the Gram matrix (the ridge, floored and capped: a function of the ridge computed without
+    autograd), and ``sensitivity`` (B, n) float64, dD/dridge (1 where the ridge holds, 0
+    where the floor or the cap does: D is piecewise linear in the ridge, so the ridge's
+    gradient is sum_i dD_i * sensitivity_i and its second derivative through D is 0);
+    ``target`` (B, N) (1 at real locations);
     ``factor`` (B, n, n), the Cholesky factor of ``system`` = Gram + D in the dtype of phi;
     ``dual`` (N <= C: the N x N system); ``steps`` (0, an int, or "auto": the forward's float64
     refinement, :mod:`skpool._core.gmp_refine`); ``auto`` (the arguments of
     :func:`_auto_refine` that the solve does not hold).
+
+    In the formulas below Phi stands for ``scaled``; the gradient of ``phi`` is ``scales``
+    times theirs (folded into the rank-2 factors), plus, relative, the ridge's term
+    2 lam trace_weight scales^2 ridge_bar phi (one in-place pass).
 
     Primal (G = Phi^T Phi + D, xi = G^-1 Phi^T t), with v = G^-1 xi_bar (one solve with the
     saved factor): dPhi = (t - Phi xi) v^T - (Phi v) xi^T, dD = -v * xi. Dual (K = Phi Phi^T
@@ -421,19 +435,20 @@ class _RidgeSolve(torch.autograd.Function):
     # forward takes ctx (no setup_context): Function.apply binds a setup_context-style
     # forward's arguments through inspect.signature on every call, 0.1-0.2 ms per step.
     @staticmethod
-    def forward(ctx, phi, lam, diagonal, sensitivity, target, factor, system, dual, steps, auto):
-        rhs = target if dual else _weighted_sum(phi, target)
+    def forward(ctx, phi, lam, scaled, scales, multiplier, trace_weight, diagonal, sensitivity,
+                target, factor, system, dual, steps, auto):
+        rhs = target if dual else _weighted_sum(scaled, target)
         solution = factor_solve(factor, rhs)
-        plain = _weighted_sum(phi, solution) if dual else solution
+        plain = _weighted_sum(scaled, solution) if dual else solution
         if steps == "auto":
             diag, scale2, ridge, trouble, eps = auto
             xi = _auto_refine(
-                phi, target, diagonal, factor, solution, dual, diag, scale2, ridge, system,
+                scaled, target, diagonal, factor, solution, dual, diag, scale2, ridge, system,
                 trouble, eps,
             )
             changed = (xi != plain).any(dim=1)
         elif steps:
-            xi, _ = _refine(phi, target, diagonal, factor, solution, dual, steps)
+            xi, _ = _refine(scaled, target, diagonal, factor, solution, dual, steps)
             changed = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
         else:
             xi = plain
@@ -442,33 +457,54 @@ class _RidgeSolve(torch.autograd.Function):
             solution = solution.clone()
         ctx.mark_non_differentiable(solution, changed)
         ctx.save_for_backward(
-            phi, lam, diagonal, sensitivity, target, factor, xi, solution, changed
+            phi, lam, scaled, scales, multiplier, trace_weight, diagonal, sensitivity, target,
+            factor, xi, solution, changed,
         )
         ctx.dual, ctx.steps = dual, steps
         return xi, solution, changed
 
     @staticmethod
     def backward(ctx, grad_xi, _grad_solution, _grad_changed):
-        phi, lam, diagonal, sensitivity, target, factor, xi, solution, changed = (
-            ctx.saved_tensors
-        )
-        if torch.is_grad_enabled() and lam.requires_grad:
-            # Double backward: D as the differentiable function of lam it is (same values;
-            # lam - lam.detach() is exactly 0), so that second derivatives see it.
-            diagonal = diagonal + sensitivity * (lam - lam.detach())[:, None]
+        (phi, lam, scaled, scales, multiplier, trace_weight, diagonal, sensitivity, target,
+         factor, xi, solution, changed) = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()
+        if create_graph:
+            # Double backward: the rescaled descriptors, the relative ridge and D as the
+            # differentiable functions of phi and lam they are (same values; ridge -
+            # ridge.detach() is exactly 0), so that second derivatives see them.
+            scaled = phi if scales is None else phi * scales.to(phi.dtype)[:, None, None]
+            ridge = _ridge_of(phi, lam, scales, trace_weight)
+            if trace_weight is not None:
+                multiplier = ridge / lam
+            if ridge.requires_grad:
+                diagonal = diagonal + sensitivity * (ridge - ridge.detach())[:, None]
         with torch.autocast(device_type=phi.device.type, enabled=False), \
                 highest_matmul_precision():
             grad_phi, grad_diagonal = _ridge_solve_backward(
-                phi, diagonal, target, factor, xi, solution, changed, grad_xi, ctx.dual,
-                ctx.steps,
+                scaled, diagonal, target, factor, xi, solution, changed, grad_xi, ctx.dual,
+                ctx.steps, scales,
             )
-        grad_lam = (grad_diagonal * sensitivity).sum(dim=1) if ctx.needs_input_grad[1] else None
-        return grad_phi, grad_lam, None, None, None, None, None, None, None, None
+        grad_ridge = (grad_diagonal * sensitivity).sum(dim=1)
+        if multiplier is None:
+            return (grad_phi, grad_ridge, *[None] * 12)
+        # Relative: ridge = lam * trace(scaled^T scaled) * trace_weight (where usable), whose
+        # gradient 2 lam trace_weight scaled, times scales for phi (one factor of the two,
+        # the other in scaled: no float32 overflow beyond that of the gradient itself).
+        weight = 2 * lam * trace_weight * grad_ridge
+        if scales is not None:
+            weight = weight * scales
+        weight = weight.to(phi.dtype)[:, None, None]
+        if create_graph:
+            grad_phi = grad_phi + scaled * weight
+        else:
+            grad_phi.addcmul_(scaled, weight)  # grad_phi is a fresh buffer of phi's layout
+        return (grad_phi, grad_ridge * multiplier, *[None] * 12)
 
 
 def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, grad, dual,
-                          steps):
-    """The gradients (dPhi, dD) of :class:`_RidgeSolve` (formulas in its docstring)."""
+                          steps, scales=None):
+    """The gradients (dPhi, dD) of :class:`_RidgeSolve` (formulas in its docstring), dPhi
+    times ``scales`` (B,) where given (the gradient of the descriptors before rescaling)."""
     create_graph = torch.is_grad_enabled()
     grad = grad.to(phi.dtype)
     if create_graph:  # differentiable solves (the factor itself is a constant)
@@ -487,38 +523,44 @@ def _ridge_solve_backward(phi, diagonal, target, factor, xi, solution, changed, 
             alpha = solve(target)  # differentiable, or refined like the forward
         u = solve((phi @ grad[:, :, None])[..., 0])  # K^-1 Phi xi_bar, (B, N)
         rest = grad - _weighted_sum(phi, u)  # xi_bar - Phi^T u = D v
-        grad_phi = _outer_difference(alpha, rest, u, xi, phi)
+        grad_phi = _outer_difference(alpha, rest, u, xi, phi, scales)
         grad_diagonal = -(u * alpha)
     else:
         v = solve(grad)  # G^-1 xi_bar, (B, C)
         residual = target - (phi @ xi[:, :, None])[..., 0]  # t - Phi xi, (B, N)
         phi_v = (phi @ v[:, :, None])[..., 0]
-        grad_phi = _outer_difference(residual, v, phi_v, xi, phi)
+        grad_phi = _outer_difference(residual, v, phi_v, xi, phi, scales)
         grad_diagonal = -(v * xi)
     grad_diagonal = grad_diagonal.to(diagonal.dtype)
     if steps == "auto" and not create_graph and bool(changed.any()):  # "auto" synchronises
         # The samples whose forward the refinement changed: their gradients in float64.
         index = changed.nonzero()[:, 0]
         fixed_phi, fixed_diagonal = _ridge_solve_backward_float64(
-            phi[index], diagonal[index], target[index], grad[index], dual
+            phi[index], diagonal[index], target[index], grad[index], dual,
+            None if scales is None else scales[index],
         )
         grad_phi = grad_phi.index_copy(0, index, fixed_phi.to(grad_phi.dtype))
         grad_diagonal = grad_diagonal.index_copy(0, index, fixed_diagonal)
     return grad_phi, grad_diagonal
 
 
-def _outer_difference(a, b, c, d, like):
-    """a b^T - c d^T per sample, (B, N, C) from (B, N), (B, C), (B, N), (B, C): one batched
+def _outer_difference(a, b, c, d, like, scales=None):
+    """a b^T - c d^T per sample, (B, N, C) from (B, N), (B, C), (B, N), (B, C), times
+    ``scales`` (B,) where given (folded into a and c): one batched
     product of (B, N, 2) by (B, 2, C), a single pass over the output, laid out in memory as
     ``like`` (the descriptors) where those are a transposed view, as the layers' channels-first
     maps give: autograd then hands the maps their gradient, and adds other gradients of the
     descriptors to it, without a transposing copy."""
+    if scales is not None:  # exact powers of two, split so that no factor overflows alone
+        half = torch.exp2(torch.floor(torch.log2(scales) / 2))
+        left, right = half.to(a.dtype)[:, None], (scales / half).to(a.dtype)[:, None]
+        a, b, c, d = a * left, b * right, c * left, d * right
     if not like.is_contiguous() and like.mT.is_contiguous():
         return (torch.stack([b, d], dim=2) @ torch.stack([a, -c], dim=1)).mT
     return torch.stack([a, -c], dim=2) @ torch.stack([b, d], dim=1)
 
 
-def _ridge_solve_backward_float64(phi, diagonal, target, grad, dual):
+def _ridge_solve_backward_float64(phi, diagonal, target, grad, dual, scales=None):
     """:func:`_ridge_solve_backward` in float64 with a float64 factorisation (for the samples
     whose forward needed float64 refinement or a float64 solve)."""
     phi64 = phi.double()
@@ -531,7 +573,8 @@ def _ridge_solve_backward_float64(phi, diagonal, target, grad, dual):
     xi = _weighted_sum(phi64, solution) if dual else solution
     no_change = torch.zeros(len(phi), dtype=torch.bool, device=phi.device)
     return _ridge_solve_backward(
-        phi64, diagonal, target64, factor, xi, solution, no_change, grad.double(), dual, 0
+        phi64, diagonal, target64, factor, xi, solution, no_change, grad.double(), dual, 0,
+        scales,
     )
 
 
@@ -580,15 +623,14 @@ def _power_of_two_scales(phi: torch.Tensor):
     exponent of its largest entry (amax <= 2**e < 2 amax; 1 for all-zero samples), clamped to
     the normal range of the dtype so that c itself is a normal number: the rescaled largest
     entry is in [1/2, 1) (in [2**-24, 8) for descriptors at the very limits of float32), so
-    no Gram matrix of finite descriptors overflows or underflows. Returns the rescaled
-    descriptors (one pass) and c (B,) float64. Non-finite samples stay as they are (their
+    no Gram matrix of finite descriptors overflows or underflows. Returns c (B,) float64
+    (:func:`_solve` rescales, outside autograd). Non-finite samples stay as they are (their
     result is NaN)."""
     # frexp gives exponent 0 for 0 (scale 1); for inf or NaN whatever it gives is clamped
     _, exponent = torch.frexp(_largest_magnitude(phi.detach()))
     finfo = torch.finfo(phi.dtype)
     limit = min(-math.frexp(finfo.tiny)[1], math.frexp(finfo.max)[1] - 1)  # 125 for float32
-    scales = torch.exp2((-exponent).clamp(-limit, limit).double())
-    return phi * scales.to(phi.dtype)[:, None, None], scales
+    return torch.exp2((-exponent).clamp(-limit, limit).double())
 
 
 def _largest_magnitude(phi: torch.Tensor) -> torch.Tensor:
@@ -608,10 +650,12 @@ def _solve_rescaled(phi, target, lam, normalize, refine_steps, relative):
     anyway (a Gram matrix singular to working precision at a ridge below about
     ``n * eps * G_ii``, where Cholesky's rounding exceeds the floor) gives NaN for its sample,
     as do non-finite descriptors: ``refine_steps="auto"`` detects both and re-solves."""
-    phi, scales = _power_of_two_scales(phi)
+    scales = _power_of_two_scales(phi)
     # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
     lam = lam if relative else lam * scales.square()
-    xi, failed = _solve(phi, target, lam, normalize, refine_steps, False, relative, False)
+    xi, failed = _solve(
+        phi, target, lam, normalize, refine_steps, False, relative, False, scales
+    )
     if not normalize:  # xi(Phi, lam) = c xi(c Phi, c^2 lam)
         xi = (xi.double() * scales[:, None]).to(xi.dtype)
     return xi.masked_fill(failed[:, None], torch.nan)
@@ -622,11 +666,12 @@ def _resolve_troubled(xi, trouble, phi, target, lam, normalize, refine_steps, re
     their largest entry: an exact rescaling (a nearly singular Gram matrix would turn the
     rounding of a division by the entry itself into an O(1) change of the result)."""
     index = trouble.nonzero()[:, 0]
-    sub, scales = _power_of_two_scales(phi[index])
+    sub = phi[index]
+    scales = _power_of_two_scales(sub)
     # A relative lam is recomputed from the rescaled descriptors: it scales the same way.
     sub_lam = lam[index] if relative else lam[index] * scales.square()
     fixed, still = _solve(
-        sub, target[index], sub_lam, normalize, refine_steps, True, relative
+        sub, target[index], sub_lam, normalize, refine_steps, True, relative, scales=scales
     )
     if bool(still.any()):
         raise FloatingPointError(
