@@ -142,9 +142,10 @@ def generalized_max_pool(
 
     **Gradients.** Analytic (:class:`_RidgeSolve`): the backward reuses the forward's
     Cholesky factor for one more solve (v = (G + lam I)^-1 xi_bar) and O(N C) products per
-    sample; lam's gradient through the derivative of the floored ridge, the normalisation's
-    analytically too, the relative ridge's dependence on Phi by autograd. Double backward
-    works (differentiable solves with the same factor).
+    sample; lam's gradient through the derivative of the floored ridge, and the exact
+    rescaling, the relative ridge's dependence on Phi and the normalisation analytically too
+    (no pass over Phi beyond the one that builds its gradient, and one for a relative
+    ridge). Double backward works (differentiable solves with the same factor).
 
     **Precision.** The solve runs at "highest" float32 matmul precision whatever
     :func:`torch.set_float32_matmul_precision` says (restored afterwards), so TF32 or
@@ -345,7 +346,8 @@ def _solve(
         xi, norm = _Normalize.apply(xi)
         finite = torch.isfinite(norm) if checked else None  # inf/NaN reach it
     else:  # xi / shrink, shrink = max(1, lam eps / (n s^2)) a function of lam (and of Phi)
-        shrink = (_ridge_of(phi, lam, scales, trace_weight) / scale2 * (finfo.eps / n)).clamp_min(1.0)
+        ridge_of_lam = _ridge_of(phi, lam, scales, trace_weight)
+        shrink = (ridge_of_lam / scale2 * (finfo.eps / n)).clamp_min(1.0)
         xi = (xi.double() / shrink[:, None]).to(dtype)
         finite = torch.isfinite(xi.detach()).all(dim=1) if checked else None
     if checked:
@@ -413,7 +415,7 @@ class _RidgeSolve(torch.autograd.Function):
 
     In the formulas below Phi stands for ``scaled``; the gradient of ``phi`` is ``scales``
     times theirs (folded into the rank-2 factors), plus, relative, the ridge's term
-    2 lam trace_weight scales^2 ridge_bar phi (one in-place pass).
+    2 lam trace_weight scales ridge_bar scaled (one in-place pass).
 
     Primal (G = Phi^T Phi + D, xi = G^-1 Phi^T t), with v = G^-1 xi_bar (one solve with the
     saved factor): dPhi = (t - Phi xi) v^T - (Phi v) xi^T, dD = -v * xi. Dual (K = Phi Phi^T
