@@ -174,7 +174,11 @@ def test_old_and_new_backward_agree(rng, n, c, relative):
 @pytest.mark.parametrize("n,c", [(6, 4), (3, 5)])
 @pytest.mark.parametrize("relative", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_and_gradgradcheck_with_mask(rng, n, c, relative, normalize):
+# Two routes even in float64: an int refine_steps solves the exactly rescaled descriptors
+# (the scale folded into the backward), "auto" the descriptors as given (checked for
+# overflow instead); the double backward rebuilds each route's dependence on Phi.
+@pytest.mark.parametrize("refine_steps", [0, "auto"], ids=["rescaled", "checked"])
+def test_gradcheck_and_gradgradcheck_with_mask(rng, n, c, relative, normalize, refine_steps):
     phi = torch.from_numpy(rng.standard_normal((3, n, c))).requires_grad_(True)
     lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(3, n, dtype=torch.bool)
@@ -183,7 +187,7 @@ def test_gradcheck_and_gradgradcheck_with_mask(rng, n, c, relative, normalize):
     def pool(p, l):
         return generalized_max_pool(
             p, l, lam_scale="relative" if relative else "absolute", normalize=normalize,
-            mask=mask,
+            mask=mask, refine_steps=refine_steps,
         )
 
     assert torch.autograd.gradcheck(pool, (phi, lam))
